@@ -1,0 +1,3 @@
+"""kubetune: fine-tune, align, evaluate and serve LLMs on Kubernetes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,147 @@
+"""The one `kubetune` command. Every subcommand imports its module lazily, so `kubetune --help`,
+`apply`, `crds` and `operator` never load torch."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kubetune.trainer.config import resolve_config
+    from kubetune.trainer.config.loader import import_object
+    from kubetune.trainer.registry import get_recipe
+
+    info = get_recipe(args.recipe)
+    cfg = resolve_config(args.recipe, args.config, args.overrides)
+    recipe_main = import_object(f"{info.module}:recipe_main")
+    recipe_main(cfg)
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from kubetune.trainer.config.catalog import list_builtin_configs
+    from kubetune.trainer.registry import RECIPES
+
+    configs = list_builtin_configs()
+    width = max(len(name) for name in RECIPES)
+    print(f"{'RECIPE':<{width}}  CONFIGS")
+    for name in RECIPES:
+        print(f"{name:<{width}}  {', '.join(configs.get(name, [])) or '-'}")
+    return 0
+
+
+def _cp(args: argparse.Namespace) -> int:
+    from kubetune.trainer.config.catalog import copy_builtin_config
+
+    dest = copy_builtin_config(args.name, args.dest, overwrite=args.force)
+    print(f"copied {args.name} to {dest}", file=sys.stderr)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from kubetune.trainer.config.catalog import validate_config_file
+
+    recipe = validate_config_file(args.config, recipe=args.recipe)
+    print(f"{args.config}: valid config for {recipe}")
+    return 0
+
+
+def _lazy(dotted: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that lives in another module, imported only when its subcommand runs."""
+
+    def handler(args: argparse.Namespace) -> int:
+        from kubetune.trainer.config.loader import import_object
+
+        return int(import_object(dotted)(args) or 0)
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kubetune import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="kubetune", description="Fine-tune, align, evaluate and serve LLMs, locally or on Kubernetes."
+    )
+    parser.add_argument("--version", action="version", version=f"kubetune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a recipe: kubetune run RECIPE --config F [key=value ...]")
+    run.add_argument("recipe", help="full_finetune, lora_finetune, generate, eval (see `kubetune ls`)")
+    run.add_argument("--config", "-c", help="config file or built-in config name")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4")
+    run.set_defaults(handler=_run)
+
+    ls = sub.add_parser("ls", help="list recipes and built-in configs")
+    ls.set_defaults(handler=_ls)
+
+    cp = sub.add_parser("cp", help="copy a built-in config: kubetune cp NAME dest.yaml")
+    cp.add_argument("name")
+    cp.add_argument("dest")
+    cp.add_argument("--force", action="store_true", help="overwrite dest if it exists")
+    cp.set_defaults(handler=_cp)
+
+    validate = sub.add_parser("validate", help="check a config without running it")
+    validate.add_argument("config")
+    validate.add_argument("--recipe", help="recipe to validate against (default: the config's `recipe:` key)")
+    validate.set_defaults(handler=_validate)
+
+    apply = sub.add_parser("apply", help="run a kubetune manifest locally (the embedded backend)")
+    apply.add_argument("-f", "--filename", required=True, help="manifest file (FineTuneJob, ...)")
+    apply.add_argument("--runs-dir", default="runs", help="where local runs keep status and outputs")
+    apply.add_argument("--no-progress", action="store_true", help="no progress bar")
+    apply.set_defaults(handler=_lazy("kubetune.operator.local:apply_command"))
+
+    get = sub.add_parser("get", help="list local runs, like `kubectl get`")
+    get.add_argument("kind", nargs="?", default="all", help="finetunejobs|ftj|evaljobs|evj|modeldeployments|mdep|all")
+    get.add_argument("--runs-dir", default="runs")
+    get.set_defaults(handler=_lazy("kubetune.operator.local:get_command"))
+
+    crds = sub.add_parser("crds", help="print the CRDs generated from the API models")
+    crds.add_argument("--out", help="write one YAML file per CRD into this folder instead of stdout")
+    crds.set_defaults(handler=_lazy("kubetune.operator.crdgen:crds_command"))
+
+    operator = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    operator.add_argument("--namespace", "-n", action="append", help="watch only these namespaces (repeatable)")
+    operator.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL")
+    operator.add_argument("--metrics-port", type=int, default=8080)
+    operator.add_argument("--peering", default=None, help="peering name for HA (default: standalone)")
+    operator.set_defaults(handler=_lazy("kubetune.operator.main:operator_command"))
+
+    serve = sub.add_parser("serve", help="serve a model with an OpenAI-compatible API")
+    serve.add_argument("model_dir")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="LoRA adapter (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-concurrency", type=int, default=16)
+    serve.add_argument("--max-queue", type=int, default=64)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--dtype", default="fp32")
+    serve.set_defaults(handler=_lazy("kubetune.trainer.serve.cli:serve_command"))
+
+    merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
+    merge.add_argument("--base", required=True)
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--out", required=True)
+    merge.set_defaults(handler=_lazy("kubetune.trainer.peft.merge:merge_command"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kubetune.errors import KubetuneError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KubetuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The trainer: recipes, models, tokenizers, datasets, checkpoints (imports torch lazily per module)."""
