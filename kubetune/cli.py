@@ -133,7 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from kubetune.errors import KubetuneError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse hands `key=value` overrides that follow `--config F` back as unknown arguments
+    # (a positional list cannot resume after an option); they belong to `run`.
+    if extra and args.command == "run" and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
     except KubetuneError as err:

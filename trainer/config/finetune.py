@@ -20,7 +20,10 @@ class TokenizerSection(StrictModel):
 
 
 class DatasetSection(StrictModel):
-    source: str = Field(description="Local .json/.jsonl/.parquet file or folder, or hf://org/name (datasets library)")
+    source: str = Field(
+        description="Local .json/.jsonl/.parquet file or folder (folder: <split>.<ext> inside), "
+        "hf://org/name (the optional `datasets` library), or builtin://tiny_instruct (the synthetic task)"
+    )
     format: Literal["alpaca", "chat", "text", "preference"] = "alpaca"
     split: str = "train"
     eval_split: Optional[str] = Field(default=None, description="Held-out split; None: hold out eval_fraction of split")
@@ -28,6 +31,8 @@ class DatasetSection(StrictModel):
     train_on_input: bool = Field(default=False, description="Also train on prompt tokens (default: masked from the loss)")
     packed: bool = Field(default=False, description="Pack several samples per sequence with document masking")
     text_field: str = "text"
+    shuffle: bool = Field(default=True, description="Shuffle the training samples each epoch (seeded)")
+    max_samples: Optional[int] = Field(default=None, ge=1, description="Use only the first N records of the split")
 
 
 class OptimizerSection(StrictModel):
@@ -63,6 +68,10 @@ class TrainingConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
+    bf16_autocast: bool = Field(
+        default=True, description="On CUDA with dtype fp32: run forward/backward under bf16 autocast (ignored on CPU)"
+    )
+    compile: bool = Field(default=False, description="torch.compile the model (slow first steps, faster after)")
     save_every_steps: Optional[int] = Field(default=None, ge=1, description="None: only at the end")
     keep_last_checkpoints: int = Field(default=2, ge=1)
     eval_every_steps: Optional[int] = Field(default=None, ge=1)
