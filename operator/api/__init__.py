@@ -1,0 +1,186 @@
+"""The kubetune.dev/v1alpha1 API: one KindInfo per custom resource, with everything the CRD
+generator, the operator and `kubetune get` need to know about it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from kubetune.errors import KubetuneError
+from kubetune.operator.api.common import API_VERSION, GROUP, VERSION
+from kubetune.operator.api.evaljob import EvalJob, ModelDeployment
+from kubetune.operator.api.finetune import FineTuneJob
+
+
+class ManifestError(KubetuneError):
+    """A manifest that does not fit the API; the message names the field."""
+
+
+@dataclass(frozen=True)
+class PrinterColumn:
+    name: str
+    type: str  # string | integer | number | boolean | date
+    json_path: str
+    description: str = ""
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A CEL rule (x-kubernetes-validations) placed at `path` (dotted, from the root schema)."""
+
+    path: str
+    rule: str
+    message: str
+    field_path: str = ""
+
+
+@dataclass(frozen=True)
+class KindInfo:
+    kind: str
+    plural: str
+    singular: str
+    short_names: tuple[str, ...]
+    model: type[BaseModel]
+    columns: tuple[PrinterColumn, ...]
+    rules: tuple[Rule, ...] = ()
+    categories: tuple[str, ...] = ("kubetune",)
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def crd_name(self) -> str:
+        return f"{self.plural}.{GROUP}"
+
+
+AGE = PrinterColumn("Age", "date", ".metadata.creationTimestamp")
+
+# Fields a user cannot change once the run exists: the trainer would not notice, and the
+# status would describe a run that did not happen. suspend, queueName and runPolicy stay mutable.
+_IMMUTABLE_WHILE_EXISTING = ("recipe", "model", "dataset", "config", "resources", "output", "backend")
+
+FINETUNEJOB = KindInfo(
+    kind="FineTuneJob",
+    plural="finetunejobs",
+    singular="finetunejob",
+    short_names=("ftj",),
+    model=FineTuneJob,
+    description="Fine-tune an LLM with a kubetune recipe (full_finetune, lora_finetune, ...).",
+    columns=(
+        PrinterColumn("Recipe", "string", ".spec.recipe"),
+        PrinterColumn("Phase", "string", ".status.phase"),
+        PrinterColumn("Progress", "string", ".status.progress.percent", "Percent of total steps done"),
+        PrinterColumn("Loss", "number", ".status.progress.loss", "Latest training loss"),
+        AGE,
+    ),
+    rules=tuple(
+        Rule(f"spec.{name}", "self == oldSelf", f"spec.{name} cannot change once the job exists; create a new FineTuneJob")
+        for name in _IMMUTABLE_WHILE_EXISTING
+    )
+    + (
+        Rule(
+            "spec",
+            "self.recipe != 'dpo' || self.dataset.format == 'preference'",
+            "the dpo recipe needs spec.dataset.format: preference",
+            ".dataset.format",
+        ),
+        Rule(
+            "spec",
+            "self.resources.nodes == 1 || self.resources.gpusPerNode >= 1",
+            "several nodes need spec.resources.gpusPerNode >= 1 (multi-node CPU training is not supported)",
+            ".resources.gpusPerNode",
+        ),
+    ),
+)
+
+_ONE_MODEL = "has(self.model) != has(self.fineTuneJob)"
+
+EVALJOB = KindInfo(
+    kind="EvalJob",
+    plural="evaljobs",
+    singular="evaljob",
+    short_names=("evj",),
+    model=EvalJob,
+    description="Evaluate a model, or a FineTuneJob's output, on benchmark or local tasks.",
+    columns=(
+        PrinterColumn("Model", "string", ".spec.model.source"),
+        PrinterColumn("FineTuneJob", "string", ".spec.fineTuneJob.name", priority=1),
+        PrinterColumn("Phase", "string", ".status.phase"),
+        PrinterColumn("Metric", "string", ".status.result.mainMetric"),
+        AGE,
+    ),
+    rules=(Rule("spec", _ONE_MODEL, "set exactly one of spec.model and spec.fineTuneJob", ".model"),),
+)
+
+MODELDEPLOYMENT = KindInfo(
+    kind="ModelDeployment",
+    plural="modeldeployments",
+    singular="modeldeployment",
+    short_names=("mdep",),
+    model=ModelDeployment,
+    description="Serve a model (and LoRA adapters) behind an OpenAI-compatible API.",
+    columns=(
+        PrinterColumn("Model", "string", ".spec.model.source"),
+        PrinterColumn("FineTuneJob", "string", ".spec.fineTuneJob.name", priority=1),
+        PrinterColumn("Ready", "string", ".status.ready"),
+        PrinterColumn("URL", "string", ".status.url"),
+        AGE,
+    ),
+    rules=(Rule("spec", _ONE_MODEL, "set exactly one of spec.model and spec.fineTuneJob", ".model"),),
+)
+
+KINDS: dict[str, KindInfo] = {info.kind: info for info in (FINETUNEJOB, EVALJOB, MODELDEPLOYMENT)}
+
+
+def kind_for(name: str) -> KindInfo:
+    """A kind by kind, plural, singular or short name (as kubectl accepts them)."""
+    lowered = name.lower()
+    for info in KINDS.values():
+        if lowered in (info.kind.lower(), info.plural, info.singular, *info.short_names):
+            return info
+    known = ", ".join(f"{i.plural} ({'/'.join(i.short_names)})" for i in KINDS.values())
+    raise ManifestError(f"unknown kind '{name}'; known kinds: {known}")
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for error in err.errors():
+        dotted = ".".join(str(part) for part in error["loc"])
+        given = error.get("input")
+        hint = "" if error["type"] == "missing" else f" (got {given!r})"
+        lines.append(f"{dotted}: {error['msg']}{hint}")
+    return f"{source}: invalid manifest:\n  " + "\n  ".join(lines)
+
+
+def parse_object(obj: dict[str, Any], source: str = "manifest") -> BaseModel:
+    """A manifest document -> its typed model; errors name the field (spec.resources.nodes: ...)."""
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{source}: a manifest document must be a mapping, got {type(obj).__name__}")
+    api_version, kind = obj.get("apiVersion"), obj.get("kind")
+    if api_version != API_VERSION:
+        raise ManifestError(f"{source}: apiVersion must be {API_VERSION}, got {api_version!r}")
+    if kind not in KINDS:
+        raise ManifestError(f"{source}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    model = KINDS[kind].model
+    try:
+        return model.model_validate(obj)
+    except ValidationError as err:
+        raise ManifestError(format_errors(err, source)) from None
+
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "VERSION",
+    "KINDS",
+    "KindInfo",
+    "ManifestError",
+    "PrinterColumn",
+    "Rule",
+    "kind_for",
+    "parse_object",
+    "FineTuneJob",
+    "EvalJob",
+    "ModelDeployment",
+]

@@ -1,0 +1,141 @@
+"""Pieces shared by the three custom resources: sources, resources, env, conditions.
+
+The pydantic models here are the single source of truth of the API: the CRDs in crds/ are
+generated from them (kubetune.operator.crdgen) and the operator and the local backend parse
+manifests with them. Field names are Python snake_case; the wire format is Kubernetes
+camelCase (aliases), so `model_dump(by_alias=True)` gives what `kubectl` sees.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# One place for the trainer image the planner uses when a job names none.
+DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+
+# `builtin://tiny`, `hf://org/name`, `pvc://claim/sub/path`, `file:///abs/path`, or a plain path.
+SOURCE_PATTERN = r"^((builtin|hf|pvc|file)://[^\s]+|[^\s:]+)$"
+SOURCE_HELP = (
+    "Where to read or write: builtin://tiny (a tiny model made on demand), hf://org/name, "
+    "pvc://claim/sub/path (a PersistentVolumeClaim in the job's namespace), file:///abs/path "
+    "or a plain path (inside the trainer image on a cluster; on this machine locally)."
+)
+
+Quantity = Union[int, str]  # a Kubernetes resource quantity: 8, "32Gi", "500m"
+
+
+class ApiModel(BaseModel):
+    """camelCase on the wire, unknown keys rejected (the CRD schema prunes them on a cluster)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", protected_namespaces=()
+    )
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata the operator reads; the rest passes through untouched."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=253)
+    namespace: Optional[str] = None
+    uid: Optional[str] = None
+    generation: Optional[int] = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    creation_timestamp: Optional[str] = Field(default=None, alias="creationTimestamp")
+
+
+class Source(ApiModel):
+    source: str = Field(pattern=SOURCE_PATTERN, max_length=1024, description=SOURCE_HELP)
+
+
+class ModelSource(Source):
+    """The base model: an HF-format folder (config.json + safetensors + tokenizer)."""
+
+
+class DatasetSource(Source):
+    format: Literal["alpaca", "chat", "preference", "text"] = Field(
+        default="alpaca", description="Record layout: alpaca/instruct, chat messages, preference pairs, plain text"
+    )
+    split: str = Field(default="train", max_length=64, description="Split used for training")
+
+
+class OutputSource(ApiModel):
+    source: Optional[str] = Field(
+        default=None,
+        pattern=SOURCE_PATTERN,
+        max_length=1024,
+        description="Where checkpoints and the final model/adapter go: pvc://claim/sub/path on a cluster, "
+        "a folder locally. Default: an emptyDir on a cluster (lost with the pod), runs/<name>/output locally.",
+    )
+
+
+class SecretKeyRef(ApiModel):
+    name: str = Field(min_length=1, max_length=253, description="Secret in the job's namespace")
+    key: str = Field(min_length=1, max_length=253, description="Key inside the Secret")
+
+
+class EnvVar(ApiModel):
+    """An environment variable of the trainer: a literal value or a key of a Secret (never inline secrets)."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
+    value: Optional[str] = None
+    secret_key_ref: Optional[SecretKeyRef] = Field(default=None, description="Read the value from a Secret")
+
+
+class Secrets(ApiModel):
+    hf_token: Optional[SecretKeyRef] = Field(
+        default=None, description="Hugging Face token, exported to the trainer as HF_TOKEN"
+    )
+
+
+class Resources(ApiModel):
+    nodes: int = Field(default=1, ge=1, le=256, description="Pods (machines); torchrun --nnodes")
+    gpus_per_node: int = Field(
+        default=1, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu); torchrun --nproc-per-node; 0: one CPU process"
+    )
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="Extra container requests (cpu, memory)")
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Extra container limits (cpu, memory)")
+    shm_size: Quantity = Field(default="8Gi", description="Size of the in-memory /dev/shm (NCCL, data loaders)")
+
+
+class RunPolicy(ApiModel):
+    backoff_limit: int = Field(default=0, ge=0, le=100, description="Pod retries before the job fails")
+    active_deadline_seconds: Optional[int] = Field(default=None, ge=1, description="Wall-clock limit of the run")
+    ttl_seconds_after_finished: Optional[int] = Field(
+        default=None, ge=0, description="Delete the finished workload (not this resource) after this long"
+    )
+
+
+class Condition(ApiModel):
+    type: str = Field(description="Created, Running, Succeeded, Failed, Suspended, ...")
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(default="", description="CamelCase reason, for machines")
+    message: str = Field(default="", description="What happened and what to do, for humans")
+    last_transition_time: Optional[str] = None
+    observed_generation: Optional[int] = None
+
+
+Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+class PodOptions(ApiModel):
+    """Scheduling and identity of the trainer pods (copied to the pod template as-is)."""
+
+    image: str = Field(default=DEFAULT_TRAINER_IMAGE, min_length=1, description="Trainer image")
+    image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None
+    service_account_name: Optional[str] = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}
+    )
+    affinity: Optional[dict[str, Any]] = Field(default=None, description="Pod affinity, as in a pod spec")
+    priority_class_name: Optional[str] = None

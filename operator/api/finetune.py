@@ -1,0 +1,104 @@
+"""FineTuneJob (short name ftj): fine-tune a model with one of the trainer's recipes."""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import Field
+
+from kubetune.operator.api.common import (
+    API_VERSION,
+    ApiModel,
+    Condition,
+    DatasetSource,
+    EnvVar,
+    ModelSource,
+    ObjectMeta,
+    OutputSource,
+    Phase,
+    PodOptions,
+    Resources,
+    RunPolicy,
+    Secrets,
+)
+from kubetune.trainer.registry import RECIPES
+
+# The CRD's enum follows the trainer's registry: a new training recipe shows up here (and in
+# crds/ once regenerated; the drift test says so) without touching the API by hand.
+TRAINING_RECIPES = tuple(name for name, info in RECIPES.items() if info.trains)
+Recipe = Literal[TRAINING_RECIPES]  # type: ignore[valid-type]
+
+
+class FineTuneJobSpec(PodOptions):
+    recipe: Recipe = Field(description="Training recipe (`kubetune ls` lists them)")
+    model: ModelSource
+    dataset: DatasetSource
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Recipe config overrides (keys of `kubetune cp <config>`), validated by the operator "
+        "with the recipe's config model. model.path, dataset.source and output_dir come from "
+        "spec.model, spec.dataset and spec.output.",
+    )
+    output: OutputSource = Field(default_factory=OutputSource)
+    resources: Resources = Field(default_factory=Resources)
+    env: list[EnvVar] = Field(default_factory=list, description="Extra trainer environment")
+    secrets: Secrets = Field(default_factory=Secrets)
+    backend: Literal["auto", "job", "pytorchjob"] = Field(
+        default="auto",
+        description="job: an indexed batch/v1 Job running torchrun; pytorchjob: a Kubeflow PyTorchJob; "
+        "auto: PyTorchJob when the kubeflow.org CRD is served, else job",
+    )
+    queue_name: Optional[str] = Field(
+        default=None, max_length=63, description="Kueue LocalQueue; the workload is created suspended and admitted by Kueue"
+    )
+    suspend: bool = Field(default=False, description="Suspend (true) or resume (false) the run")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+
+
+class Progress(ApiModel):
+    step: Optional[int] = None
+    total_steps: Optional[int] = None
+    epoch: Optional[int] = None
+    loss: Optional[float] = None
+    learning_rate: Optional[float] = None
+    tokens_per_second: Optional[float] = None
+    percent: Optional[float] = Field(default=None, description="step / totalSteps in percent")
+    eta: Optional[str] = Field(default=None, description="Estimated time left, e.g. 1h02m")
+    last_checkpoint_step: Optional[int] = None
+    updated_at: Optional[str] = None
+
+
+class Result(ApiModel):
+    """The trainer's termination summary (docs/architecture.md, trainer run contract)."""
+
+    final_loss: Optional[float] = None
+    eval_loss: Optional[float] = None
+    steps: Optional[int] = None
+    checkpoint: Optional[str] = None
+    adapter: Optional[str] = None
+    tokens_per_second: Optional[float] = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class WorkloadRef(ApiModel):
+    api_version: str
+    kind: str
+    name: str
+
+
+class FineTuneJobStatus(ApiModel):
+    phase: Optional[Phase] = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: Optional[int] = None
+    start_time: Optional[str] = None
+    completion_time: Optional[str] = None
+    workload: Optional[WorkloadRef] = Field(default=None, description="The Job or PyTorchJob running the trainer")
+    progress: Optional[Progress] = None
+    result: Optional[Result] = None
+
+
+class FineTuneJob(ApiModel):
+    api_version: Literal[API_VERSION] = API_VERSION  # type: ignore[valid-type]
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: Optional[FineTuneJobStatus] = None
