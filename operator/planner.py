@@ -1,0 +1,424 @@
+"""The planner: a FineTuneJob -> the Kubernetes objects that run it. A pure function.
+
+plan(job, cluster) returns, in creation order, a ConfigMap with the fully resolved recipe
+config, then either a headless Service + an indexed batch/v1 Job whose pods run torchrun, or
+a Kubeflow PyTorchJob. Same input, same output: names are deterministic, so the operator can
+create-or-adopt without ever making duplicates.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import yaml
+
+from kubetune.operator.api import API_VERSION
+from kubetune.operator.api.finetune import FineTuneJob, FineTuneJobSpec
+from kubetune.operator.sources import MappedSource, PvcMount, map_cluster_source
+from kubetune.trainer.config import ConfigError, resolve_config
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+JOB_LABEL = "kubetune.dev/job"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+PYTORCHJOB_REPLICA_TYPE = "training.kubeflow.org/replica-type"
+
+METRICS_PORT = 9090
+MASTER_PORT = 29500
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
+TERMINATION_LOG = "/dev/termination-log"
+CONTAINER = "trainer"
+PYTORCHJOB_CONTAINER = "pytorch"  # the training-operator finds the container by this name
+RUN_AS = 1000
+
+# Pod hostnames are `<job>-<index>` and must fit a 63-char DNS label: leave room for the
+# index and for the `-config` suffix of the ConfigMap.
+MAX_BASE_NAME = 56
+_DNS_LABEL = re.compile(r"[^a-z0-9-]")
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What the planner needs to know about the cluster (the operator discovers it)."""
+
+    has_pytorchjob: bool = False
+
+
+@dataclass(frozen=True)
+class ChildNames:
+    base: str
+    config_map: str
+    service: str
+    workload: str
+
+    @property
+    def master_addr(self) -> str:
+        """Pod 0 of the indexed Job, reachable through the headless Service's subdomain."""
+        return f"{self.workload}-0.{self.service}"
+
+
+def base_name(name: str) -> str:
+    """A DNS-1035 label of at most MAX_BASE_NAME chars, stable for a given CR name.
+
+    Short, well-formed names are kept; others are cut and suffixed with a hash of the full
+    name, so two long names with a common prefix still get different children."""
+    clean = _DNS_LABEL.sub("-", name.lower()).strip("-")
+    if clean and clean[0].isalpha() and clean == name and len(clean) <= MAX_BASE_NAME:
+        return clean
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    head = clean[: MAX_BASE_NAME - 9].rstrip("-")
+    if not head or not head[0].isalpha():
+        head = ("j-" + head)[: MAX_BASE_NAME - 9].rstrip("-")
+    return f"{head}-{digest}"
+
+
+def child_names(name: str) -> ChildNames:
+    base = base_name(name)
+    return ChildNames(base=base, config_map=f"{base}-config", service=base, workload=base)
+
+
+def choose_backend(spec: FineTuneJobSpec, cluster: ClusterInfo) -> str:
+    if spec.backend == "auto":
+        return "pytorchjob" if cluster.has_pytorchjob else "job"
+    return spec.backend
+
+
+def labels(job: FineTuneJob) -> dict[str, str]:
+    return {MANAGED_BY: "kubetune", JOB_LABEL: child_names(job.metadata.name).base, "app.kubernetes.io/component": "trainer"}
+
+
+def owner_reference(job: FineTuneJob) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "FineTuneJob",
+        "name": job.metadata.name,
+        "uid": job.metadata.uid or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: FineTuneJob, name: str, extra_labels: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": {**labels(job), **(extra_labels or {})}}
+    if job.metadata.namespace:
+        meta["namespace"] = job.metadata.namespace
+    meta["ownerReferences"] = [owner_reference(job)]
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer config
+
+
+_FROM_SPEC = {
+    ("model", "path"): "spec.model.source",
+    ("dataset", "source"): "spec.dataset.source",
+    ("dataset", "format"): "spec.dataset.format",
+    ("dataset", "split"): "spec.dataset.split",
+    ("output_dir",): "spec.output.source",
+}
+
+
+def trainer_config(
+    job: FineTuneJob, *, model_path: str, dataset_path: str, output_dir: str, metrics_port: Optional[int], progress_bar: bool
+) -> dict[str, Any]:
+    """spec.config plus the sources, validated by the recipe's torch-free config model.
+
+    Returns the fully resolved config (every default filled in) as plain YAML-able data.
+    Raises ConfigError naming spec.config.<key> for bad keys or values."""
+    spec = job.spec
+    config = {key: (dict(value) if isinstance(value, dict) else value) for key, value in spec.config.items()}
+    for keys, owner in _FROM_SPEC.items():
+        node: Any = config
+        for part in keys[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and keys[-1] in node:
+            raise ConfigError(
+                f"spec.config.{'.'.join(keys)}: set by {owner}; remove it from spec.config"
+            )
+    config.setdefault("model", {})
+    config.setdefault("dataset", {})
+    if not isinstance(config["model"], dict) or not isinstance(config["dataset"], dict):
+        raise ConfigError("spec.config.model and spec.config.dataset must be mappings of keys to values")
+    config["model"]["path"] = model_path
+    config["dataset"].update(source=dataset_path, format=spec.dataset.format, split=spec.dataset.split)
+    config["output_dir"] = output_dir
+    config["metrics_port"] = metrics_port
+    config["progress_bar"] = progress_bar
+    try:
+        resolved = resolve_config(spec.recipe, config)
+    except ConfigError as err:
+        raise ConfigError(f"spec.config: {err}") from None
+    return resolved.model_dump(mode="json")
+
+
+@dataclass(frozen=True)
+class ClusterPaths:
+    model: MappedSource
+    dataset: MappedSource
+    output: MappedSource
+    output_is_ephemeral: bool
+
+
+def cluster_paths(job: FineTuneJob) -> ClusterPaths:
+    spec = job.spec
+    model = map_cluster_source(spec.model.source, "model", "spec.model.source")
+    dataset = map_cluster_source(spec.dataset.source, "dataset", "spec.dataset.source")
+    if spec.output.source:
+        output = map_cluster_source(spec.output.source, "output", "spec.output.source", read_only=False)
+        return ClusterPaths(model, dataset, output, output_is_ephemeral=False)
+    return ClusterPaths(model, dataset, MappedSource("/mnt/output"), output_is_ephemeral=True)
+
+
+def cluster_trainer_config(job: FineTuneJob) -> dict[str, Any]:
+    paths = cluster_paths(job)
+    return trainer_config(
+        job,
+        model_path=paths.model.path,
+        dataset_path=paths.dataset.path,
+        output_dir=paths.output.path,
+        metrics_port=METRICS_PORT,
+        progress_bar=False,  # pod logs are not a terminal
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The pod
+
+
+def torchrun_argv(recipe: str, *, rendezvous: Optional[list[str]] = None) -> list[str]:
+    """An argv list: CR fields never pass through a shell."""
+    return ["torchrun", *(rendezvous or []), "-m", "kubetune.cli", "run", recipe, "--config", CONFIG_PATH]
+
+
+def _env(job: FineTuneJob) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only
+        {"name": "HF_HOME", "value": "/tmp/hf-home"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "KUBETUNE_TERMINATION_LOG", "value": TERMINATION_LOG},
+    ]
+    if job.spec.secrets.hf_token:
+        ref = job.spec.secrets.hf_token
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    for var in job.spec.env:
+        if var.secret_key_ref is not None:
+            ref = var.secret_key_ref
+            env.append({"name": var.name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        else:
+            env.append({"name": var.name, "value": var.value or ""})
+    return env
+
+
+def _resources(job: FineTuneJob) -> dict[str, Any]:
+    res = job.spec.resources
+    requests = {k: str(v) for k, v in res.requests.items()}
+    limits = {k: str(v) for k, v in res.limits.items()}
+    if res.gpus_per_node:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(res.gpus_per_node)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _volumes(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> tuple[list[dict], list[dict]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": names.config_map}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(job.spec.resources.shm_size)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    pvcs: list[PvcMount] = [m.mount for m in (paths.model, paths.dataset, paths.output) if m.mount is not None]
+    for pvc in pvcs:
+        volumes.append({"name": pvc.volume, "persistentVolumeClaim": {"claimName": pvc.claim, "readOnly": pvc.read_only}})
+        mounts.append({"name": pvc.volume, "mountPath": pvc.mount_path, "readOnly": pvc.read_only})
+    if paths.output_is_ephemeral:
+        volumes.append({"name": "output", "emptyDir": {}})
+        mounts.append({"name": "output", "mountPath": paths.output.path})
+    return volumes, mounts
+
+
+def _container(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, *, name: str, argv: list[str], env_extra: list[dict]) -> dict[str, Any]:
+    _, mounts = _volumes(job, names, paths)
+    container: dict[str, Any] = {
+        "name": name,
+        "image": job.spec.image,
+        "command": argv,
+        "env": env_extra + _env(job),
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if job.spec.image_pull_policy:
+        container["imagePullPolicy"] = job.spec.image_pull_policy
+    resources = _resources(job)
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def _pod_spec(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, container: dict[str, Any]) -> dict[str, Any]:
+    spec = job.spec
+    volumes, _ = _volumes(job, names, paths)
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.service_account_name:
+        pod["serviceAccountName"] = spec.service_account_name
+    else:
+        pod["automountServiceAccountToken"] = False  # the trainer never talks to the API
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.affinity:
+        pod["affinity"] = dict(spec.affinity)
+    if spec.priority_class_name:
+        pod["priorityClassName"] = spec.priority_class_name
+    return pod
+
+
+def _workload_labels(job: FineTuneJob) -> dict[str, str]:
+    return {KUEUE_QUEUE_LABEL: job.spec.queue_name} if job.spec.queue_name else {}
+
+
+def is_suspended(spec: FineTuneJobSpec) -> bool:
+    """Suspended by the user, or waiting for Kueue to admit it (Kueue unsuspends)."""
+    return spec.suspend or bool(spec.queue_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The children
+
+
+def config_map(job: FineTuneJob, names: ChildNames, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, names.config_map),
+        "data": {"config.yaml": f"recipe: {job.spec.recipe}\n" + yaml.safe_dump(config, sort_keys=True)},
+    }
+
+
+def headless_service(job: FineTuneJob, names: ChildNames) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, names.service),
+        "spec": {
+            "clusterIP": "None",
+            # Rendezvous starts before the pods are Ready: their DNS names must resolve anyway.
+            "publishNotReadyAddresses": True,
+            "selector": {JOB_LABEL: names.base},
+            "ports": [
+                {"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT},
+            ],
+        },
+    }
+
+
+def indexed_job(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> dict[str, Any]:
+    res = job.spec.resources
+    rendezvous = [
+        f"--nnodes={res.nodes}",
+        f"--nproc-per-node={max(res.gpus_per_node, 1)}",
+        "--node-rank=$(NODE_RANK)",  # expanded by the kubelet from the env below, not by a shell
+        f"--master-addr={names.master_addr}",
+        f"--master-port={MASTER_PORT}",
+    ]
+    node_rank = {
+        "name": "NODE_RANK",
+        "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}},
+    }
+    container = _container(
+        job, names, paths, name=CONTAINER, argv=torchrun_argv(job.spec.recipe, rendezvous=rendezvous), env_extra=[node_rank]
+    )
+    pod = _pod_spec(job, names, paths, container)
+    pod["subdomain"] = names.service
+    policy = job.spec.run_policy
+    spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": res.nodes,
+        "parallelism": res.nodes,
+        "backoffLimit": policy.backoff_limit,
+        "suspend": is_suspended(job.spec),
+        "template": {"metadata": {"labels": labels(job)}, "spec": pod},
+    }
+    if policy.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(job, names.workload, _workload_labels(job)),
+        "spec": spec,
+    }
+
+
+def pytorch_job(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> dict[str, Any]:
+    res = job.spec.resources
+    # The training-operator sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, ... which torchrun
+    # reads as its defaults: no rendezvous flags here.
+    container = _container(job, names, paths, name=PYTORCHJOB_CONTAINER, argv=torchrun_argv(job.spec.recipe), env_extra=[])
+    container["ports"].append({"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"})
+    template = {"metadata": {"labels": labels(job)}, "spec": _pod_spec(job, names, paths, container)}
+    replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
+    if res.nodes > 1:
+        replicas["Worker"] = {"replicas": res.nodes - 1, "restartPolicy": "Never", "template": copy.deepcopy(template)}
+    policy = job.spec.run_policy
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": policy.backoff_limit, "suspend": is_suspended(job.spec)}
+    if policy.active_deadline_seconds is not None:
+        run_policy["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.ttl_seconds_after_finished is not None:
+        run_policy["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": _metadata(job, names.workload, _workload_labels(job)),
+        "spec": {"nprocPerNode": str(max(res.gpus_per_node, 1)), "runPolicy": run_policy, "pytorchReplicaSpecs": replicas},
+    }
+
+
+def plan(job: FineTuneJob, cluster: ClusterInfo) -> list[dict[str, Any]]:
+    """The children of a FineTuneJob, in creation order (the workload last, once its config exists).
+
+    Raises ConfigError / SourceError (KubetuneError) naming the field when the spec cannot run."""
+    names = child_names(job.metadata.name)
+    paths = cluster_paths(job)
+    config = cluster_trainer_config(job)
+    children = [config_map(job, names, config)]
+    if choose_backend(job.spec, cluster) == "pytorchjob":
+        children.append(pytorch_job(job, names, paths))
+    else:
+        children += [headless_service(job, names), indexed_job(job, names, paths)]
+    return children

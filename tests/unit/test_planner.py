@@ -1,0 +1,227 @@
+"""The planner: FineTuneJob -> ConfigMap + headless Service + indexed Job (or a PyTorchJob)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from kubetune.errors import KubetuneError
+from kubetune.operator.api import parse_object
+from kubetune.operator.api.finetune import FineTuneJob
+from kubetune.operator.planner import (
+    JOB_LABEL,
+    KUEUE_QUEUE_LABEL,
+    MANAGED_BY,
+    ClusterInfo,
+    base_name,
+    child_names,
+    plan,
+)
+from kubetune.trainer.config import ConfigError, resolve_config
+
+REPO = Path(__file__).resolve().parents[2]
+K8S_VERSION = "1.30.0"
+
+
+def example(name: str, **changes: Any) -> FineTuneJob:
+    doc = yaml.safe_load((REPO / "examples" / name).read_text())
+    doc["metadata"].setdefault("namespace", "default")
+    doc["metadata"]["uid"] = "0d6f1c1e-uid"
+    for dotted, value in changes.items():
+        node = doc
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return parse_object(doc, name)
+
+
+def by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    kinds = [o["kind"] for o in objects]
+    assert len(kinds) == len(set(kinds)), kinds
+    return {o["kind"]: o for o in objects}
+
+
+def trainer_container(job_obj: dict[str, Any]) -> dict[str, Any]:
+    (container,) = job_obj["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_tiny_job_becomes_configmap_service_and_indexed_job():
+    job = example("finetune-tiny.yaml")
+    children = by_kind(plan(job, ClusterInfo()))
+    assert set(children) == {"ConfigMap", "Service", "Job"}
+
+    config_text = children["ConfigMap"]["data"]["config.yaml"]
+    parsed = yaml.safe_load(config_text)
+    assert parsed["recipe"] == "full_finetune"
+    cfg = resolve_config("full_finetune", parsed)  # the trainer reads it back with the same model
+    assert cfg.model.path == "builtin://tiny"
+    assert cfg.dataset.source == "examples/data/tiny_instruct.jsonl"
+    assert cfg.max_steps == job.spec.config["max_steps"]
+    assert cfg.optimizer.lr == job.spec.config["optimizer"]["lr"]
+    assert cfg.metrics_port == 9090 and cfg.progress_bar is False
+
+    job_spec = children["Job"]["spec"]
+    assert job_spec["completionMode"] == "Indexed"
+    assert job_spec["completions"] == job_spec["parallelism"] == 1
+    assert job_spec["suspend"] is False
+    container = trainer_container(children["Job"])
+    assert "resources" not in container or "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    assert container["command"][container["command"].index("-m") :] == [
+        "-m", "kubetune.cli", "run", "full_finetune", "--config", "/etc/kubetune/config.yaml"
+    ]
+
+
+def test_two_node_job_runs_torchrun_with_rendezvous_at_pod_zero():
+    job = example("llama3.1-8b-full-2node.yaml")
+    children = by_kind(plan(job, ClusterInfo()))
+    names = child_names(job.metadata.name)
+    job_obj, service = children["Job"], children["Service"]
+    assert job_obj["spec"]["completions"] == job_obj["spec"]["parallelism"] == 2
+    command = trainer_container(job_obj)["command"]
+    assert command[0] == "torchrun"  # an argv list, no shell
+    assert "--nnodes=2" in command and "--nproc-per-node=8" in command
+    assert f"--master-addr={job_obj['metadata']['name']}-0.{service['metadata']['name']}" in command
+    assert "--node-rank=$(NODE_RANK)" in command
+    env = {e["name"]: e for e in trainer_container(job_obj)["env"]}
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    pod = job_obj["spec"]["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] == names.service
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {JOB_LABEL: names.base}
+    assert job_obj["spec"]["template"]["metadata"]["labels"][JOB_LABEL] == names.base
+    limits = trainer_container(job_obj)["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "8"
+    assert trainer_container(job_obj)["resources"]["requests"]["memory"] == "512Gi"
+
+
+def test_secrets_come_from_secret_references_never_inline():
+    job = example("llama3.1-8b-full-2node.yaml")
+    container = trainer_container(by_kind(plan(job, ClusterInfo()))["Job"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}}
+    assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "wandb", "key": "api-key"}
+    assert env["NCCL_DEBUG"] == {"name": "NCCL_DEBUG", "value": "WARN"}
+
+
+def test_pods_run_non_root_without_privileges_and_with_shm():
+    job = example("llama3.1-8b-lora.yaml")
+    pod = by_kind(plan(job, ClusterInfo()))["Job"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["privileged"] is False and sc["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+    assert volumes[mounts["/etc/kubetune"]]["configMap"]["name"] == child_names(job.metadata.name).config_map
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_pvc_sources_are_mounted_and_the_config_points_inside_them():
+    job = example("llama3.1-8b-lora.yaml")
+    children = by_kind(plan(job, ClusterInfo()))
+    pod = children["Job"]["spec"]["template"]["spec"]
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {
+        "model": {"claimName": "models", "readOnly": True},
+        "dataset": {"claimName": "datasets", "readOnly": True},
+        "output": {"claimName": "outputs", "readOnly": False},
+    }
+    cfg = yaml.safe_load(children["ConfigMap"]["data"]["config.yaml"])
+    assert cfg["model"]["path"] == "/mnt/model/meta-llama/Llama-3.1-8B-Instruct"
+    assert cfg["dataset"]["source"] == "/mnt/dataset/support-tickets/train.jsonl"
+    assert cfg["dataset"]["format"] == "chat"
+    assert cfg["output_dir"] == "/mnt/output/llama31-8b-lora"
+    assert cfg["lora"]["rank"] == 16
+
+
+def test_every_child_is_owned_labelled_and_deterministic():
+    job = example("llama3.1-8b-lora.yaml")
+    first, second = plan(job, ClusterInfo()), plan(copy.deepcopy(job), ClusterInfo())
+    assert first == second
+    for obj in first:
+        meta = obj["metadata"]
+        assert meta["namespace"] == "ml-team"
+        assert meta["labels"][MANAGED_BY] == "kubetune" and meta["labels"][JOB_LABEL] == "llama31-8b-lora"
+        (owner,) = meta["ownerReferences"]
+        assert owner == {
+            "apiVersion": "kubetune.dev/v1alpha1", "kind": "FineTuneJob", "name": "llama31-8b-lora",
+            "uid": "0d6f1c1e-uid", "controller": True, "blockOwnerDeletion": True,
+        }
+
+
+def test_kueue_queue_labels_the_workload_and_creates_it_suspended():
+    job = example("llama3.1-8b-lora.yaml")
+    workload = by_kind(plan(job, ClusterInfo()))["Job"]
+    assert workload["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
+    assert workload["spec"]["suspend"] is True
+    assert by_kind(plan(example("finetune-tiny.yaml", **{"spec.suspend": True}), ClusterInfo()))["Job"]["spec"]["suspend"] is True
+
+
+@pytest.mark.parametrize("name", ["x" * 253, "a" * 60 + "-one", "a" * 60 + "-two", "9lives", "demo"])
+def test_child_names_fit_dns_labels_and_stay_unique(name):
+    job = example("llama3.1-8b-full-2node.yaml", **{"metadata.name": name})
+    children = plan(job, ClusterInfo())
+    for obj in children:
+        assert len(obj["metadata"]["name"]) <= 63 and obj["metadata"]["name"][0].isalpha()
+        assert len(obj["metadata"]["labels"][JOB_LABEL]) <= 63
+    workload = by_kind(children)["Job"]["metadata"]["name"]
+    assert len(f"{workload}-{job.spec.resources.nodes - 1}") <= 63  # pod hostnames
+    assert base_name(name) == base_name(name)
+    if name == "demo":
+        assert workload == "demo"
+
+
+def test_long_names_with_a_common_prefix_get_different_children():
+    assert base_name("a" * 60 + "-one") != base_name("a" * 60 + "-two")
+
+
+def test_backend_auto_picks_pytorchjob_when_the_crd_is_served():
+    job = example("llama3.1-8b-lora.yaml", **{"spec.resources.nodes": 3})
+    assert "Job" in by_kind(plan(job, ClusterInfo(has_pytorchjob=False)))
+    children = by_kind(plan(job, ClusterInfo(has_pytorchjob=True)))
+    assert set(children) == {"ConfigMap", "PyTorchJob"}
+    ptj = children["PyTorchJob"]["spec"]
+    assert ptj["nprocPerNode"] == "8"
+    assert ptj["pytorchReplicaSpecs"]["Master"]["replicas"] == 1
+    assert ptj["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    container = ptj["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert container["name"] == "pytorch" and container["command"][:2] == ["torchrun", "-m"]
+    assert ptj["runPolicy"]["suspend"] is True  # queueName: Kueue admits it
+
+
+def test_explicit_backend_job_wins_over_an_available_pytorchjob():
+    job = example("llama3.1-8b-full-2node.yaml")
+    assert "Job" in by_kind(plan(job, ClusterInfo(has_pytorchjob=True)))
+
+
+def test_bad_config_key_is_refused_naming_the_field_and_the_fix():
+    job = example("finetune-tiny.yaml", **{"spec.config.max_stepz": 5})
+    with pytest.raises(ConfigError, match=r"(?s)spec\.config.*max_stepz.*did you mean 'max_steps'"):
+        plan(job, ClusterInfo())
+    job = example("finetune-tiny.yaml", **{"spec.config.model": {"path": "/elsewhere"}})
+    with pytest.raises(ConfigError, match=r"spec\.config\.model\.path: set by spec\.model\.source"):
+        plan(job, ClusterInfo())
+    job = example("finetune-tiny.yaml", **{"spec.config.batch_size": 0})
+    with pytest.raises(ConfigError, match="batch_size"):
+        plan(job, ClusterInfo())
+
+
+def test_pvc_without_a_claim_is_refused():
+    job = example("finetune-tiny.yaml", **{"spec.model.source": "pvc:///llama"})
+    with pytest.raises(KubetuneError, match=r"spec\.model\.source.*pvc://CLAIM"):
+        plan(job, ClusterInfo())
+
+
+@pytest.mark.parametrize("name", ["finetune-tiny.yaml", "llama3.1-8b-lora.yaml", "llama3.1-8b-full-2node.yaml", "qwen2-qlora.yaml"])
+def test_generated_objects_validate_with_kubernetes_validate(name):
+    for obj in plan(example(name), ClusterInfo()):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
