@@ -1,0 +1,347 @@
+"""The HTTP layer: OpenAI's /v1/models, /v1/completions and /v1/chat/completions (with SSE streaming),
+/healthz, /readyz and /metrics, on FastAPI. Errors always have OpenAI's shape
+{"error": {"message", "type", "param", "code"}}."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kubetune.trainer.serve.engine import Engine, Event, RequestHandle
+from kubetune.trainer.serve.errors import ServeError, ShuttingDownError, invalid_request, model_not_found
+from kubetune.trainer.serve.metrics import ServeMetrics
+from kubetune.trainer.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from kubetune.trainer.serve.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A name clients put in `model`: the base model (adapter 0) or one LoRA adapter on it."""
+
+    name: str
+    adapter: int
+    root: str  # folder it was loaded from
+    parent: Optional[str] = None  # the base model's name, for adapters
+
+
+class _Server:
+    """Everything a request handler needs; lives on app.state.server."""
+
+    def __init__(self, engine: Engine, tokenizer, models: list[ServedModel], metrics: ServeMetrics) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.models = {model.name: model for model in models}
+        self.metrics = metrics
+        self.draining = False
+        self.created = int(time.time())
+
+    def resolve(self, name: str) -> ServedModel:
+        if name not in self.models:
+            raise model_not_found(name, list(self.models))
+        return self.models[name]
+
+    def check_accepting(self) -> None:
+        if self.draining or not self.engine.accepting:
+            raise ShuttingDownError()
+
+    def record(self, endpoint: str, status: int, started: Optional[float] = None) -> None:
+        label = endpoint if endpoint in _API_PATHS else "other"
+        self.metrics.requests.labels(endpoint=label, status=str(status)).inc()
+        if started is not None and label != "other":
+            self.metrics.latency.labels(endpoint=label).observe(time.monotonic() - started)
+
+
+def begin_draining(app: FastAPI) -> None:
+    """Called on SIGTERM: /readyz turns 503 and new generation requests get 503; running ones finish."""
+    app.state.server.draining = True
+
+
+def create_app(engine: Engine, tokenizer, models: list[ServedModel], metrics: Optional[ServeMetrics] = None) -> FastAPI:
+    metrics = metrics or engine.metrics or ServeMetrics()
+    server = _Server(engine, tokenizer, models, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        # uvicorn calls this after in-flight requests finished; the engine drains what is left.
+        server.draining = True
+        await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="kubetune serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, err: ServeError) -> JSONResponse:
+        server.record(request.url.path, err.status_code)
+        return JSONResponse(err.body(), status_code=err.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        server.record(request.url.path, err.status_code)
+        error = ServeError(str(err.detail), status_code=err.status_code, code=None)
+        return JSONResponse(error.body(), status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        server.record(request.url.path, 400)
+        return JSONResponse(invalid_request(str(err.errors()[0].get("msg"))).body(), status_code=400)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> dict:
+        server.check_accepting()
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        server.record("/v1/models", 200)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model.name,
+                    "object": "model",
+                    "created": server.created,
+                    "owned_by": "kubetune",
+                    "root": model.root,
+                    "parent": model.parent,
+                    "max_model_len": engine.max_model_len,
+                }
+                for model in server.models.values()
+            ],
+        }
+
+    def first_token(endpoint: str, started: float):
+        return lambda: metrics.time_to_first_token.labels(endpoint=endpoint).observe(time.monotonic() - started)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        started, endpoint = time.monotonic(), "/v1/completions"
+        body = parse_request(CompletionRequest, await _read_json(request))
+        model = server.resolve(body.model)
+        server.check_accepting()
+        prompts = _completion_prompts(body.prompt, tokenizer)
+        params = _sampling_params(body, body.max_tokens, prompts, engine.max_model_len)
+        handle = engine.submit(prompts, params, adapter=model.adapter, n=body.n)
+        reply = _Reply("cmpl", "text_completion", model.name, handle, chat=False, on_first_token=first_token(endpoint, started))
+        if body.stream:
+            return _sse(reply, body.include_usage_in_stream, server, endpoint, started)
+        return await _complete(reply, request, server, endpoint, started)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        started, endpoint = time.monotonic(), "/v1/chat/completions"
+        body = parse_request(ChatCompletionRequest, await _read_json(request))
+        model = server.resolve(body.model)
+        server.check_accepting()
+        prompt = tokenizer.apply_chat_template(
+            [message.as_template_message() for message in body.messages], add_generation_prompt=True
+        )
+        params = _sampling_params(body, body.max_new_tokens, [prompt], engine.max_model_len)
+        handle = engine.submit([prompt], params, adapter=model.adapter, n=body.n)
+        reply = _Reply("chatcmpl", "chat.completion", model.name, handle, chat=True, on_first_token=first_token(endpoint, started))
+        if body.stream:
+            return _sse(reply, body.include_usage_in_stream, server, endpoint, started)
+        return await _complete(reply, request, server, endpoint, started)
+
+    return app
+
+
+async def _read_json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise invalid_request(f"The request body is not valid JSON: {err}.") from None
+
+
+def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
+    """`prompt` as token ids per prompt: a string, strings, token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt, add_bos=True)]
+    if not prompt:
+        raise invalid_request("`prompt` is empty.", param="prompt")
+    if all(isinstance(item, int) for item in prompt):
+        prompts = [list(prompt)]
+    elif all(isinstance(item, str) for item in prompt):
+        prompts = [tokenizer.encode(text, add_bos=True) for text in prompt]
+    else:
+        prompts = [list(ids) for ids in prompt]
+    for ids in prompts:
+        if not ids:
+            raise invalid_request("A prompt has no tokens.", param="prompt")
+        bad = [token for token in ids if not 0 <= token < tokenizer.vocab_size]
+        if bad:
+            raise invalid_request(f"Token id {bad[0]} is outside the vocabulary (0..{tokenizer.vocab_size - 1}).", param="prompt")
+    return prompts
+
+
+def _sampling_params(body, max_tokens: Optional[int], prompts: list[list[int]], max_model_len: int) -> SamplingParams:
+    """Check the lengths against the context (400 like OpenAI's) and build the sampling settings."""
+    longest = max(len(ids) for ids in prompts)
+    if longest >= max_model_len:
+        raise invalid_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt has {longest} "
+            "tokens. Please shorten the prompt.",
+            param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:  # chat default: as many as fit
+        max_tokens = max_model_len - longest
+    if longest + max_tokens > max_model_len:
+        raise invalid_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} in the completion). "
+            "Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=body.stop_list,
+        ignore_eos=body.ignore_eos,
+    )
+
+
+class _Reply:
+    """Builds OpenAI's response objects (whole or as stream chunks) from a request's events."""
+
+    def __init__(
+        self, id_prefix: str, kind: str, model: str, handle: RequestHandle, *, chat: bool, on_first_token
+    ) -> None:
+        self.id = f"{id_prefix}-{uuid.uuid4().hex}"
+        self.kind = kind
+        self.model = model
+        self.handle = handle
+        self.chat = chat
+        self.created = int(time.time())
+        self.on_first_token = on_first_token
+        self.seen_first_token = False
+
+    def _events(self) -> AsyncIterator[Event]:
+        return self.handle.events()
+
+    def usage(self) -> dict[str, int]:
+        prompt, completion = self.handle.prompt_tokens, self.handle.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _envelope(self, choices: list[dict], chunk: bool) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if (chunk and self.chat) else self.kind
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    async def collect(self) -> dict[str, Any]:
+        texts, reasons = [""] * self.handle.n, [None] * self.handle.n
+        async for event in self._events():
+            self._mark_first()
+            if event.error:
+                raise ServeError(event.error, status_code=500, type="server_error", code="generation_failed")
+            texts[event.choice] += event.text
+            if event.finish_reason:
+                reasons[event.choice] = event.finish_reason
+        if self.handle.cancelled:
+            raise asyncio.CancelledError
+        choices = []
+        for index, (text, reason) in enumerate(zip(texts, reasons)):
+            if self.chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason})
+            else:
+                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": reason})
+        return {**self._envelope(choices, chunk=False), "usage": self.usage()}
+
+    async def stream(self, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+        extra = {"usage": None} if include_usage else {}
+        if self.chat:  # OpenAI opens each choice with the assistant role
+            for index in range(self.handle.n):
+                delta = {"role": "assistant", "content": ""}
+                yield {**self._envelope([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}], True), **extra}
+        async for event in self._events():
+            self._mark_first()
+            if event.error:
+                yield ServeError(event.error, status_code=500, type="server_error", code="generation_failed").body()
+                return
+            if not event.text and event.finish_reason is None:
+                continue  # held-back text (a possible stop string): nothing to send yet
+            if self.chat:
+                delta = {"content": event.text} if event.text else {}
+                choice = {"index": event.choice, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+            else:
+                choice = {"index": event.choice, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+            yield {**self._envelope([choice], chunk=True), **extra}
+        if include_usage:
+            yield {**self._envelope([], chunk=True), "usage": self.usage()}
+
+    def _mark_first(self) -> None:
+        if not self.seen_first_token:
+            self.seen_first_token = True
+            self.on_first_token()
+
+
+async def _complete(reply: _Reply, request: Request, server: _Server, endpoint: str, started: float) -> JSONResponse:
+    """A whole (non-streamed) response; the generation is cancelled if the client disconnects first."""
+
+    async def cancel_on_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        reply.handle.cancel()
+
+    watcher = asyncio.create_task(cancel_on_disconnect())
+    try:
+        result = await reply.collect()
+    except asyncio.CancelledError:
+        reply.handle.cancel()
+        server.record(endpoint, 499, started)  # nginx's "client closed request"
+        raise
+    finally:
+        watcher.cancel()
+    server.record(endpoint, 200, started)
+    return JSONResponse(result)
+
+
+def _sse(reply: _Reply, include_usage: bool, server: _Server, endpoint: str, started: float) -> StreamingResponse:
+    """Server-sent events: `data: <json>` per chunk, then `data: [DONE]`. A client that goes away
+    cancels the response task (Starlette), and the finally block cancels the generation."""
+
+    async def body() -> AsyncIterator[str]:
+        finished = False
+        try:
+            async for chunk in reply.stream(include_usage):
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+            finished = True
+        finally:
+            if finished:
+                server.record(endpoint, 200, started)
+            else:
+                reply.handle.cancel()
+                server.record(endpoint, 499, started)
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+

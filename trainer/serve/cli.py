@@ -1,0 +1,114 @@
+"""`kubetune serve MODEL_DIR [--adapter NAME=DIR ...]`: load, then serve with uvicorn until SIGTERM."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Optional
+
+import uvicorn
+
+from kubetune.errors import KubetuneError
+from kubetune.trainer.serve.app import ServedModel, begin_draining, create_app
+from kubetune.trainer.serve.engine import Engine
+from kubetune.trainer.serve.metrics import ServeMetrics
+
+log = logging.getLogger("kubetune.serve")
+
+
+def parse_adapter_args(values: list[str]) -> list[tuple[str, str]]:
+    """["name=dir", ...] -> [(name, dir)], names unique."""
+    pairs = []
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise KubetuneError(f"--adapter {value!r}: expected NAME=DIR, e.g. --adapter support=runs/lora/adapter")
+        if name in (n for n, _ in pairs):
+            raise KubetuneError(f"--adapter {value!r}: the name {name!r} is used twice; give each adapter its own name")
+        pairs.append((name, folder))
+    return pairs
+
+
+def resolve_max_model_len(requested: Optional[int], max_position_embeddings: int) -> int:
+    if requested is None:
+        return max_position_embeddings
+    if not 2 <= requested <= max_position_embeddings:
+        raise KubetuneError(
+            f"--max-model-len {requested}: must be between 2 and the model's max_position_embeddings "
+            f"({max_position_embeddings})"
+        )
+    return requested
+
+
+def build_app(
+    model_dir: str,
+    adapters: list[tuple[str, str]] = (),
+    *,
+    max_concurrency: int = 16,
+    max_queue: int = 64,
+    max_model_len: Optional[int] = None,
+    served_model_name: Optional[str] = None,
+    device: str = "auto",
+    dtype: str = "fp32",
+):
+    """Load the model, tokenizer and adapters and return the FastAPI app (its lifespan runs the engine)."""
+    from kubetune.trainer.checkpoint.hf import load_pretrained, resolve_model_dir
+    from kubetune.trainer.device import resolve_device, resolve_dtype
+    from kubetune.trainer.serve.adapters import load_lora_adapter
+    from kubetune.trainer.serve.runner import BatchedRunner
+    from kubetune.trainer.tokenizers import load_tokenizer
+
+    if max_concurrency < 1 or max_queue < 0:
+        raise KubetuneError("--max-concurrency must be >= 1 and --max-queue >= 0")
+    folder = resolve_model_dir(model_dir)
+    model = load_pretrained(folder, device=resolve_device(device), dtype=resolve_dtype(dtype))
+    tokenizer = load_tokenizer(str(folder))
+    base_name = served_model_name or (model_dir.removeprefix("builtin://") if model_dir.startswith("builtin://") else Path(model_dir).name)
+    loaded = [load_lora_adapter(name, path, model) for name, path in adapters]
+    if base_name in {a.name for a in loaded}:
+        raise KubetuneError(f"--adapter {base_name}=...: that name is the base model's; pick another adapter name")
+    runner = BatchedRunner(
+        model,
+        model.args,
+        max_slots=max_concurrency,
+        max_model_len=resolve_max_model_len(max_model_len, model.args.max_position_embeddings),
+        adapters=loaded,
+    )
+    metrics = ServeMetrics()
+    engine = Engine(runner, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics)
+    models = [ServedModel(base_name, 0, str(folder))]
+    models += [ServedModel(a.name, i, a.path, parent=base_name) for i, a in enumerate(loaded, start=1)]
+    return create_app(engine, tokenizer, models, metrics)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build_app(
+        args.model_dir,
+        parse_adapter_args(args.adapter),
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        max_model_len=args.max_model_len,
+        served_model_name=args.served_model_name,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
+    server = DrainingServer(config, on_exit=lambda: begin_draining(app))
+    log.info("serving %s on http://%s:%d/v1", ", ".join(app.state.server.models), args.host, args.port)
+    server.run()
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which on SIGTERM/SIGINT first marks the app as draining (/readyz 503, new
+    requests 503), then shuts down as uvicorn does: stop accepting connections, let in-flight
+    requests finish, run the lifespan shutdown (the engine drains and stops)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)

@@ -1,0 +1,283 @@
+"""The scheduler: continuous batching on a worker thread.
+
+Requests become sequences (one per choice, `n`). New sequences wait in a bounded queue (full: 429);
+between decode steps, waiting sequences join the running set up to max_concurrency (each is
+prefilled into its own KV cache row), then one batched decode step advances every running sequence
+by a token. Finished or cancelled sequences leave at once, freeing their row for the next waiting
+one. The model runs on a plain thread so the HTTP event loop stays responsive; results go back to
+each request's asyncio queue with `call_soon_threadsafe`.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional, Protocol, Sequence
+
+import torch
+
+from kubetune.trainer.serve.errors import QueueFullError, ShuttingDownError
+from kubetune.trainer.serve.metrics import ServeMetrics
+from kubetune.trainer.serve.sampling import SamplingParams, TextStream, make_generator, sample_token
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """What the engine needs from the model side (see runner.BatchedRunner)."""
+
+    seq_ids: list
+    max_model_len: int
+
+    def add(self, seq_id, prompt_ids: Sequence[int], adapter: int = 0) -> torch.Tensor: ...
+
+    def step(self, next_tokens: Sequence[int]) -> torch.Tensor: ...
+
+    def remove(self, seq_id) -> None: ...
+
+
+@dataclass
+class Event:
+    """What one choice produced in one step: new text, and why it ended (None while it goes on)."""
+
+    choice: int
+    text: str
+    finish_reason: Optional[str] = None  # "stop" | "length" | "error"
+    error: Optional[str] = None
+
+
+_CANCELLED = Event(-1, "", "cancelled")
+
+
+class RequestHandle:
+    """One API request's view of its sequences: an async stream of Events, and cancel()."""
+
+    def __init__(self, engine: "Engine", loop: asyncio.AbstractEventLoop, n: int, prompt_tokens: int) -> None:
+        self._engine = engine
+        self._loop = loop
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.n = n
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0  # written by the engine thread, read after the last event
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop generating for this request (the client went away); call it from the event loop."""
+        if not self.cancelled:
+            self.cancelled = True
+            self._engine._cancel_waiting(self)
+            self._queue.put_nowait(_CANCELLED)  # wake up a consumer waiting in events()
+
+    def _put(self, event: Event) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+            pass
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events of all choices as they come, until every choice finished."""
+        remaining = self.n
+        while remaining:
+            event = await self._queue.get()
+            if event is _CANCELLED:
+                return
+            if event.finish_reason is not None:
+                remaining -= 1
+            yield event
+
+
+@dataclass(eq=False)
+class _Sequence:
+    id: int
+    handle: RequestHandle
+    choice: int
+    prompt_ids: list[int]
+    adapter: int
+    params: SamplingParams
+    stream: TextStream
+    generator: Optional[torch.Generator]
+    generated: int = 0
+    last_token: int = -1
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: Runner,
+        tokenizer,
+        *,
+        max_concurrency: int,
+        max_queue: int,
+        metrics: Optional[ServeMetrics] = None,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.stop_ids = frozenset(getattr(tokenizer, "stop_ids", None) or [tokenizer.eos_id])
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._cond = threading.Condition()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: dict[int, _Sequence] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    # ---- called from the event loop -------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kubetune-serve-engine", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, prompts: list[list[int]], params: SamplingParams, *, adapter: int = 0, n: int = 1
+    ) -> RequestHandle:
+        """Queue n sequences per prompt (choice index = prompt index * n + i) as one request.
+
+        Raises QueueFullError (429) when they do not fit the free rows plus the waiting queue, and
+        ShuttingDownError (503) after shutdown began.
+        """
+        count = len(prompts) * n
+        handle = RequestHandle(self, asyncio.get_running_loop(), count, sum(len(p) for p in prompts))
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDownError()
+            free_rows = max(self.max_concurrency - len(self._running), 0)
+            if len(self._waiting) + count > self.max_queue + free_rows:
+                raise QueueFullError(self.max_queue)
+            for choice in range(count):
+                self._waiting.append(
+                    _Sequence(
+                        id=next(self._ids),
+                        handle=handle,
+                        choice=choice,
+                        prompt_ids=list(prompts[choice // n]),
+                        adapter=adapter,
+                        params=params,
+                        stream=TextStream(self.tokenizer, params.stop),
+                        generator=make_generator(params, choice),
+                    )
+                )
+            self._cond.notify()
+        self._update_gauges()
+        return handle
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Take no new requests, finish the queued and running ones, then stop the worker thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def accepting(self) -> bool:
+        return not self._stopping and self._thread is not None and self._thread.is_alive()
+
+    def _cancel_waiting(self, handle: RequestHandle) -> None:
+        with self._cond:
+            kept = [seq for seq in self._waiting if seq.handle is not handle]
+            dropped = len(self._waiting) - len(kept)
+            self._waiting = deque(kept)
+            self._cond.notify()
+        if dropped and self.metrics:
+            self.metrics.cancelled.inc(dropped)
+        self._update_gauges()
+
+    # ---- the worker thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self._running or self._stopping):
+                    self._cond.wait()
+                if self._stopping and not self._waiting and not self._running:
+                    return
+                admitted = []
+                while self._waiting and len(self._running) < self.max_concurrency:
+                    seq = self._waiting.popleft()
+                    self._running[seq.id] = seq
+                    admitted.append(seq)
+            self._update_gauges()
+            for seq in admitted:
+                self._prefill(seq)
+            self._drop_cancelled()
+            if self._running:
+                self._decode()
+
+    def _prefill(self, seq: _Sequence) -> None:
+        if seq.handle.cancelled:
+            self._leave(seq)
+            return
+        try:
+            logits = self.runner.add(seq.id, seq.prompt_ids, seq.adapter)
+        except Exception as err:  # noqa: BLE001 - one bad request must not stop the server
+            log.exception("prefill failed")
+            self._fail([seq], err, in_runner=False)
+            return
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+        self._advance(seq, sample_token(logits, seq.params, seq.generator))
+
+    def _decode(self) -> None:
+        batch = [self._running[seq_id] for seq_id in self.runner.seq_ids]
+        try:
+            logits = self.runner.step([seq.last_token for seq in batch])
+        except Exception as err:  # noqa: BLE001
+            log.exception("decode step failed")
+            self._fail(batch, err, in_runner=True)
+            return
+        greedy = logits.argmax(-1).tolist()  # one call for all greedy rows
+        for row, seq in enumerate(batch):
+            token = greedy[row] if seq.params.greedy else sample_token(logits[row], seq.params, seq.generator)
+            self._advance(seq, token)
+
+    def _advance(self, seq: _Sequence, token: int) -> None:
+        """Record one generated token: emit its text, and finish the sequence when it is done."""
+        seq.generated += 1
+        seq.last_token = token
+        seq.handle.completion_tokens += 1
+        if self.metrics:
+            self.metrics.generated_tokens.inc()
+        finish = None
+        if token in self.stop_ids and not seq.params.ignore_eos:
+            text, finish = seq.stream.flush(), "stop"
+        else:
+            text, hit_stop = seq.stream.push(token)
+            if hit_stop:
+                finish = "stop"
+            elif seq.generated >= seq.params.max_tokens or len(seq.prompt_ids) + seq.generated >= self.max_model_len:
+                text, finish = text + seq.stream.flush(), "length"
+        seq.handle._put(Event(seq.choice, text, finish))
+        if finish is not None:
+            self._leave(seq, in_runner=True)
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._running.values() if s.handle.cancelled]:
+            if self.metrics:
+                self.metrics.cancelled.inc()
+            self._leave(seq, in_runner=True)
+
+    def _fail(self, seqs: list[_Sequence], err: Exception, *, in_runner: bool) -> None:
+        for seq in seqs:
+            seq.handle._put(Event(seq.choice, "", "error", error=f"generation failed: {err}"))
+            self._leave(seq, in_runner=in_runner)
+
+    def _leave(self, seq: _Sequence, in_runner: bool = False) -> None:
+        if in_runner and seq.id in self.runner.seq_ids:
+            self.runner.remove(seq.id)
+        with self._cond:
+            self._running.pop(seq.id, None)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        if self.metrics:
+            self.metrics.running.set(len(self._running))
+            self.metrics.waiting.set(len(self._waiting))

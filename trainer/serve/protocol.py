@@ -1,0 +1,133 @@
+"""OpenAI request shapes (the subset the server implements) and their checks.
+
+Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`, ...). Fields the
+server knows but does not implement (logprobs, echo, penalties, ...) are rejected with a 400 rather
+than silently giving different results.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kubetune.trainer.serve.errors import ServeError, invalid_request
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model: str
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=64)
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    # Extensions vLLM also accepts (pass them with the openai client's extra_body).
+    top_k: Optional[int] = Field(default=None, ge=1)
+    ignore_eos: bool = False
+    # Known but not implemented: must stay at their "off" value.
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value):
+        if isinstance(value, list) and len(value) > 16:
+            raise ValueError("at most 16 stop sequences")
+        return value
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+    def unsupported(self) -> dict[str, Any]:
+        """Fields set to something the server does not implement -> {field: value}."""
+        off = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {})}
+        return {name: getattr(self, name) for name, allowed in off.items() if getattr(self, name) not in allowed}
+
+
+class CompletionRequest(_Request):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(default=16, ge=1)
+    logprobs: Optional[int] = None
+    echo: bool = False
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    def unsupported(self) -> dict[str, Any]:
+        found = super().unsupported()
+        if self.logprobs is not None:
+            found["logprobs"] = self.logprobs
+        if self.echo:
+            found["echo"] = True
+        if self.suffix:
+            found["suffix"] = self.suffix
+        if self.best_of not in (None, self.n):
+            found["best_of"] = self.best_of
+        return found
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+
+    def as_template_message(self) -> dict[str, str]:
+        """{"role", "content"} for the chat template; text parts are joined, `developer` is `system`."""
+        if isinstance(self.content, list):
+            content = "".join(part.text for part in self.content)
+        else:
+            content = self.content or ""
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    logprobs: Optional[bool] = False
+    tools: Optional[list[Any]] = None
+
+    @property
+    def max_new_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def unsupported(self) -> dict[str, Any]:
+        found = super().unsupported()
+        if self.logprobs:
+            found["logprobs"] = True
+        if self.tools:
+            found["tools"] = "..."
+        return found
+
+
+def parse_request(model_cls: type[_Request], body: Any) -> _Request:
+    """Validate a JSON body into `model_cls`; problems become 400s naming the field (OpenAI's `param`)."""
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object.")
+    try:
+        request = model_cls.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise invalid_request(f"Invalid value for `{param}`: {first['msg']}.", param=param) from None
+    found = request.unsupported()
+    if found:
+        name = next(iter(found))
+        raise ServeError(f"`{name}` is not supported by this server; leave it unset.", param=name, code="unsupported")
+    return request

@@ -1,0 +1,182 @@
+"""The model side of the server: per-sequence KV cache rows, batched decode, per-row LoRA adapters.
+
+Why not the model's own `forward(kv_cache=...)`: continuous batching needs every row of a batch at
+its own position (sequences join and leave between steps) and every row with its own adapter. So
+this module runs the model's decoder layers itself — it calls the model's own embedding, norms and
+projection modules (parameter names are Hugging Face's, see docs/architecture.md) and does rotary
+embeddings and attention over its own cache. `tests/serve/test_runner.py` checks that the logits
+equal transformers' (and peft's, with adapters).
+
+The cache is one tensor per K and V: [layers, max_slots, kv_heads, max_model_len, head_dim]. Running
+sequences occupy rows 0..B-1 (compacted when one leaves), so a decode step attends over the view
+cache[:, :B, :, :longest] without copying, and rows shorter than the longest are masked.
+"""
+from __future__ import annotations
+
+from typing import Hashable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from kubetune.trainer.models.llama import ModelArgs, rope_inverse_frequencies
+from kubetune.trainer.serve.adapters import LoraAdapter
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class BatchedRunner:
+    """Runs sequences of a Llama-family model (kubetune's, or transformers' with the same names), several at a time.
+
+    `add` prefills a new sequence into a free cache row and returns its next-token logits; `step`
+    decodes one token for every sequence at once; `remove` frees a row. Adapter index 0 is the
+    base model, i is adapters[i-1].
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        args: ModelArgs,
+        *,
+        max_slots: int,
+        max_model_len: int,
+        adapters: Sequence[LoraAdapter] = (),
+    ) -> None:
+        self.model = model.eval()
+        embed = model.model.embed_tokens.weight
+        self.device, self.dtype = embed.device, embed.dtype
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.sliding_window = args.sliding_window
+        self.n_layers = len(model.model.layers)
+        self.max_slots, self.max_model_len = max_slots, max_model_len
+        self.inv_freq = rope_inverse_frequencies(args).to(self.device)
+        shape = (self.n_layers, max_slots, self.n_kv_heads, max_model_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.seq_ids: list[Hashable] = []  # row i holds seq_ids[i]
+        self.lengths: list[int] = []  # tokens in the cache per row
+        self.row_adapters: list[int] = []
+        # (layer, projection) -> [None for the base model, (A, B, scale) or None per adapter]
+        self.lora: dict[tuple[int, str], list[Optional[tuple[torch.Tensor, torch.Tensor, float]]]] = {}
+        for index, adapter in enumerate(adapters, start=1):
+            for key, (a, b) in adapter.weights.items():
+                slots = self.lora.setdefault(key, [None] * (len(adapters) + 1))
+                slots[index] = (a.to(self.device, self.dtype), b.to(self.device, self.dtype), adapter.scale)
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_slots - len(self.seq_ids)
+
+    @torch.inference_mode()
+    def add(self, seq_id: Hashable, prompt_ids: Sequence[int], adapter: int = 0) -> torch.Tensor:
+        """Prefill a new sequence; returns float32 logits [vocab] for its first generated token."""
+        if not self.free_slots:
+            raise RuntimeError("no free cache row; the scheduler admits at most max_slots sequences")
+        if not 0 < len(prompt_ids) <= self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_model_len={self.max_model_len}")
+        row = len(self.seq_ids)
+        self.seq_ids.append(seq_id)
+        self.lengths.append(0)
+        self.row_adapters.append(adapter)
+        try:
+            tokens = torch.tensor([list(prompt_ids)], device=self.device)
+            positions = torch.arange(len(prompt_ids), device=self.device)[None]
+            logits = self._forward(tokens, positions, rows=slice(row, row + 1), adapters=[adapter])
+        except BaseException:
+            self.remove(seq_id)
+            raise
+        self.lengths[row] = len(prompt_ids)
+        return logits[0]
+
+    @torch.inference_mode()
+    def step(self, next_tokens: Sequence[int]) -> torch.Tensor:
+        """Decode one token for every row (next_tokens in row order, see seq_ids); logits [B, vocab]."""
+        batch = len(self.seq_ids)
+        if len(next_tokens) != batch:
+            raise ValueError(f"{len(next_tokens)} tokens for {batch} running sequences")
+        if any(length >= self.max_model_len for length in self.lengths):
+            raise ValueError("a sequence reached max_model_len; the scheduler must finish it first")
+        tokens = torch.tensor(list(next_tokens), device=self.device)[:, None]
+        positions = torch.tensor(self.lengths, device=self.device)[:, None]
+        logits = self._forward(tokens, positions, rows=slice(0, batch), adapters=self.row_adapters)
+        self.lengths = [length + 1 for length in self.lengths]
+        return logits
+
+    def remove(self, seq_id: Hashable) -> None:
+        """Free the sequence's row; the last row moves into it so running rows stay 0..B-1."""
+        row = self.seq_ids.index(seq_id)
+        last = len(self.seq_ids) - 1
+        if row != last:
+            length = self.lengths[last]
+            self.k_cache[:, row, :, :length] = self.k_cache[:, last, :, :length]
+            self.v_cache[:, row, :, :length] = self.v_cache[:, last, :, :length]
+            for column in (self.seq_ids, self.lengths, self.row_adapters):
+                column[row] = column[last]
+        for column in (self.seq_ids, self.lengths, self.row_adapters):
+            column.pop()
+
+    def _adapter_groups(self, adapters: Sequence[int]) -> list[tuple[int, Optional[torch.Tensor]]]:
+        """(adapter, rows) for every adapter in the batch; rows None means the whole batch."""
+        used = sorted(set(adapters) - {0})
+        if len(used) == 1 and all(a == used[0] for a in adapters):
+            return [(used[0], None)]
+        return [(a, torch.tensor([i for i, r in enumerate(adapters) if r == a], device=self.device)) for a in used]
+
+    def _project(self, module: torch.nn.Module, x: torch.Tensor, key: tuple[int, str], groups) -> torch.Tensor:
+        out = module(x)
+        loras = self.lora.get(key)
+        if loras is None:
+            return out
+        for adapter, rows in groups:
+            if loras[adapter] is None:
+                continue
+            a, b, scale = loras[adapter]
+            if rows is None:
+                out = out + (x @ a.T @ b.T) * scale  # PEFT's order: B(A(x)) * scaling, added to base
+            else:
+                out = out.index_add(0, rows, (x[rows] @ a.T @ b.T) * scale)
+        return out
+
+    def _forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, *, rows: slice, adapters: Sequence[int]
+    ) -> torch.Tensor:
+        """tokens/positions [B, T] for cache rows `rows`; writes their K/V, returns last-position logits [B, vocab]."""
+        batch, width = tokens.shape
+        groups = self._adapter_groups(adapters)
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, head_dim/2], float32 as in transformers
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]  # [B, 1, T, D]
+        key_len = int(positions.max()) + 1
+        key_positions = torch.arange(key_len, device=self.device)
+        mask = key_positions[None, None, :] <= positions[..., None]  # [B, T, key_len]: causal, own row only
+        if self.sliding_window is not None:
+            mask = mask & (positions[..., None] - key_positions[None, None, :] < self.sliding_window)
+        mask = mask[:, None]
+        batch_index = torch.arange(rows.start, rows.stop, device=self.device)[:, None].expand(batch, width)
+
+        x = self.model.model.embed_tokens(tokens)
+        for i, layer in enumerate(self.model.model.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = (
+                self._project(getattr(attn, name), h, (i, name), groups).view(batch, width, -1, self.head_dim).transpose(1, 2)
+                for name in ("q_proj", "k_proj", "v_proj")
+            )
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k_cache[i][batch_index, :, positions] = k.transpose(1, 2)
+            self.v_cache[i][batch_index, :, positions] = v.transpose(1, 2)
+            keys = self.k_cache[i, rows, :, :key_len]
+            values = self.v_cache[i, rows, :, :key_len]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            out = out.transpose(1, 2).reshape(batch, width, self.n_heads * self.head_dim)
+            x = x + self._project(attn.o_proj, out, (i, "o_proj"), groups)
+            h = layer.post_attention_layernorm(x)
+            mlp = layer.mlp
+            gate = self._project(mlp.gate_proj, h, (i, "gate_proj"), groups)
+            up = self._project(mlp.up_proj, h, (i, "up_proj"), groups)
+            x = x + self._project(mlp.down_proj, F.silu(gate) * up, (i, "down_proj"), groups)
+        x = self.model.model.norm(x[:, -1])
+        return self.model.lm_head(x).float()
+
