@@ -282,8 +282,13 @@ def check_adapter_fits(model: nn.Module, adapter: AdapterWeights, source: str = 
             )
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path | AdapterWeights) -> nn.Module:
-    """Apply a PEFT LoRA/DoRA adapter to `model` (in place, frozen base) and return the model."""
+def load_adapter(
+    model: nn.Module, adapter_dir: str | Path | AdapterWeights, dtype: Optional[torch.dtype] = None
+) -> nn.Module:
+    """Apply a PEFT LoRA/DoRA adapter to `model` (in place, frozen base) and return the model.
+
+    The adapter tensors take the base weights' dtype unless `dtype` is given (merging uses float32).
+    """
     source = str(adapter_dir) if not isinstance(adapter_dir, AdapterWeights) else "adapter"
     adapter = adapter_dir if isinstance(adapter_dir, AdapterWeights) else read_adapter(adapter_dir)
     check_adapter_fits(model, adapter, source)
@@ -301,6 +306,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path | AdapterWeights) -> 
             dropout=float(config.get("lora_dropout") or 0.0),
             use_dora=adapter.use_dora,
             use_rslora=bool(config.get("use_rslora")),
+            dtype=dtype,
         )
         with torch.no_grad():
             layer.lora_A.weight.copy_(weights.lora_A)

@@ -42,6 +42,7 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         use_dora: bool = False,
         use_rslora: bool = False,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if rank <= 0:
@@ -59,7 +60,7 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight)}
+        factory = {"device": base.weight.device, "dtype": dtype or adapter_dtype(base.weight)}
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
