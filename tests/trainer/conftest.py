@@ -9,6 +9,8 @@ Families: llama (Llama 2 style), llama3 (llama3 rope scaling, threshold 32 token
 (q/k/v biases). Weights are random with biases and norm weights perturbed, so every parameter
 matters in parity tests. Checkpoints are cached per session.
 """
+import json
+
 import pytest
 from hf_checkpoints import make_hf_model
 
@@ -36,3 +38,23 @@ def tiny_model_dir(kubetune_cache_dir):
     from kubetune.trainer.builtin import resolve_model_path
 
     return resolve_model_path("builtin://tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs(tmp_path_factory):
+    """Tokenizer folders trained once per session: {"llama2_sp", "llama2_sp_legacy", "llama3", "qwen2"}."""
+    import tokenizer_files
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    sp = tokenizer_files.make_sentencepiece_dir(root / "llama2_sp")
+    legacy = root / "llama2_sp_legacy"
+    legacy.mkdir()
+    (legacy / "tokenizer.model").write_bytes((sp / "tokenizer.model").read_bytes())
+    config = json.loads((sp / "tokenizer_config.json").read_text())
+    (legacy / "tokenizer_config.json").write_text(json.dumps({**config, "legacy": True}))
+    return {
+        "llama2_sp": sp,
+        "llama2_sp_legacy": legacy,
+        "llama3": tokenizer_files.make_llama3_dir(root / "llama3"),
+        "qwen2": tokenizer_files.make_qwen2_dir(root / "qwen2"),
+    }
