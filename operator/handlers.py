@@ -1,0 +1,374 @@
+"""The kopf handlers of the operator: small functions; the logic is in planner.py and status.py.
+
+build_registry(state) returns a fresh kopf registry with every handler bound to one
+OperatorState, so `kubetune operator`, the tests and the benchmark each run their own.
+
+- create/resume: plan the children and create-or-adopt them (never duplicates);
+- spec.suspend: suspend or resume the workload;
+- one sync loop (not a kopf timer: timers need a finalizer, and deleting a job must never wait
+  for the operator) reads workload and pods into phase and conditions, scrapes rank 0's
+  /metrics into status.progress and copies the termination summary into status.result.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import kopf
+
+from kubetune.errors import KubetuneError
+from kubetune.operator.api import API_VERSION, GROUP, VERSION, parse_object
+from kubetune.operator.api.common import TERMINAL_PHASES
+from kubetune.operator.api.finetune import FineTuneJob
+from kubetune.operator.kube import ApiError, KubeClient
+from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.planner import JOB_LABEL, ClusterInfo, child_names, plan
+from kubetune.operator.status import (
+    WorkloadState,
+    conditions_for,
+    job_state,
+    metrics_url,
+    next_status,
+    now_iso,
+    pod_problem,
+    pytorchjob_state,
+    rank0_pod,
+)
+
+FTJ = (GROUP, VERSION, "finetunejobs")
+KIND = "FineTuneJob"
+log = logging.getLogger("kubetune.operator")
+
+
+@dataclass
+class OperatorConfig:
+    sync_interval: float = 5.0  # seconds between status syncs of each running job
+    sync_concurrency: int = 32  # jobs synced in parallel (API calls and scrapes)
+    scrape_timeout: float = 2.0
+    metrics_port: Optional[int] = 8080  # None: no metrics server
+    metrics_addr: str = "0.0.0.0"
+    admission: bool = False  # register the validating webhook handler
+    retry_delay: float = 2.0
+    login: Optional[Callable[..., Any]] = None  # a kopf login function; default: service account, then kubeconfig
+
+
+@dataclass
+class OperatorState:
+    config: OperatorConfig
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
+    connection: Any = None
+    cluster: Optional[ClusterInfo] = None
+    metrics_port: Optional[int] = None
+    jobs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (namespace, name) -> body
+    sync_task: Optional[asyncio.Task] = None
+    _kube: Optional[KubeClient] = None
+    _kube_for: Any = None
+    _discovery: Optional[asyncio.Lock] = None
+
+    @property
+    def kube(self) -> KubeClient:
+        if self._kube is None or self._kube_for is not self.connection:  # re-login: new credentials
+            if self.connection is None:
+                raise kopf.TemporaryError("not logged in to the API yet", delay=1)
+            self._kube, self._kube_for = KubeClient(self.connection), self.connection
+        return self._kube
+
+    async def cluster_info(self) -> ClusterInfo:
+        self._discovery = self._discovery or asyncio.Lock()
+        async with self._discovery:
+            if self.cluster is None:
+                self.cluster = ClusterInfo(has_pytorchjob=await self.kube.serves("kubeflow.org/v1", "pytorchjobs"))
+        return self.cluster
+
+    async def close(self) -> None:
+        if self.sync_task is not None:
+            self.sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sync_task
+            self.sync_task = None
+        if self._kube is not None:
+            await self._kube.close()
+            self._kube = None
+        self.metrics.stop()
+
+
+class NameConflict(KubetuneError):
+    """A child's name is taken by an object this FineTuneJob does not own."""
+
+
+def plain(body: Any) -> dict[str, Any]:
+    """kopf's Body view -> a plain dict for the pydantic models."""
+    return copy.deepcopy({key: body[key] for key in body})
+
+
+def admission_error(body: dict[str, Any]) -> Optional[str]:
+    """What is wrong with a FineTuneJob, naming the field; None when it can run."""
+    try:
+        job = parse_object(body, f"FineTuneJob {body.get('metadata', {}).get('name', '?')}")
+        plan(job, ClusterInfo())  # validates spec.config with the recipe's config model, and the sources
+    except KubetuneError as err:
+        return str(err)
+    return None
+
+
+async def ensure_child(kube: KubeClient, child: dict[str, Any], owner_uid: str) -> str:
+    """Create the child, or adopt the one already there: never a duplicate. -> created|adopted."""
+    try:
+        await kube.create(child)
+        return "created"
+    except ApiError as err:
+        if err.status != 409:
+            raise
+    meta = child["metadata"]
+    existing = await kube.get(child["apiVersion"], child["kind"], meta.get("namespace"), meta["name"])
+    if existing is None:  # deleted between our create and get: try again later
+        raise ApiError(409, "Conflict", f"{child['kind']} {meta['name']} is being deleted")
+    existing_meta = existing.get("metadata") or {}
+    owners = existing_meta.get("ownerReferences") or []
+    if any(owner.get("uid") == owner_uid for owner in owners):
+        return "adopted"
+    ours = (existing_meta.get("labels") or {}).get(JOB_LABEL) == meta["labels"][JOB_LABEL]
+    if ours and not any(owner.get("controller") for owner in owners):  # an orphan we made earlier
+        patch = {"metadata": {"ownerReferences": meta["ownerReferences"]}}
+        await kube.patch(child["apiVersion"], child["kind"], meta.get("namespace"), meta["name"], patch)
+        return "adopted"
+    raise NameConflict(
+        f"{child['kind']} {meta['name']} already exists and does not belong to this FineTuneJob; "
+        "delete it or give the FineTuneJob another name"
+    )
+
+
+def make_event(body: dict[str, Any], type_: str, reason: str, message: str) -> dict[str, Any]:
+    """A core/v1 Event about a FineTuneJob (what `kubectl describe` lists)."""
+    meta = body["metadata"]
+    now = now_iso()
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": meta.get("namespace")},
+        "involvedObject": {
+            "apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
+            "namespace": meta.get("namespace"), "uid": meta.get("uid"),
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": "kubetune-operator"},
+        "reportingComponent": "kubetune-operator",
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+
+
+def first_state(job: FineTuneJob) -> WorkloadState:
+    if job.spec.suspend:
+        return WorkloadState("Suspended", "Suspended", "spec.suspend is true; set it to false to resume")
+    if job.spec.queue_name:
+        return WorkloadState("Queued", "WaitingForAdmission", f"waiting for Kueue to admit the job from queue {job.spec.queue_name}")
+    return WorkloadState("Pending", "WaitingForPods", "the trainer pods are being scheduled")
+
+
+def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    config = state.config
+    metrics = state.metrics
+
+    @contextlib.contextmanager
+    def timed(handler: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            metrics.reconcile_errors.labels(kind=KIND, handler=handler).inc()
+            raise
+        finally:
+            metrics.reconcile_seconds.labels(kind=KIND, handler=handler).observe(time.perf_counter() - started)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> Any:
+        if config.login is not None:
+            info = config.login(**kwargs)
+        else:
+            info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        state.connection = info
+        return info
+
+    @kopf.on.startup(registry=registry)
+    async def startup(**_: Any) -> None:
+        if config.metrics_port is not None and state.metrics_port is None:
+            state.metrics_port = metrics.serve(config.metrics_port, config.metrics_addr)
+            log.info("operator metrics on :%s/metrics", state.metrics_port)
+        state.sync_task = asyncio.get_running_loop().create_task(sync_loop())
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await state.close()
+
+    async def ensure_all(job: FineTuneJob) -> list[dict[str, Any]]:
+        children = plan(job, await state.cluster_info())
+        for child in children:
+            await ensure_child(state.kube, child, job.metadata.uid or "")
+        return children
+
+    def set_conditions(body: Any, patch: kopf.Patch, current: WorkloadState, *, created: bool) -> None:
+        old = body.get("status") or {}
+        generation = body.metadata.get("generation")
+        patch.status["conditions"] = conditions_for(old.get("conditions") or [], current, now=now_iso(), generation=generation, created=created)
+        patch.status["phase"] = current.phase
+        patch.status["observedGeneration"] = generation
+
+    @kopf.on.resume(*FTJ, registry=registry)
+    @kopf.on.create(*FTJ, registry=registry)
+    async def reconcile(body: Any, patch: kopf.Patch, **_: Any) -> None:
+        """Create (or adopt) the children; set the first phase and conditions."""
+        with timed("reconcile"):
+            ns, name = body.metadata.namespace, body.metadata.name
+            old = body.get("status") or {}
+            if old.get("phase") in TERMINAL_PHASES:
+                metrics.set_phase(KIND, ns, name, old["phase"])
+                return
+            try:
+                job = parse_object(plain(body), f"FineTuneJob {ns}/{name}")
+                children = await ensure_all(job)
+            except NameConflict as err:
+                kopf.warn(body, reason="NameConflict", message=str(err))
+                set_conditions(body, patch, WorkloadState(old.get("phase") or "Pending", "NameConflict", str(err)), created=False)
+                raise kopf.TemporaryError(str(err), delay=config.retry_delay * 5)
+            except ApiError as err:
+                if err.retriable:
+                    raise kopf.TemporaryError(f"API error, retrying: {err}", delay=config.retry_delay)
+                raise kopf.PermanentError(f"the API refused a child: {err}")
+            except KubetuneError as err:  # a spec that cannot run: say which field, once
+                set_conditions(body, patch, WorkloadState("Failed", "InvalidSpec", str(err)), created=False)
+                patch.status["completionTime"] = old.get("completionTime") or now_iso()
+                kopf.warn(body, reason="InvalidSpec", message=str(err))
+                metrics.set_phase(KIND, ns, name, "Failed")
+                raise kopf.PermanentError(str(err))
+            workload = children[-1]
+            if old.get("phase"):  # resumed: the sync loop owns the phase from here
+                current = WorkloadState(old["phase"], "Resumed", "the operator resumed watching this job")
+            else:
+                current = first_state(job)
+                kinds = ", ".join(f"{c['kind']} {c['metadata']['name']}" for c in children)
+                kopf.info(body, reason="Created", message=f"created {kinds}")
+            set_conditions(body, patch, current, created=True)
+            patch.status["workload"] = {"apiVersion": workload["apiVersion"], "kind": workload["kind"], "name": workload["metadata"]["name"]}
+            metrics.set_phase(KIND, ns, name, current.phase)
+
+    @kopf.on.update(*FTJ, field="spec.suspend", registry=registry)
+    async def suspend_changed(body: Any, new: Any, **_: Any) -> None:
+        """spec.suspend flips the workload's suspend; with a Kueue queue, resuming is Kueue's call."""
+        workload = (body.get("status") or {}).get("workload")
+        if not workload or (not new and (body.get("spec") or {}).get("queueName")):
+            return
+        with timed("suspend"):
+            ns = body.metadata.namespace
+            if workload["kind"] == "Job":
+                suspend_patch = {"spec": {"suspend": bool(new)}}
+            else:
+                suspend_patch = {"spec": {"runPolicy": {"suspend": bool(new)}}}
+            try:
+                await state.kube.patch(workload["apiVersion"], workload["kind"], ns, workload["name"], suspend_patch)
+            except ApiError as err:
+                raise kopf.TemporaryError(f"could not {'suspend' if new else 'resume'} {workload['name']}: {err}", delay=config.retry_delay)
+            verb = "suspended" if new else "resumed"
+            kopf.info(body, reason=verb.capitalize(), message=f"{workload['kind']} {workload['name']} {verb}")
+
+    @kopf.on.event(*FTJ, registry=registry)
+    def remember(type: Optional[str], body: Any, **_: Any) -> None:
+        """Keep the latest body of every FineTuneJob for the sync loop."""
+        key = (body.metadata.namespace, body.metadata.name)
+        if type == "DELETED":
+            state.jobs.pop(key, None)
+            metrics.forget(KIND, *key)  # no finalizer: the children go with their owner (ownerReferences)
+        else:
+            state.jobs[key] = plain(body)
+
+    async def sync_loop() -> None:
+        limit = asyncio.Semaphore(config.sync_concurrency)
+
+        async def one(body: dict[str, Any]) -> None:
+            async with limit:
+                try:
+                    with timed("sync"):
+                        await sync(body)
+                except Exception as err:  # retried on the next round
+                    meta = body["metadata"]
+                    log.warning("sync of %s/%s failed, will retry: %s", meta.get("namespace"), meta["name"], err)
+
+        while True:
+            await asyncio.sleep(config.sync_interval)
+            if state.connection is None:
+                continue
+            due = [body for body in list(state.jobs.values()) if needs_sync(body)]
+            await asyncio.gather(*(one(body) for body in due))
+
+    def needs_sync(body: dict[str, Any]) -> bool:
+        status = body.get("status") or {}
+        return bool(status.get("workload")) and status.get("phase") not in TERMINAL_PHASES
+
+    async def sync(body: dict[str, Any]) -> None:
+        """Workload and pods -> phase and conditions; rank 0's /metrics -> progress; summary -> result."""
+        meta = body["metadata"]
+        ns, name = meta.get("namespace"), meta["name"]
+        old = body.get("status") or {}
+        try:
+            job = parse_object(body, f"FineTuneJob {ns}/{name}")
+        except KubetuneError:
+            return  # reconcile reported it
+        ref = old["workload"]
+        workload = await state.kube.get(ref["apiVersion"], ref["kind"], ns, ref["name"])
+        if workload is None:  # deleted under us while the owner lives: recreate
+            if (ns, name) in state.jobs:
+                await ensure_all(job)
+                await post_event(body, "Warning", "Recreated", f"{ref['kind']} {ref['name']} was missing and has been recreated")
+            return
+        base = child_names(name).base
+        pods = await state.kube.list("v1", "Pod", ns, label_selector={JOB_LABEL: base})
+        if ref["kind"] == "Job":
+            current = job_state(workload, name=base, queue_name=job.spec.queue_name)
+        else:
+            current = pytorchjob_state(workload, name=ref["name"], queue_name=job.spec.queue_name)
+        if current.phase == "Pending":
+            current = pod_problem(pods, job.spec.image) or current
+        pod0 = rank0_pod(pods)
+        metrics_text = None
+        url = metrics_url(pod0) if pod0 is not None else None
+        if current.phase == "Running" and url:
+            try:
+                metrics_text = await state.kube.get_text(url, timeout=config.scrape_timeout)
+            except Exception as err:  # the trainer may not serve yet: keep the last progress
+                log.debug("scraping %s for %s/%s failed: %s", url, ns, name, err)
+        changes, event = next_status(old, current, pod0, metrics_text, generation=meta.get("generation"), now=dt.datetime.now(dt.timezone.utc))
+        metrics.set_phase(KIND, ns, name, current.phase)
+        if changes.get("progress"):
+            metrics.set_progress(ns, name, changes["progress"])
+        if changes:
+            await state.kube.patch(API_VERSION, KIND, ns, name, {"status": changes}, subresource="status")
+            if (ns, name) in state.jobs:  # until the watch brings the new body, do not repeat the event
+                state.jobs[(ns, name)] = {**body, "status": {**old, **changes}}
+        if event is not None:
+            await post_event(body, *event)
+
+    async def post_event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        try:
+            await state.kube.create(make_event(body, type_, reason, message))
+        except ApiError as err:  # events are best-effort, as for kubelet and controllers
+            log.debug("could not post event %s: %s", reason, err)
+
+    if config.admission:
+
+        @kopf.on.validate(*FTJ, registry=registry)
+        def validate(body: Any, **_: Any) -> None:
+            error = admission_error(plain(body))
+            if error:
+                raise kopf.AdmissionError(error, code=422)
+
+    return registry

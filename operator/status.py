@@ -1,0 +1,299 @@
+"""Status of a FineTuneJob from its workload, its pods and rank 0's metrics. Pure functions.
+
+The operator (from the Kubernetes API) and the local backend (from a subprocess) both build
+`status` with these, so `kubectl get ftj` and `kubetune get` say the same things.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubetune.operator.planner import COMPLETION_INDEX, PYTORCHJOB_REPLICA_TYPE
+
+CONDITION_TYPES = ("Created", "Running", "Succeeded", "Failed", "Suspended")
+
+# Trainer metric name -> status.progress field (docs/architecture.md, trainer run contract).
+PROGRESS_METRICS = {
+    "kubetune_train_step": "step",
+    "kubetune_train_total_steps": "totalSteps",
+    "kubetune_train_epoch": "epoch",
+    "kubetune_train_loss": "loss",
+    "kubetune_train_learning_rate": "learningRate",
+    "kubetune_train_tokens_per_second": "tokensPerSecond",
+    "kubetune_train_last_checkpoint_step": "lastCheckpointStep",
+}
+_INT_FIELDS = {"step", "totalSteps", "epoch", "lastCheckpointStep"}
+
+# Termination summary keys (camelCase already) that status.result carries as fields.
+RESULT_FIELDS = ("finalLoss", "evalLoss", "steps", "checkpoint", "adapter", "tokensPerSecond")
+
+
+def now_iso(now: Optional[dt.datetime] = None) -> str:
+    return (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: Optional[str]) -> Optional[dt.datetime]:
+    if not value:
+        return None
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class WorkloadState:
+    phase: str
+    reason: str
+    message: str
+    started: bool = False  # pods have run at some point (for startTime)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase
+
+
+def _true_conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c.get("type"): c for c in (obj.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+
+
+def job_state(job: dict[str, Any], *, name: str, queue_name: Optional[str]) -> WorkloadState:
+    """A batch/v1 Job -> phase, reason and a message a human can act on."""
+    status = job.get("status") or {}
+    conds = _true_conditions(job)
+    logs = f"`kubectl logs -l kubetune.dev/job={name} --tail=50` shows the trainer's last words"
+    if "Complete" in conds or "SuccessCriteriaMet" in conds:
+        return WorkloadState("Succeeded", "TrainingComplete", "the trainer finished; the summary is in status.result", True)
+    if "Failed" in conds or "FailureTarget" in conds:
+        cond = conds.get("Failed") or conds["FailureTarget"]
+        reason = cond.get("reason") or "JobFailed"
+        detail = cond.get("message") or "the trainer pods failed"
+        if reason == "DeadlineExceeded":
+            hint = "raise spec.runPolicy.activeDeadlineSeconds or lower the step count"
+        else:
+            hint = logs
+        return WorkloadState("Failed", reason, f"{detail}; {hint}", True)
+    started = bool(status.get("startTime") or status.get("active") or status.get("succeeded") or status.get("failed"))
+    if (job.get("spec") or {}).get("suspend"):
+        if queue_name and not started:
+            return WorkloadState("Queued", "WaitingForAdmission", f"waiting for Kueue to admit the job from queue {queue_name}")
+        return WorkloadState("Suspended", "Suspended", "spec.suspend is true; set it to false to resume", started)
+    if status.get("active"):
+        return WorkloadState("Running", "PodsRunning", f"{status['active']} trainer pod(s) running", True)
+    return WorkloadState("Pending", "WaitingForPods", "the trainer pods are being scheduled", started)
+
+
+def pytorchjob_state(ptj: dict[str, Any], *, name: str, queue_name: Optional[str]) -> WorkloadState:
+    conds = _true_conditions(ptj)
+    if "Succeeded" in conds:
+        return WorkloadState("Succeeded", "TrainingComplete", "the trainer finished; the summary is in status.result", True)
+    if "Failed" in conds:
+        detail = conds["Failed"].get("message") or "the PyTorchJob failed"
+        return WorkloadState("Failed", conds["Failed"].get("reason") or "PyTorchJobFailed", f"{detail}; `kubectl describe pytorchjob {name}` says more", True)
+    if "Suspended" in conds or ((ptj.get("spec") or {}).get("runPolicy") or {}).get("suspend"):
+        started = "Running" in conds or bool((ptj.get("status") or {}).get("startTime"))
+        if queue_name and not started:
+            return WorkloadState("Queued", "WaitingForAdmission", f"waiting for Kueue to admit the job from queue {queue_name}")
+        return WorkloadState("Suspended", "Suspended", "spec.suspend is true; set it to false to resume", started)
+    if "Running" in conds:
+        return WorkloadState("Running", "PodsRunning", "the PyTorchJob is running", True)
+    return WorkloadState("Pending", "WaitingForPods", "the PyTorchJob's pods are being scheduled")
+
+
+def pod_problem(pods: list[dict[str, Any]], image: str) -> Optional[WorkloadState]:
+    """Pods stuck for a reason the user must fix (bad image, missing secret or claim)."""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason", "")
+            if reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
+                return WorkloadState("Pending", reason, f"cannot pull the trainer image {image}: check spec.image and pull secrets")
+            if reason == "CreateContainerConfigError":
+                return WorkloadState("Pending", reason, f"{waiting.get('message', 'bad container config')}: check the Secrets in spec.secrets / spec.env")
+    return None
+
+
+def rank0_pod(pods: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """Pod 0 of the indexed Job, or the Master of a PyTorchJob (the newest if retried)."""
+    candidates = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        index = (meta.get("annotations") or {}).get(COMPLETION_INDEX) or (meta.get("labels") or {}).get(COMPLETION_INDEX)
+        replica = (meta.get("labels") or {}).get(PYTORCHJOB_REPLICA_TYPE)
+        if index == "0" or replica == "master":
+            candidates.append(pod)
+    candidates.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
+    return candidates[-1] if candidates else None
+
+
+def metrics_url(pod: dict[str, Any], default_port: int = 9090) -> Optional[str]:
+    ip = (pod.get("status") or {}).get("podIP")
+    if not ip:
+        return None
+    port = default_port
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for entry in container.get("ports") or []:
+            if entry.get("name") == "metrics":
+                port = entry["containerPort"]
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{port}/metrics"
+
+
+def termination_message(pod: dict[str, Any]) -> Optional[str]:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+        if terminated.get("message"):
+            return terminated["message"]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress and result
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {metric name: value} for the trainer's gauges (unlabelled samples)."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in PROGRESS_METRICS or sample.name.startswith("kubetune_train_"):
+                values[sample.name] = sample.value
+    return values
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def progress_from_metrics(values: dict[str, float], *, started_at: Optional[dt.datetime], now: dt.datetime) -> dict[str, Any]:
+    """The trainer's gauges -> status.progress, with percent and an ETA from the mean step time."""
+    progress: dict[str, Any] = {}
+    for metric, field in PROGRESS_METRICS.items():
+        value = values.get(metric)
+        if value is None or math.isnan(value):
+            continue
+        progress[field] = int(value) if field in _INT_FIELDS else float(value)
+    step, total = progress.get("step"), progress.get("totalSteps")
+    if step is not None and total:
+        progress["percent"] = round(100.0 * min(step, total) / total, 1)
+        if started_at is not None and step > 0:
+            per_step = (now - started_at).total_seconds() / step
+            progress["eta"] = format_duration(per_step * max(total - step, 0))
+    progress["updatedAt"] = now_iso(now)
+    return progress
+
+
+def parse_result(message: Optional[str]) -> Optional[dict[str, Any]]:
+    """The trainer's one-line JSON summary -> status.result (other keys under result.metrics)."""
+    if not message:
+        return None
+    for line in reversed(message.strip().splitlines()):  # FallbackToLogsOnError may add log lines
+        try:
+            summary = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(summary, dict):
+            result = {key: summary[key] for key in RESULT_FIELDS if summary.get(key) is not None}
+            extra = {key: value for key, value in summary.items() if key not in RESULT_FIELDS}
+            if extra:
+                result["metrics"] = extra
+            return result
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditions
+
+
+def set_condition(
+    conditions: list[dict[str, Any]], type_: str, status: bool, reason: str, message: str, *, now: str, generation: Optional[int]
+) -> list[dict[str, Any]]:
+    """A new list with `type_` set; lastTransitionTime moves only when the status flips."""
+    value = "True" if status else "False"
+    out, found = [], False
+    for cond in conditions:
+        if cond.get("type") != type_:
+            out.append(cond)
+            continue
+        found = True
+        transition = cond.get("lastTransitionTime") if cond.get("status") == value else now
+        out.append({**cond, "status": value, "reason": reason, "message": message, "lastTransitionTime": transition, "observedGeneration": generation})
+    if not found:
+        out.append({"type": type_, "status": value, "reason": reason, "message": message, "lastTransitionTime": now, "observedGeneration": generation})
+    return out
+
+
+def conditions_for(
+    conditions: list[dict[str, Any]], state: WorkloadState, *, now: str, generation: Optional[int], created: bool = True
+) -> list[dict[str, Any]]:
+    """All five condition types, consistent with the phase (the Kubernetes API conventions)."""
+    phase = state.phase
+    out = set_condition(
+        conditions, "Created", created, "ChildrenCreated" if created else state.reason,
+        "the ConfigMap and the workload exist" if created else state.message, now=now, generation=generation,
+    )
+    for type_, is_true in (
+        ("Running", phase == "Running"),
+        ("Succeeded", phase == "Succeeded"),
+        ("Failed", phase == "Failed"),
+        ("Suspended", phase in ("Suspended", "Queued")),
+    ):
+        reason, message = (state.reason, state.message) if is_true else (f"Not{type_}", f"phase is {phase}")
+        out = set_condition(out, type_, is_true, reason, message, now=now, generation=generation)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One sync step
+
+
+def next_status(
+    old: dict[str, Any],
+    current: WorkloadState,
+    rank0: Optional[dict[str, Any]],
+    metrics_text: Optional[str],
+    *,
+    generation: Optional[int],
+    now: dt.datetime,
+) -> tuple[dict[str, Any], Optional[tuple[str, str, str]]]:
+    """(status changes to patch, an event (type, reason, message) or None) for one sync."""
+    stamp = now_iso(now)
+    new: dict[str, Any] = {"phase": current.phase}
+    if old.get("observedGeneration") != generation:
+        new["observedGeneration"] = generation
+    if current.started and not old.get("startTime"):
+        new["startTime"] = stamp
+    if metrics_text:
+        started_at = parse_time(old.get("startTime") or new.get("startTime"))
+        progress = progress_from_metrics(parse_metrics(metrics_text), started_at=started_at, now=now)
+        if progress.get("step") is not None:
+            new["progress"] = progress
+    if current.phase in ("Succeeded", "Failed"):
+        new["completionTime"] = old.get("completionTime") or stamp
+        result = parse_result(termination_message(rank0)) if rank0 is not None else None
+        if result:
+            new["result"] = result
+            if current.phase == "Succeeded" and old.get("progress"):
+                new["progress"] = {**old["progress"], "percent": 100.0, "eta": "0s"}
+    conditions = conditions_for(old.get("conditions") or [], current, now=stamp, generation=generation)
+    if [_without_time(c) for c in conditions] != [_without_time(c) for c in old.get("conditions") or []]:
+        new["conditions"] = conditions
+    changes = {key: value for key, value in new.items() if old.get(key) != value}
+    event = None
+    if current.phase != old.get("phase"):
+        message = f"phase {old.get('phase') or '-'} -> {current.phase}: {current.message}"
+        event = ("Warning", current.reason, message) if current.phase == "Failed" else ("Normal", current.phase, message)
+    return changes, event
+
+
+def _without_time(cond: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cond.items() if k != "lastTransitionTime"}

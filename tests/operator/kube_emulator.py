@@ -1,0 +1,180 @@
+"""kmock's KubernetesEmulator plus the API-server semantics the operator relies on.
+
+kmock 0.8 stores and serves objects over real HTTP but, by design, leaves out what a real
+API server adds; each addition below says which behaviour of Kubernetes it stands in for:
+  - metadata.uid, resourceVersion, generation (bumped on spec changes), creationTimestamp;
+  - the status subresource: PATCH on the object ignores `status`, PATCH on /status only `status`;
+  - label selectors on list (equality-based, comma-separated), as the operator lists pods;
+  - the garbage collector: deleting an owner deletes objects whose ownerReferences name its uid;
+  - fault injection for tests: answer the next N matching requests with an error, or end a watch.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import aiohttp.web
+import attrs
+import kmock
+from kmock._internal import enums
+
+# Resources kopf needs to start (namespaces, events, CRDs), the children, and our CRs.
+RESOURCES: dict[str, dict[str, Any]] = {
+    "v1/namespaces": {"kind": "Namespace", "namespaced": False},
+    "v1/events": {"kind": "Event", "namespaced": True},
+    "v1/configmaps": {"kind": "ConfigMap", "namespaced": True},
+    "v1/services": {"kind": "Service", "namespaced": True},
+    "v1/pods": {"kind": "Pod", "namespaced": True, "subresources": {"status"}},
+    "batch/v1/jobs": {"kind": "Job", "namespaced": True, "subresources": {"status"}},
+    "apiextensions.k8s.io/v1/customresourcedefinitions": {"kind": "CustomResourceDefinition", "namespaced": False},
+    "kubetune.dev/v1alpha1/finetunejobs": {
+        "kind": "FineTuneJob", "singular": "finetunejob", "namespaced": True,
+        "shortnames": {"ftj"}, "categories": {"kubetune"}, "subresources": {"status"},
+    },
+}
+PYTORCHJOBS = {"kubeflow.org/v1/pytorchjobs": {"kind": "PyTorchJob", "namespaced": True, "subresources": {"status"}}}
+VERBS = {"list", "watch", "patch", "get", "create", "delete", "update"}
+
+
+@dataclass
+class Fault:
+    method: str  # GET, POST, PATCH, DELETE, WATCH
+    path: re.Pattern
+    status: int  # 0: end a watch stream at once (a dropped watch)
+    times: int
+
+
+@attrs.define(kw_only=True)
+class Emulator(kmock.KubernetesEmulator):
+    _counter: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
+    faults: list[Fault] = attrs.field(factory=list, init=False)
+    hits: list[tuple[str, str, int]] = attrs.field(factory=list, init=False)  # injected faults served
+    base_url: str = attrs.field(default="", init=False)
+
+    def declare(self, resources: dict[str, dict[str, Any]]) -> None:
+        for key, info in resources.items():
+            self.resources[key] = {**info, "verbs": VERBS}
+
+    def fail(self, method: str, path: str, status: int, times: int = 1) -> None:
+        self.faults.append(Fault(method.upper(), re.compile(path), status, times))
+
+    def _fault_for(self, request: kmock.Request) -> Optional[Fault]:
+        method = "WATCH" if request.action == enums.action.WATCH else str(request.method.value).upper()
+        for fault in self.faults:
+            if fault.times > 0 and fault.method == method and fault.path.search(request.url.path):
+                fault.times -= 1
+                self.hits.append((method, request.url.path, fault.status))
+                return fault
+        return None
+
+    def _has_status_subresource(self, resource: Any) -> bool:
+        for res in self._resources:
+            if res == resource:
+                return "status" in self._resources[res].subresources
+        return False
+
+    def _stored(self, request: kmock.Request) -> Optional[Any]:
+        for (resource, namespace, name), obj in self._objects.items():
+            if resource == request.resource and namespace == request.namespace and name == request.name and not obj.deleted:
+                return obj
+        return None
+
+    async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        fault = self._fault_for(request) if request.resource is not None else None
+        if fault is not None:
+            if fault.status == 0:
+                response = aiohttp.web.StreamResponse(status=200)
+                response.content_type = "application/json"
+                return response  # an empty, finished watch stream
+            return aiohttp.web.json_response(
+                {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": fault.status, "reason": "Injected", "message": "injected fault"},
+                status=fault.status,
+            )
+        if request.resource is not None and isinstance(request.data, dict):
+            if request.action == enums.action.CREATE:
+                meta = request.data.setdefault("metadata", {})
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                meta["generation"] = 1
+                meta["resourceVersion"] = str(next(self._counter))
+                if request.namespace and "namespace" not in meta:
+                    meta["namespace"] = request.namespace
+            elif request.action == enums.action.UPDATE and request.name is not None:
+                self._split_status(request)
+        response = await super()._handle(request)
+        if request.action == enums.action.DELETE and request.name is not None:
+            await self._collect_garbage()
+        return response
+
+    def _split_status(self, request: kmock.Request) -> None:
+        data = request.data
+        stored = self._stored(request)
+        if self._has_status_subresource(request.resource):
+            if request.subresource == "status":
+                for key in [k for k in data if k not in ("status", "metadata")]:
+                    del data[key]
+                data.pop("metadata", None)
+            else:
+                data.pop("status", None)
+        meta = data.setdefault("metadata", {})
+        meta["resourceVersion"] = str(next(self._counter))
+        if stored is not None and "spec" in data:
+            old_spec = stored.get("spec")
+            merged = _merge(old_spec, data["spec"])
+            if merged != old_spec:
+                meta["generation"] = int(stored.get("metadata", {}).get("generation", 1)) + 1
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        answer = await super()._serve_list(request)
+        selector = (request.params or {}).get("labelSelector")
+        if selector:
+            wanted = dict(part.split("=", 1) for part in selector.split(",") if "=" in part)
+            answer["items"] = [
+                item for item in answer["items"]
+                if all((item.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in wanted.items())
+            ]
+        return answer
+
+    async def _collect_garbage(self) -> None:
+        """Delete dependents of deleted owners, repeatedly (chains of owners)."""
+        while True:
+            alive_uids = {obj.get("metadata", {}).get("uid") for obj in self._objects.values() if not obj.deleted}
+            orphans = []
+            for key, obj in self._objects.items():
+                if obj.deleted:
+                    continue
+                owners = obj.get("metadata", {}).get("ownerReferences") or []
+                if owners and all(o.get("uid") not in alive_uids for o in owners):
+                    orphans.append(key)
+            if not orphans:
+                return
+            async with self._lock:
+                for key in orphans:
+                    raw = self._objects[key].raw
+                    self._objects[key].delete()
+                    await self._buses[key[0]].put({"type": "DELETED", "object": raw})
+
+    def live(self, resource: str, namespace: Optional[str] = None) -> list[dict[str, Any]]:
+        """Objects of a resource that exist now (not soft-deleted), as plain dicts."""
+        wanted = kmock.resource(resource) if isinstance(resource, str) else resource
+        out = []
+        for (res, ns, _name), obj in self._objects.items():
+            if not obj.deleted and wanted.check(res) and (namespace is None or ns == namespace):
+                out.append(obj.raw)
+        return out
+
+
+def _merge(old: Any, patch: Any) -> Any:
+    if not isinstance(old, dict) or not isinstance(patch, dict):
+        return patch
+    out = dict(old)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge(old.get(key), value)
+    return out
