@@ -239,7 +239,7 @@ def conditions_for(
     phase = state.phase
     out = set_condition(
         conditions, "Created", created, "ChildrenCreated" if created else state.reason,
-        "the ConfigMap and the workload exist" if created else state.message, now=now, generation=generation,
+        "the trainer config and its workload were created" if created else state.message, now=now, generation=generation,
     )
     for type_, is_true in (
         ("Running", phase == "Running"),
