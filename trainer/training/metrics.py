@@ -1,0 +1,97 @@
+"""What a run reports while it trains: Prometheus gauges (the names the operator scrapes, see
+docs/architecture.md "Trainer run contract") and `metrics.jsonl` in output_dir."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+GAUGES = {
+    "step": ("kubetune_train_step", "Optimizer steps completed"),
+    "total_steps": ("kubetune_train_total_steps", "Optimizer steps this run will take"),
+    "epoch": ("kubetune_train_epoch", "Current epoch (0-based)"),
+    "loss": ("kubetune_train_loss", "Training loss of the last logged step"),
+    "learning_rate": ("kubetune_train_learning_rate", "Learning rate of the last step"),
+    "tokens_per_second": ("kubetune_train_tokens_per_second", "Training tokens per second (recent steps)"),
+    "peak_memory_bytes": ("kubetune_train_peak_memory_bytes", "Peak accelerator memory, or peak RSS on CPU"),
+    "last_checkpoint_step": ("kubetune_train_last_checkpoint_step", "Step of the newest complete checkpoint"),
+}
+
+
+class PrometheusExporter:
+    """Gauges on their own registry (several runs in one process do not collide), served on
+    `port` when given; port 0 picks a free port (see `.port`)."""
+
+    def __init__(self, port: Optional[int]):
+        self.registry = CollectorRegistry()
+        self.gauges = {key: Gauge(name, doc, registry=self.registry) for key, (name, doc) in GAUGES.items()}
+        self._server = None
+        self.port: Optional[int] = None
+        if port is not None:
+            self._server, _ = start_http_server(port, registry=self.registry)
+            self.port = self._server.server_port
+
+    def update(self, **values: Optional[float]) -> None:
+        for key, value in values.items():
+            if value is not None:
+                self.gauges[key].set(value)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per logged step or eval, appended and flushed.
+
+    On resume, lines past the resumed step are dropped first (they were logged after the
+    checkpoint the run restarts from), so the file tells one consistent story."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def peak_memory_bytes(device_type: str) -> int:
+    """Peak CUDA memory allocated, or the process's peak resident set size on the CPU."""
+    if device_type == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
