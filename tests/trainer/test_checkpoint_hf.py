@@ -150,3 +150,19 @@ def test_folder_without_weights_or_config(tmp_path):
 def test_unknown_scheme_is_a_clear_error():
     with pytest.raises(CheckpointError, match="hf://org/name"):
         load_pretrained("hf://org/name")
+
+
+def test_missing_shard_file_is_named(hf_checkpoint, tmp_path):
+    folder = copy_of(hf_checkpoint("llama", max_shard_size="50KB"), tmp_path)
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="file not found") as info:
+        load_pretrained(folder)
+    assert shard.name in str(info.value)
+
+
+def test_invalid_config_json_is_named(hf_checkpoint, tmp_path):
+    folder = copy_of(hf_checkpoint("llama"), tmp_path)
+    (folder / "config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        load_pretrained(folder)

@@ -122,3 +122,15 @@ def test_cli_reports_bad_model_path_without_traceback(tmp_path):
     assert result.returncode == 2
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and "no config.json" in last_line and "Traceback" not in result.stderr
+
+
+def test_recipe_rejects_a_tokenizer_that_does_not_fit_the_model(hf_checkpoint, tiny_model_dir):
+    from kubetune.trainer.config import resolve_config
+    from kubetune.trainer.recipes.generate import recipe_main
+    from kubetune.trainer.tokenizers import TokenizerError
+
+    small_model = hf_checkpoint("llama")  # vocab_size 128; the tiny tokenizer has 1024 ids
+    cfg = resolve_config("generate", {"model": {"path": str(small_model)}, "tokenizer": {"path": str(tiny_model_dir)}, "prompt": "hi"})
+    with pytest.raises(TokenizerError, match="vocab_size=128") as info:
+        recipe_main(cfg)
+    assert str(tiny_model_dir) in str(info.value)
