@@ -13,7 +13,9 @@ from kubetune.trainer.peft.adapter import (
     check_adapter_fits,
     load_adapter,
     read_adapter,
+    restore_adapter_weights,
     save_adapter,
+    write_adapter_files,
 )
 from kubetune.trainer.peft.lora import (
     LoRALinear,
@@ -36,6 +38,8 @@ __all__ = [
     "lora_state_dict",
     "merge_adapter",
     "read_adapter",
+    "restore_adapter_weights",
     "save_adapter",
     "trainable_parameters",
+    "write_adapter_files",
 ]

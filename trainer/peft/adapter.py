@@ -108,6 +108,14 @@ def adapter_config(
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: Optional[str] = None) -> Path:
     """Write the model's LoRA adapters as a PEFT adapter folder (atomically: temp folder, then rename)."""
+    with atomic_dir(out_dir) as tmp:
+        write_adapter_files(model, tmp, base_model_name_or_path)
+    return Path(out_dir)
+
+
+def write_adapter_files(model: nn.Module, folder: str | Path, base_model_name_or_path: Optional[str] = None) -> None:
+    """adapter_config.json + adapter_model.safetensors into `folder` (created if needed; not atomic on
+    its own: save_adapter and the checkpoint manager make it so)."""
     layers = list(lora_layers(model))
     if not layers:
         raise AdapterError("save_adapter: the model has no LoRA layers; call apply_lora or load_adapter first")
@@ -128,10 +136,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path:
         if layer.lora_magnitude_vector is not None:
             tensors[PEFT_PREFIX + name + _SUFFIXES["magnitude"]] = layer.lora_magnitude_vector
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return Path(out_dir)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _dropout_p(layer: LoRALinear) -> float:
@@ -314,4 +322,30 @@ def load_adapter(
             if weights.magnitude is not None:
                 layer.lora_magnitude_vector.copy_(weights.magnitude)
         replace_submodule(model, name, layer)
+    return model
+
+
+def restore_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Copy a saved adapter's tensors into the model's existing LoRA layers (resuming training).
+
+    The layers must be the ones the adapter was saved from: same modules, rank, DoRA or not."""
+    adapter = read_adapter(adapter_dir)
+    layers = dict(lora_layers(model))
+    if set(layers) != set(adapter.modules):
+        raise AdapterError(
+            f"{adapter_dir}: the checkpoint adapts {len(adapter.modules)} modules, this run's lora: section "
+            f"{len(layers)}; resume with the lora: settings the checkpoint was trained with, or resume: never"
+        )
+    for name, weights in adapter.modules.items():
+        layer = layers[name]
+        if weights.rank != layer.rank or (weights.magnitude is not None) != layer.use_dora:
+            raise AdapterError(
+                f"{adapter_dir}: {name} has rank {weights.rank} (DoRA: {weights.magnitude is not None}), this run "
+                f"lora.rank={layer.rank} (lora.use_dora: {layer.use_dora}); use the checkpoint's settings"
+            )
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(weights.lora_A)
+            layer.lora_B.weight.copy_(weights.lora_B)
+            if weights.magnitude is not None:
+                layer.lora_magnitude_vector.copy_(weights.magnitude)
     return model
