@@ -256,7 +256,8 @@ class _Reply:
         kind = "chat.completion.chunk" if (chunk and self.chat) else self.kind
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    async def collect(self) -> dict[str, Any]:
+    async def collect(self) -> Optional[dict[str, Any]]:
+        """The whole response, or None when the request was cancelled (the client went away)."""
         texts, reasons = [""] * self.handle.n, [None] * self.handle.n
         async for event in self._events():
             self._mark_first()
@@ -266,7 +267,7 @@ class _Reply:
             if event.finish_reason:
                 reasons[event.choice] = event.finish_reason
         if self.handle.cancelled:
-            raise asyncio.CancelledError
+            return None
         choices = []
         for index, (text, reason) in enumerate(zip(texts, reasons)):
             if self.chat:
@@ -314,12 +315,12 @@ async def _complete(reply: _Reply, request: Request, server: _Server, endpoint: 
     watcher = asyncio.create_task(cancel_on_disconnect())
     try:
         result = await reply.collect()
-    except asyncio.CancelledError:
-        reply.handle.cancel()
-        server.record(endpoint, 499, started)  # nginx's "client closed request"
-        raise
     finally:
         watcher.cancel()
+        reply.handle.cancel()  # a no-op once finished; stops generating if this task was cancelled
+    if result is None:  # the client went away; nobody reads this answer
+        server.record(endpoint, 499, started)  # nginx's "client closed request"
+        return Response(status_code=499)
     server.record(endpoint, 200, started)
     return JSONResponse(result)
 

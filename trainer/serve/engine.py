@@ -63,10 +63,11 @@ class RequestHandle:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0  # written by the engine thread, read after the last event
         self.cancelled = False
+        self.done = False  # every choice finished
 
     def cancel(self) -> None:
         """Stop generating for this request (the client went away); call it from the event loop."""
-        if not self.cancelled:
+        if not (self.cancelled or self.done):
             self.cancelled = True
             self._engine._cancel_waiting(self)
             self._queue.put_nowait(_CANCELLED)  # wake up a consumer waiting in events()
@@ -86,6 +87,7 @@ class RequestHandle:
                 return
             if event.finish_reason is not None:
                 remaining -= 1
+                self.done = remaining == 0
             yield event
 
 
