@@ -11,6 +11,7 @@ Needs the optional `lm-eval` package (`pip install 'kubetune[eval]'`).
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Any, Optional, Sequence
 
 import torch
@@ -155,6 +156,21 @@ def check_task_names(names: Sequence[str], task_manager) -> None:
             )
 
 
+def task_manager_for(task_names: Sequence[str], include_path: Optional[str] = None):
+    """lm-eval's task index. Indexing its ~15k built-in task YAMLs takes many seconds, so when
+    every requested task is defined under `include_path`, only that folder is indexed."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path:
+        if not os.path.isdir(include_path):
+            raise KubetuneError(f"lm_eval_include_path: {include_path} is not a folder; point it at your task YAMLs")
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if set(task_names) <= set(local.all_tasks):
+            return local
+        return TaskManager(include_path=include_path)
+    return TaskManager()
+
+
 def run_lm_eval(
     lm: KubetuneLM,
     task_names: Sequence[str],
@@ -167,9 +183,8 @@ def run_lm_eval(
     """Run lm-eval tasks; results in our shape: {task: {type, n, metrics: {name: {value, stderr}}}}."""
     require_lm_eval()
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    manager = task_manager_for(task_names, include_path)
     check_task_names(task_names, manager)
     output = simple_evaluate(
         model=lm,
@@ -182,7 +197,8 @@ def run_lm_eval(
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
-        bootstrap_iters=0,  # corpus-level metrics get no stderr, as in our local tasks
+        # Means get lm-eval's closed-form stderr; the few bootstrapped metrics (bleu, f1, ...) 1000 draws.
+        bootstrap_iters=1000,
     )
     return convert_results(output)
 

@@ -171,8 +171,25 @@ def parse_sample(task_type: str, record: Any, options: dict[str, Any], where: st
     raise TaskError(f"{where}: unknown task type {task_type!r}; use perplexity, multiple_choice or generate")
 
 
+# Task data made on the spot (nothing to download): the synthetic facts the tiny demo trains on.
+BUILTIN_TASK_DATA = {"builtin://tiny_instruct_mc": "multiple_choice"}
+
+
+def _builtin_records(source: str, task_type: str) -> list[dict]:
+    from kubetune.trainer.data.synthetic import multiple_choice_records
+
+    if BUILTIN_TASK_DATA.get(source) != task_type:
+        known = ", ".join(f"{k} ({v})" for k, v in BUILTIN_TASK_DATA.items())
+        raise TaskError(f"task data {source!r} is not a built-in {task_type} source; built-in sources: {known}")
+    return multiple_choice_records()
+
+
 def load_samples(path: str | Path, task_type: str, options: dict[str, Any], limit: Optional[int] = None) -> list:
     """Read and validate a JSONL task file (all of it: a bad record later on is still an error)."""
+    if str(path).startswith("builtin://"):
+        records = _builtin_records(str(path), task_type)
+        samples = [parse_sample(task_type, r, options, f"{path} record {i}") for i, r in enumerate(records, start=1)]
+        return samples[:limit] if limit else samples
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"task file {path} not found; point the task's `path` at a local JSONL file")
