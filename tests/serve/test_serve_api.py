@@ -187,3 +187,37 @@ def test_sse_wire_format_ends_with_done(api):
         events = [line for line in response.iter_lines() if line]
     assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["object"] == "text_completion"
+
+
+def test_greedy_output_equals_kubetune_run_generate(api, tiny_dir, references, tmp_path):
+    """`kubetune run generate` (the model's own KV-cache decoding) gives the same text as the server."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cases = {
+        "base completion": ("tiny", None, False, PROMPTS[1]),
+        "adapter chat": ("beta", str(references["adapter_dirs"]["beta"]), True, "How are you today?"),
+    }
+    runs = {}
+    for name, (_, adapter, chat, prompt) in cases.items():
+        config = tmp_path / f"{name.replace(' ', '_')}.yaml"
+        config.write_text(yaml.safe_dump({
+            "recipe": "generate", "model": {"path": str(tiny_dir)}, "adapter": adapter, "prompt": prompt,
+            "chat": chat, "max_new_tokens": 12, "temperature": 0.0, "device": "cpu",
+        }))
+        runs[name] = subprocess.Popen(
+            [sys.executable, "-m", "kubetune", "run", "generate", "--config", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    client = api["client"]
+    for name, (model, _, chat, prompt) in cases.items():
+        stdout, stderr = runs[name].communicate(timeout=300)
+        assert runs[name].returncode == 0, stderr
+        if chat:
+            served = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0)
+            text = served.choices[0].message.content
+        else:
+            text = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+        assert stdout.removesuffix("\n") == text, name

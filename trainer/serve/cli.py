@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -112,3 +114,11 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self._on_exit()
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises the signals it caught once it is done; after a completed drain a
+            # SIGTERM is the normal way to stop (Kubernetes), so exit 0 instead of dying by it.
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
