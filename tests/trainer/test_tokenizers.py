@@ -94,3 +94,18 @@ def test_corrupt_tokenizer_files_are_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\x00garbage")
     with pytest.raises(TokenizerError, match="tokenizer.model: not a readable sentencepiece model"):
         load_tokenizer(tmp_path)
+
+
+def test_tokenizers_do_not_import_torch(tokenizer_dirs):
+    """The tokenizer package stays torch-free (docs/architecture.md), e.g. for light data tooling."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom kubetune.trainer.tokenizers import load_tokenizer\n"
+        f"tokenizer = load_tokenizer({str(tokenizer_dirs['llama2_sp'])!r})\n"
+        "tokenizer.apply_chat_template([{'role': 'user', 'content': 'hi'}])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
