@@ -28,7 +28,7 @@ from kubetune.operator.api.common import TERMINAL_PHASES
 from kubetune.operator.api.finetune import FineTuneJob
 from kubetune.operator.kube import ApiError, KubeClient
 from kubetune.operator.metrics import OperatorMetrics
-from kubetune.operator.planner import JOB_LABEL, ClusterInfo, child_names, plan
+from kubetune.operator.planner import JOB_LABEL, MANAGED_BY, ClusterInfo, child_names, plan
 from kubetune.operator.status import (
     WorkloadState,
     conditions_for,
@@ -292,29 +292,51 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             state.jobs[key] = plain(body)
 
     async def sync_loop() -> None:
+        while True:
+            await asyncio.sleep(config.sync_interval)
+            if state.connection is None:
+                continue
+            due = [body for body in list(state.jobs.values()) if needs_sync(body)]
+            by_namespace: dict[str, list[dict[str, Any]]] = {}
+            for body in due:
+                by_namespace.setdefault(body["metadata"].get("namespace"), []).append(body)
+            await asyncio.gather(*(sync_namespace(ns, bodies) for ns, bodies in by_namespace.items()))
+
+    async def sync_namespace(ns: str, bodies: list[dict[str, Any]]) -> None:
+        """One LIST of workloads and one of pods per namespace and round, like an informer,
+        instead of a GET and a LIST per job: 500 jobs cost the API two requests, not a thousand."""
+        managed = {MANAGED_BY: "kubetune"}
+        try:
+            kinds = {ref["kind"]: ref["apiVersion"] for ref in (b["status"]["workload"] for b in bodies)}
+            workloads: dict[tuple[str, str], dict[str, Any]] = {}
+            for kind, api_version in kinds.items():
+                for obj in await state.kube.list(api_version, kind, ns, label_selector=managed):
+                    workloads[(kind, obj["metadata"]["name"])] = obj
+            pods_by_job: dict[str, list[dict[str, Any]]] = {}
+            for pod in await state.kube.list("v1", "Pod", ns, label_selector=managed):
+                pods_by_job.setdefault((pod["metadata"].get("labels") or {}).get(JOB_LABEL, ""), []).append(pod)
+        except ApiError as err:
+            log.warning("listing workloads in %s failed, will retry: %s", ns, err)
+            return
         limit = asyncio.Semaphore(config.sync_concurrency)
 
         async def one(body: dict[str, Any]) -> None:
             async with limit:
                 try:
                     with timed("sync"):
-                        await sync(body)
+                        ref = body["status"]["workload"]
+                        base = child_names(body["metadata"]["name"]).base
+                        await sync(body, workloads.get((ref["kind"], ref["name"])), pods_by_job.get(base, []))
                 except Exception as err:  # retried on the next round
-                    meta = body["metadata"]
-                    log.warning("sync of %s/%s failed, will retry: %s", meta.get("namespace"), meta["name"], err)
+                    log.warning("sync of %s/%s failed, will retry: %s", ns, body["metadata"]["name"], err)
 
-        while True:
-            await asyncio.sleep(config.sync_interval)
-            if state.connection is None:
-                continue
-            due = [body for body in list(state.jobs.values()) if needs_sync(body)]
-            await asyncio.gather(*(one(body) for body in due))
+        await asyncio.gather(*(one(body) for body in bodies))
 
     def needs_sync(body: dict[str, Any]) -> bool:
         status = body.get("status") or {}
         return bool(status.get("workload")) and status.get("phase") not in TERMINAL_PHASES
 
-    async def sync(body: dict[str, Any]) -> None:
+    async def sync(body: dict[str, Any], workload: Optional[dict[str, Any]], pods: list[dict[str, Any]]) -> None:
         """Workload and pods -> phase and conditions; rank 0's /metrics -> progress; summary -> result."""
         meta = body["metadata"]
         ns, name = meta.get("namespace"), meta["name"]
@@ -324,14 +346,14 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         except KubetuneError:
             return  # reconcile reported it
         ref = old["workload"]
-        workload = await state.kube.get(ref["apiVersion"], ref["kind"], ns, ref["name"])
+        if workload is None:  # listed before the create, or gone: look again before recreating
+            workload = await state.kube.get(ref["apiVersion"], ref["kind"], ns, ref["name"])
         if workload is None:  # deleted under us while the owner lives: recreate
             if (ns, name) in state.jobs:
                 await ensure_all(job)
                 await post_event(body, "Warning", "Recreated", f"{ref['kind']} {ref['name']} was missing and has been recreated")
             return
         base = child_names(name).base
-        pods = await state.kube.list("v1", "Pod", ns, label_selector={JOB_LABEL: base})
         if ref["kind"] == "Job":
             current = job_state(workload, name=base, queue_name=job.spec.queue_name)
         else:

@@ -2,11 +2,14 @@
 
 kmock 0.8 stores and serves objects over real HTTP but, by design, leaves out what a real
 API server adds; each addition below says which behaviour of Kubernetes it stands in for:
-  - metadata.uid, resourceVersion, generation (bumped on spec changes), creationTimestamp;
+  - metadata.uid, resourceVersion, generation (bumped on spec changes), creationTimestamp,
+    names from generateName;
   - the status subresource: PATCH on the object ignores `status`, PATCH on /status only `status`;
   - label selectors on list (equality-based, comma-separated), as the operator lists pods;
   - the garbage collector: deleting an owner deletes objects whose ownerReferences name its uid;
-  - fault injection for tests: answer the next N matching requests with an error, or end a watch.
+  - fault injection for tests: answer the next N matching requests with an error, or end a watch;
+  - max_history: kmock matches each request against all earlier ones (quadratic), fine for a
+    test, not for 500 jobs: the benchmark keeps only the latest requests.
 """
 from __future__ import annotations
 
@@ -54,6 +57,9 @@ class Emulator(kmock.KubernetesEmulator):
     faults: list[Fault] = attrs.field(factory=list, init=False)
     hits: list[tuple[str, str, int]] = attrs.field(factory=list, init=False)  # injected faults served
     base_url: str = attrs.field(default="", init=False)
+    # kmock keeps every request for assertions and matches each new one against that history,
+    # so long runs slow down quadratically; the benchmark keeps only the current request.
+    max_history: Optional[int] = None
 
     def declare(self, resources: dict[str, dict[str, Any]]) -> None:
         for key, info in resources.items():
@@ -84,6 +90,8 @@ class Emulator(kmock.KubernetesEmulator):
         return None
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        if self.max_history is not None and len(self._requests) > self.max_history:
+            del self._requests[: -self.max_history]
         fault = self._fault_for(request) if request.resource is not None else None
         if fault is not None:
             if fault.status == 0:
@@ -97,6 +105,8 @@ class Emulator(kmock.KubernetesEmulator):
         if request.resource is not None and isinstance(request.data, dict):
             if request.action == enums.action.CREATE:
                 meta = request.data.setdefault("metadata", {})
+                if not meta.get("name") and meta.get("generateName"):  # kopf names its events this way
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault("creationTimestamp", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
                 meta["generation"] = 1

@@ -84,14 +84,15 @@ class FakeRank0:
         self.server.server_close()
 
 
-def rank0_pod(port: int) -> dict:
+def rank0_pod(port: int, template_labels: dict) -> dict:
+    """Pod 0 as the Job controller makes it: the template's labels plus the completion index."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
             "name": "demo-0-abcde",
             "namespace": NS,
-            "labels": {"kubetune.dev/job": "demo", "batch.kubernetes.io/job-completion-index": "0"},
+            "labels": {**template_labels, "batch.kubernetes.io/job-completion-index": "0"},
             "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
         },
         "spec": {"containers": [{"name": "trainer", "image": "x", "ports": [{"name": "metrics", "containerPort": port}]}]},
@@ -106,7 +107,8 @@ async def test_job_and_pod_status_drive_phase_progress_and_result(api, operator)
             await eventually(lambda: api.status("demo").get("phase") == "Pending")
             jobs = f"/apis/batch/v1/namespaces/{NS}/jobs/demo"
             pods = f"/api/v1/namespaces/{NS}/pods"
-            await api.post(pods, rank0_pod(rank0.port))
+            (job,) = api.children(JOBS)
+            await api.post(pods, rank0_pod(rank0.port, job["spec"]["template"]["metadata"]["labels"]))
             await api.patch(f"{pods}/demo-0-abcde/status", {"status": {"phase": "Running", "podIP": "127.0.0.1"}})
             await api.patch(f"{jobs}/status", {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}})
             await eventually(lambda: api.status("demo").get("phase") == "Running", what="Running")
