@@ -116,3 +116,19 @@ def test_bounded_load_loses_no_request_and_reports_latency(tiny_dir, capsys):
             f"\nload test: {requests} requests at concurrency {concurrency}, {max_tokens} tokens each, in {elapsed:.1f}s: "
             f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, {requests * max_tokens / elapsed:.0f} output tokens/s"
         )
+
+
+def test_draining_turns_readiness_off_and_refuses_new_work(tiny_dir):
+    """What SIGTERM does first (cli.DrainingServer): /readyz 503 and new generation requests 503."""
+    from kubetune.trainer.serve.app import begin_draining
+    from kubetune.trainer.serve.cli import build_app
+
+    app = build_app(str(tiny_dir), served_model_name="tiny", max_concurrency=1, max_queue=1, device="cpu")
+    with running_server(app) as url:
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        begin_draining(app)
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "shutting_down"
+        refused = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "server_error"
+        assert httpx.get(f"{url}/healthz").status_code == 200  # alive: do not restart a draining pod

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kubetune.errors import KubetuneError
 from kubetune.trainer.serve.engine import Engine, Event, RequestHandle
 from kubetune.trainer.serve.errors import ServeError, ShuttingDownError, invalid_request, model_not_found
 from kubetune.trainer.serve.metrics import ServeMetrics
@@ -102,8 +103,22 @@ def create_app(engine: Engine, tokenizer, models: list[ServedModel], metrics: Op
         server.record(request.url.path, 400)
         return JSONResponse(invalid_request(str(err.errors()[0].get("msg"))).body(), status_code=400)
 
+    @app.exception_handler(KubetuneError)
+    async def _request_content_error(request: Request, err: KubetuneError) -> JSONResponse:
+        # e.g. a chat template that rejects the messages: a problem with this request's content
+        return await _serve_error(request, invalid_request(str(err)))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s", request.url.path)
+        error = ServeError(f"internal error: {err}", status_code=500, type="server_error", code="internal_error")
+        server.record(request.url.path, 500)
+        return JSONResponse(error.body(), status_code=500)
+
     @app.get("/healthz")
     async def healthz() -> dict:
+        if not (engine.alive or server.draining):  # the engine thread died: restart the pod
+            raise ServeError("the generation engine stopped", status_code=503, type="server_error", code="engine_dead")
         return {"status": "ok"}
 
     @app.get("/readyz")

@@ -58,13 +58,14 @@ def build_app(
     from kubetune.trainer.device import resolve_device, resolve_dtype
     from kubetune.trainer.serve.adapters import load_lora_adapter
     from kubetune.trainer.serve.runner import BatchedRunner
-    from kubetune.trainer.tokenizers import load_tokenizer
+    from kubetune.trainer.tokenizers import check_vocab_matches, load_tokenizer
 
     if max_concurrency < 1 or max_queue < 0:
         raise KubetuneError("--max-concurrency must be >= 1 and --max-queue >= 0")
     folder = resolve_model_dir(model_dir)
     model = load_pretrained(folder, device=resolve_device(device), dtype=resolve_dtype(dtype))
     tokenizer = load_tokenizer(str(folder))
+    check_vocab_matches(tokenizer, model.args.vocab_size, model_dir)
     base_name = served_model_name or (model_dir.removeprefix("builtin://") if model_dir.startswith("builtin://") else Path(model_dir).name)
     loaded = [load_lora_adapter(name, path, model) for name, path in adapters]
     if base_name in {a.name for a in loaded}:

@@ -180,8 +180,13 @@ class Engine:
             self._thread.join(timeout)
 
     @property
+    def alive(self) -> bool:
+        """The worker thread runs (False before start and after it stopped or crashed)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def accepting(self) -> bool:
-        return not self._stopping and self._thread is not None and self._thread.is_alive()
+        return not self._stopping and self.alive
 
     def _cancel_waiting(self, handle: RequestHandle) -> None:
         with self._cond:
@@ -220,25 +225,29 @@ class Engine:
             return
         try:
             logits = self.runner.add(seq.id, seq.prompt_ids, seq.adapter)
+            token = sample_token(logits, seq.params, seq.generator)
         except Exception as err:  # noqa: BLE001 - one bad request must not stop the server
             log.exception("prefill failed")
-            self._fail([seq], err, in_runner=False)
+            self._fail([seq], err)
             return
         if self.metrics:
             self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
-        self._advance(seq, sample_token(logits, seq.params, seq.generator))
+        self._advance(seq, token)
 
     def _decode(self) -> None:
         batch = [self._running[seq_id] for seq_id in self.runner.seq_ids]
         try:
             logits = self.runner.step([seq.last_token for seq in batch])
+            greedy = logits.argmax(-1).tolist()  # one call for all greedy rows
+            tokens = [
+                greedy[row] if seq.params.greedy else sample_token(logits[row], seq.params, seq.generator)
+                for row, seq in enumerate(batch)
+            ]
         except Exception as err:  # noqa: BLE001
             log.exception("decode step failed")
-            self._fail(batch, err, in_runner=True)
+            self._fail(batch, err)
             return
-        greedy = logits.argmax(-1).tolist()  # one call for all greedy rows
-        for row, seq in enumerate(batch):
-            token = greedy[row] if seq.params.greedy else sample_token(logits[row], seq.params, seq.generator)
+        for seq, token in zip(batch, tokens):
             self._advance(seq, token)
 
     def _advance(self, seq: _Sequence, token: int) -> None:
@@ -259,21 +268,21 @@ class Engine:
                 text, finish = text + seq.stream.flush(), "length"
         seq.handle._put(Event(seq.choice, text, finish))
         if finish is not None:
-            self._leave(seq, in_runner=True)
+            self._leave(seq)
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self._running.values() if s.handle.cancelled]:
             if self.metrics:
                 self.metrics.cancelled.inc()
-            self._leave(seq, in_runner=True)
+            self._leave(seq)
 
-    def _fail(self, seqs: list[_Sequence], err: Exception, *, in_runner: bool) -> None:
+    def _fail(self, seqs: list[_Sequence], err: Exception) -> None:
         for seq in seqs:
             seq.handle._put(Event(seq.choice, "", "error", error=f"generation failed: {err}"))
-            self._leave(seq, in_runner=in_runner)
+            self._leave(seq)
 
-    def _leave(self, seq: _Sequence, in_runner: bool = False) -> None:
-        if in_runner and seq.id in self.runner.seq_ids:
+    def _leave(self, seq: _Sequence) -> None:
+        if seq.id in self.runner.seq_ids:
             self.runner.remove(seq.id)
         with self._cond:
             self._running.pop(seq.id, None)
