@@ -20,12 +20,12 @@ from typing import Any, Optional
 
 import torch
 
-from kubetune.trainer.checkpoint import load_pretrained, resolve_local_dir
+from kubetune.trainer.checkpoint import load_model_args, load_pretrained, resolve_local_dir
 from kubetune.trainer.checkpoint.hf import save_pretrained, write_model_dir
 from kubetune.trainer.config.finetune import FullFinetuneConfig
 from kubetune.trainer.data.dataset import BatchLoader, build_datasets
 from kubetune.trainer.device import resolve_device, resolve_dtype
-from kubetune.trainer.tokenizers import load_tokenizer
+from kubetune.trainer.tokenizers import check_vocab_matches, load_tokenizer
 from kubetune.trainer.training.checkpointing import CheckpointManager, load_training_state
 from kubetune.trainer.training.loss import causal_lm_loss_sum, count_label_tokens
 from kubetune.trainer.training.metrics import MetricsLog, PrometheusExporter, peak_memory_bytes
@@ -50,6 +50,7 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
 
     # ---- Tokenizer and data --------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer_path)
+    check_vocab_matches(tokenizer, load_model_args(cfg.model.path).vocab_size, cfg.model.path)  # before any work
     splits = build_datasets(cfg.dataset, tokenizer, cfg.max_seq_len, cfg.seed)
     train_loader = BatchLoader(splits.train, cfg.batch_size, splits.pad_id, shuffle=cfg.dataset.shuffle, seed=cfg.seed)
     eval_loader = BatchLoader(splits.eval, cfg.batch_size, splits.pad_id, shuffle=False) if splits.eval else None
