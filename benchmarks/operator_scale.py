@@ -127,7 +127,8 @@ def main() -> int:
         env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
         log = open(Path(tmp) / "operator.log", "w")
         operator = subprocess.Popen(
-            [sys.executable, "-m", "kubetune.cli", "operator", "--metrics-port", str(free_port()),
+            [sys.executable, *(["-m", "cProfile", "-o", os.environ["PROFILE_OPERATOR"]] if os.environ.get("PROFILE_OPERATOR") else []),
+             "-m", "kubetune.cli", "operator", "--metrics-port", str(free_port()),
              "--liveness", f"http://127.0.0.1:{free_port()}/healthz"],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )

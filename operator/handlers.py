@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
+import json
 import datetime as dt
 import logging
 import time
@@ -103,8 +103,9 @@ class NameConflict(KubetuneError):
 
 
 def plain(body: Any) -> dict[str, Any]:
-    """kopf's Body view -> a plain dict for the pydantic models."""
-    return copy.deepcopy({key: body[key] for key in body})
+    """kopf's Body view -> a plain, independent dict (a JSON round trip: several times faster
+    than copy.deepcopy, and a body is JSON anyway)."""
+    return json.loads(json.dumps({key: body[key] for key in body}))
 
 
 def admission_error(body: dict[str, Any]) -> Optional[str]:

@@ -29,7 +29,7 @@ from kubetune.errors import KubetuneError
 from kubetune.operator.api import KINDS, ManifestError, kind_for, parse_object
 from kubetune.operator.api.finetune import FineTuneJob
 from kubetune.operator.crdgen import write_atomic
-from kubetune.operator.planner import trainer_config
+from kubetune.operator.planner import render_config, trainer_config
 from kubetune.operator.sources import map_local_source
 from kubetune.operator.status import (
     WorkloadState,
@@ -105,7 +105,7 @@ def plan_local(job: FineTuneJob, runs_dir: Path, *, base_dir: Optional[Path] = N
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
-    write_atomic(config_path, f"recipe: {spec.recipe}\n" + yaml.safe_dump(config, sort_keys=True))
+    write_atomic(config_path, render_config(spec.recipe, config))
     processes = spec.resources.nodes * max(spec.resources.gpus_per_node, 1)
     if trainer_argv is not None:
         argv = [*trainer_argv, spec.recipe, "--config", str(config_path)]

@@ -70,11 +70,18 @@ FINETUNEJOB = KindInfo(
     columns=(
         PrinterColumn("Recipe", "string", ".spec.recipe"),
         PrinterColumn("Phase", "string", ".status.phase"),
-        PrinterColumn("Progress", "string", ".status.progress.percent", "Percent of total steps done"),
+        PrinterColumn("Progress", "number", ".status.progress.percent", "Percent of total steps done"),
         PrinterColumn("Loss", "number", ".status.progress.loss", "Latest training loss"),
         AGE,
     ),
-    rules=tuple(
+    rules=(
+        Rule(
+            "spec.env",
+            "self.all(e, !(has(e.value) && has(e.secretKeyRef)))",
+            "each spec.env entry sets either value or secretKeyRef, not both",
+        ),
+    )
+    + tuple(
         Rule(f"spec.{name}", "self == oldSelf", f"spec.{name} cannot change once the job exists; create a new FineTuneJob")
         for name in _IMMUTABLE_WHILE_EXISTING
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubetune.dev"
@@ -88,6 +88,12 @@ class EnvVar(ApiModel):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
     value: Optional[str] = None
     secret_key_ref: Optional[SecretKeyRef] = Field(default=None, description="Read the value from a Secret")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EnvVar":
+        if self.value is not None and self.secret_key_ref is not None:
+            raise ValueError(f"env {self.name}: set either value or secretKeyRef, not both")
+        return self
 
 
 class Secrets(ApiModel):

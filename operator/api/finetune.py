@@ -40,7 +40,7 @@ class FineTuneJobSpec(PodOptions):
     )
     output: OutputSource = Field(default_factory=OutputSource)
     resources: Resources = Field(default_factory=Resources)
-    env: list[EnvVar] = Field(default_factory=list, description="Extra trainer environment")
+    env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra trainer environment")
     secrets: Secrets = Field(default_factory=Secrets)
     backend: Literal["auto", "job", "pytorchjob"] = Field(
         default="auto",
