@@ -196,8 +196,7 @@ def test_greedy_output_equals_kubetune_run_generate(api, tiny_dir, references, t
 
     import yaml
 
-    cases = {
-        "base completion": ("tiny", None, False, PROMPTS[1]),
+    cases = {  # one process (each costs a torch start-up): an adapter and the chat template at once
         "adapter chat": ("beta", str(references["adapter_dirs"]["beta"]), True, "How are you today?"),
     }
     runs = {}
