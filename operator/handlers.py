@@ -283,8 +283,9 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             kopf.info(body, reason=verb.capitalize(), message=f"{workload['kind']} {workload['name']} {verb}")
 
     @kopf.on.event(*FTJ, registry=registry)
-    def remember(type: Optional[str], body: Any, **_: Any) -> None:
-        """Keep the latest body of every FineTuneJob for the sync loop."""
+    async def remember(type: Optional[str], body: Any, **_: Any) -> None:
+        """Keep the latest body of every FineTuneJob for the sync loop. (async: kopf runs sync
+        handlers in a thread pool, and this one runs on every watch event.)"""
         key = (body.metadata.namespace, body.metadata.name)
         if type == "DELETED":
             state.jobs.pop(key, None)
