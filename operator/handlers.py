@@ -42,6 +42,7 @@ from kubetune.operator.status import (
 )
 
 FTJ = (GROUP, VERSION, "finetunejobs")
+ADMISSION_ID = "validate-finetunejob"  # the webhook's URL path
 KIND = "FineTuneJob"
 log = logging.getLogger("kubetune.operator")
 
@@ -389,8 +390,8 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
 
     if config.admission:
 
-        @kopf.on.validate(*FTJ, registry=registry)
-        def validate(body: Any, **_: Any) -> None:
+        @kopf.on.validate(*FTJ, id=ADMISSION_ID, registry=registry)
+        async def validate(body: Any, **_: Any) -> None:
             error = admission_error(plain(body))
             if error:
                 raise kopf.AdmissionError(error, code=422)

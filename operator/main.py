@@ -12,7 +12,7 @@ import kopf
 from kubetune.operator.handlers import OperatorConfig, OperatorState, build_registry
 
 
-def make_settings(*, peering: Optional[str], webhook_port: Optional[int] = None, webhook_host: Optional[str] = None) -> kopf.OperatorSettings:
+def make_settings(*, peering: Optional[str], webhook: Optional[kopf.WebhookServer] = None) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
     # kopf's bookkeeping goes to annotations: status is ours and typed (the CRD prunes unknown fields).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.dev")
@@ -30,10 +30,27 @@ def make_settings(*, peering: Optional[str], webhook_port: Optional[int] = None,
         settings.peering.mandatory = True
     else:
         settings.peering.standalone = True
-    if webhook_port:
-        settings.admission.server = kopf.WebhookServer(port=webhook_port, host=webhook_host)
-        settings.admission.managed = "kubetune.dev"
+    if webhook is not None:
+        settings.admission.server = webhook
+        settings.admission.managed = "kubetune.dev"  # kopf keeps the ValidatingWebhookConfiguration
     return settings
+
+
+def webhook_from_env(env: dict[str, str]) -> Optional[kopf.WebhookServer]:
+    """The validating webhook server, when KUBETUNE_WEBHOOK_PORT is set.
+
+    KUBETUNE_WEBHOOK_HOST: the name the API server reaches (the operator's Service DNS name);
+    KUBETUNE_WEBHOOK_CERT / _KEY: the TLS pair (e.g. from cert-manager). kopf can make a
+    self-signed pair only with `certbuilder` installed, which the operator image leaves out."""
+    if not env.get("KUBETUNE_WEBHOOK_PORT"):
+        return None
+    return kopf.WebhookServer(
+        addr="0.0.0.0",
+        port=int(env["KUBETUNE_WEBHOOK_PORT"]),
+        host=env.get("KUBETUNE_WEBHOOK_HOST"),
+        certfile=env.get("KUBETUNE_WEBHOOK_CERT"),
+        pkeyfile=env.get("KUBETUNE_WEBHOOK_KEY"),
+    )
 
 
 async def run_operator(
@@ -64,13 +81,13 @@ async def run_operator(
 
 def operator_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    webhook_port = int(os.environ["KUBETUNE_WEBHOOK_PORT"]) if os.environ.get("KUBETUNE_WEBHOOK_PORT") else None
+    webhook = webhook_from_env(dict(os.environ))
     config = OperatorConfig(
         metrics_port=args.metrics_port,
-        admission=webhook_port is not None,
+        admission=webhook is not None,
         sync_interval=float(os.environ.get("KUBETUNE_SYNC_INTERVAL", "5")),
     )
-    settings = make_settings(peering=args.peering, webhook_port=webhook_port, webhook_host=os.environ.get("KUBETUNE_WEBHOOK_HOST"))
+    settings = make_settings(peering=args.peering, webhook=webhook)
     asyncio.run(
         run_operator(config, namespaces=args.namespace or (), peering=args.peering, liveness=args.liveness, settings=settings)
     )

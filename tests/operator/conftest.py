@@ -18,7 +18,7 @@ async def emulator() -> AsyncIterator[Emulator]:
 
 @pytest.fixture
 def operator(emulator):
-    return lambda **config: running_operator(emulator, **config)
+    return lambda webhook=None, **config: running_operator(emulator, webhook=webhook, **config)
 
 
 @pytest.fixture

@@ -31,13 +31,14 @@ async def serving_emulator() -> AsyncIterator[Emulator]:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(emu: Emulator, **config: Any) -> AsyncIterator[OperatorState]:
+async def running_operator(emu: Emulator, webhook: Any = None, **config: Any) -> AsyncIterator[OperatorState]:
     """The operator in its own thread and event loop, as in production a separate process:
     it only talks HTTP to the emulator (and kopf's shutdown sees only its own tasks)."""
     options = dict(sync_interval=0.2, metrics_port=0, metrics_addr="127.0.0.1", retry_delay=0.2, scrape_timeout=1.0)
     options.update(config)
     state = OperatorState(OperatorConfig(login=lambda **_: kopf.ConnectionInfo(server=emu.base_url), **options))
-    settings = make_settings(peering=None)
+    settings = make_settings(peering=None, webhook=webhook)
+    settings.admission.managed = None  # no ValidatingWebhookConfiguration: the test calls the webhook
     settings.watching.server_timeout = 5  # the emulator never ends watches itself
     stop, ready = threading.Event(), threading.Event()
     errors: list[BaseException] = []

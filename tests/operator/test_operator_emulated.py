@@ -1,6 +1,7 @@
 """The operator over real HTTP against the emulator: children, status, progress, errors."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -254,3 +255,42 @@ async def test_backend_auto_uses_pytorchjob_when_the_crd_is_served(api, operator
         await api.patch(f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs/demo/status", {"status": {"conditions": [
             {"type": "Running", "status": "True"}]}})
         await eventually(lambda: api.status("demo").get("phase") == "Running", what="Running from PyTorchJob")
+
+
+async def test_admission_webhook_refuses_a_bad_spec_naming_the_field(operator):
+    """kopf's real webhook server (plain HTTP here; TLS on a cluster) with an AdmissionReview as
+    the API server sends it."""
+    import socket
+
+    import kopf
+
+    from kubetune.operator.handlers import ADMISSION_ID
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    webhook = kopf.WebhookServer(addr="127.0.0.1", port=port, insecure=True)
+
+    def review(obj: dict) -> dict:
+        return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "r-1", "operation": "CREATE", "object": obj, "oldObject": None, "dryRun": False,
+            "kind": {"group": "kubetune.dev", "version": "v1alpha1", "kind": "FineTuneJob"},
+            "resource": {"group": "kubetune.dev", "version": "v1alpha1", "resource": "finetunejobs"},
+            "userInfo": {"username": "alice"}, "options": {}}}
+
+    async with operator(webhook=webhook, admission=True):
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{port}/{ADMISSION_ID}"
+            bad = manifest(**{"spec.config.optimizer": {"lrr": 1e-3}})
+            for attempt in range(50):  # the server starts with the operator
+                try:
+                    async with http.post(url, json=review(bad)) as resp:
+                        refused = (await resp.json())["response"]
+                    break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            async with http.post(url, json=review(manifest())) as resp:
+                allowed = (await resp.json())["response"]
+    assert refused["allowed"] is False and refused["status"]["code"] == 422
+    assert "spec.config" in refused["status"]["message"] and "optimizer.lrr" in refused["status"]["message"]
+    assert allowed["allowed"] is True

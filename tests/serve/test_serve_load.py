@@ -62,6 +62,10 @@ def test_full_queue_answers_429_and_a_disconnect_cancels_and_frees_the_place(sma
     wait_until(lambda: metric(url, "kubetune_serve_cancelled_sequences_total") == cancelled_before + 1, what="the cancel")
     assert metric(url, "kubetune_serve_generated_tokens_total") - tokens_before < 2000
 
+    with pytest.raises(openai.BadRequestError) as never_fits:  # 1 running + 1 waiting place: n=3 can never run
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, n=3)
+    assert never_fits.value.param == "n"
+
     # a non-streamed request whose client gives up is cancelled too
     cancelled_before = metric(url, "kubetune_serve_cancelled_sequences_total")
     with pytest.raises(httpx.ReadTimeout):

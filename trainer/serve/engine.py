@@ -19,7 +19,7 @@ from typing import AsyncIterator, Optional, Protocol, Sequence
 
 import torch
 
-from kubetune.trainer.serve.errors import QueueFullError, ShuttingDownError
+from kubetune.trainer.serve.errors import QueueFullError, ShuttingDownError, invalid_request
 from kubetune.trainer.serve.metrics import ServeMetrics
 from kubetune.trainer.serve.sampling import SamplingParams, TextStream, make_generator, sample_token
 
@@ -147,6 +147,12 @@ class Engine:
         ShuttingDownError (503) after shutdown began.
         """
         count = len(prompts) * n
+        if count > self.max_concurrency + self.max_queue:
+            raise invalid_request(
+                f"{count} sequences (prompts x n) can never fit this server's {self.max_concurrency} running and "
+                f"{self.max_queue} waiting places; send fewer prompts or a smaller n.",
+                param="n",
+            )
         handle = RequestHandle(self, asyncio.get_running_loop(), count, sum(len(p) for p in prompts))
         with self._cond:
             if self._stopping:

@@ -4,7 +4,7 @@ Why not the model's own `forward(kv_cache=...)`: continuous batching needs every
 its own position (sequences join and leave between steps) and every row with its own adapter. So
 this module runs the model's decoder layers itself — it calls the model's own embedding, norms and
 projection modules (parameter names are Hugging Face's, see docs/architecture.md) and does rotary
-embeddings and attention over its own cache. `tests/serve/test_runner.py` checks that the logits
+embeddings and attention over its own cache. `tests/serve/test_serve_runner.py` checks that the logits
 equal transformers' (and peft's, with adapters).
 
 The cache is one tensor per K and V: [layers, max_slots, kv_heads, max_model_len, head_dim]. Running
@@ -18,12 +18,8 @@ from typing import Hashable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from kubetune.trainer.models.llama import ModelArgs, rope_inverse_frequencies
+from kubetune.trainer.models.llama import ModelArgs, rope_inverse_frequencies, rotate_half
 from kubetune.trainer.serve.adapters import LoraAdapter
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class BatchedRunner:
@@ -163,8 +159,8 @@ class BatchedRunner:
                 self._project(getattr(attn, name), h, (i, name), groups).view(batch, width, -1, self.head_dim).transpose(1, 2)
                 for name in ("q_proj", "k_proj", "v_proj")
             )
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
             self.k_cache[i][batch_index, :, positions] = k.transpose(1, 2)
             self.v_cache[i][batch_index, :, positions] = v.transpose(1, 2)
             keys = self.k_cache[i, rows, :, :key_len]
