@@ -254,14 +254,18 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
                 metrics.set_phase(KIND, ns, name, "Failed")
                 raise kopf.PermanentError(str(err))
             workload = children[-1]
-            if old.get("phase"):  # resumed: the sync loop owns the phase from here
-                current = WorkloadState(old["phase"], "Resumed", "the operator resumed watching this job")
-            else:
-                current = first_state(job)
-                kinds = ", ".join(f"{c['kind']} {c['metadata']['name']}" for c in children)
-                kopf.info(body, reason="Created", message=f"created {kinds}")
+            ref = {"apiVersion": workload["apiVersion"], "kind": workload["kind"], "name": workload["metadata"]["name"]}
+            if old.get("workload"):  # resumed after a restart: the sync loop owns phase and conditions
+                if old.get("workload") != ref:
+                    patch.status["workload"] = ref
+                if old.get("phase"):
+                    metrics.set_phase(KIND, ns, name, old["phase"])
+                return
+            current = first_state(job)
+            kinds = ", ".join(f"{c['kind']} {c['metadata']['name']}" for c in children)
+            kopf.info(body, reason="Created", message=f"created {kinds}")
             set_conditions(body, patch, current, created=True)
-            patch.status["workload"] = {"apiVersion": workload["apiVersion"], "kind": workload["kind"], "name": workload["metadata"]["name"]}
+            patch.status["workload"] = ref
             metrics.set_phase(KIND, ns, name, current.phase)
 
     @kopf.on.update(*FTJ, field="spec.suspend", registry=registry)

@@ -34,6 +34,7 @@ from kubetune.operator.sources import map_local_source
 from kubetune.operator.status import (
     WorkloadState,
     conditions_for,
+    final_progress,
     now_iso,
     parse_metrics,
     parse_result,
@@ -225,8 +226,7 @@ def finish(run: LocalRun, status: dict[str, Any], returncode: int, interrupted: 
     result = parse_result(run.termination_log.read_text() if run.termination_log.exists() else None)
     if returncode == 0 and not interrupted:
         state = WorkloadState("Succeeded", "TrainingComplete", f"the trainer finished; outputs in {run.job.spec.output.source or run.run_dir / 'output'}", True)
-        if status.get("progress"):
-            status["progress"] = {**status["progress"], "percent": 100.0, "eta": "0s"}
+        status["progress"] = final_progress(status.get("progress"), result or {})
     elif interrupted:
         state = WorkloadState("Failed", "Interrupted", "stopped by the user; apply the manifest again to resume from the last checkpoint", True)
     else:

@@ -192,6 +192,17 @@ def progress_from_metrics(values: dict[str, float], *, started_at: Optional[dt.d
     return progress
 
 
+def final_progress(progress: Optional[dict[str, Any]], result: dict[str, Any]) -> dict[str, Any]:
+    """The progress of a finished run: the last scrape may predate the last step, the summary does not."""
+    final = {**(progress or {}), "percent": 100.0, "eta": "0s"}
+    if result.get("steps") is not None:
+        final["step"] = result["steps"]
+        final.setdefault("totalSteps", result["steps"])
+    if result.get("finalLoss") is not None:
+        final["loss"] = result["finalLoss"]
+    return final
+
+
 def parse_result(message: Optional[str]) -> Optional[dict[str, Any]]:
     """The trainer's one-line JSON summary -> status.result (other keys under result.metrics)."""
     if not message:
@@ -282,8 +293,8 @@ def next_status(
         result = parse_result(termination_message(rank0)) if rank0 is not None else None
         if result:
             new["result"] = result
-            if current.phase == "Succeeded" and old.get("progress"):
-                new["progress"] = {**old["progress"], "percent": 100.0, "eta": "0s"}
+            if current.phase == "Succeeded":
+                new["progress"] = final_progress(old.get("progress"), result)
     conditions = conditions_for(old.get("conditions") or [], current, now=stamp, generation=generation)
     if [_without_time(c) for c in conditions] != [_without_time(c) for c in old.get("conditions") or []]:
         new["conditions"] = conditions

@@ -101,3 +101,13 @@ def test_admission_names_the_bad_field_and_passes_the_examples():
     doc = yaml.safe_load((REPO / "examples" / "finetune-tiny.yaml").read_text())
     doc["spec"]["resources"]["nodes"] = "two"
     assert "spec.resources.nodes" in admission_error(doc)
+
+
+def test_a_finished_run_reports_the_summary_step_and_loss_even_if_the_last_scrape_missed_them():
+    done = WorkloadState("Succeeded", "TrainingComplete", "done", started=True)
+    rank0 = {"status": {"containerStatuses": [{"state": {"terminated": {"message": json.dumps({"finalLoss": 0.7, "steps": 30})}}}]}}
+    old = {"phase": "Running", "progress": {"step": 29, "totalSteps": 30, "loss": 0.8, "percent": 96.7}}
+    changes, event = next_status(old, done, rank0, None, generation=1, now=T0)
+    assert changes["progress"]["step"] == 30 and changes["progress"]["loss"] == 0.7 and changes["progress"]["percent"] == 100.0
+    assert changes["result"] == {"finalLoss": 0.7, "steps": 30}
+    assert event[:2] == ("Normal", "Succeeded")
