@@ -3,7 +3,8 @@
 | source                | on a cluster (planner)                          | locally (kubetune apply)        |
 |-----------------------|-------------------------------------------------|---------------------------------|
 | builtin://tiny        | passed to the trainer as-is                     | same                            |
-| hf://org/name         | passed as-is (datasets: the Hub; needs HF_TOKEN) | same                            |
+| hf://org/name         | datasets: passed as-is (the Hub, HF_TOKEN);      | same                            |
+|                       | models: refused (the trainer does not download)  |                                 |
 | pvc://claim/sub/path  | the claim mounted at /mnt/<role>, path inside it | an error: there is no cluster   |
 | file:///abs/path      | /abs/path inside the trainer image              | /abs/path on this machine       |
 | plain/path            | inside the image, from its working directory     | resolved against the current dir|
@@ -42,7 +43,18 @@ def split_scheme(source: str) -> tuple[str, str]:
     return (scheme, rest) if sep else ("", source)
 
 
+def _no_hub_models(source: str, field: str) -> None:
+    if field == "spec.model.source" and source.startswith("hf://"):
+        name = source[len("hf://"):]
+        raise SourceError(
+            f"{field}: {source!r}: the trainer does not download models; put the model in a volume "
+            f"(e.g. `huggingface-cli download {name} --local-dir DIR`) and use pvc://CLAIM/DIR on a cluster "
+            "or a local folder with kubetune apply"
+        )
+
+
 def map_cluster_source(source: str, role: str, field: str, read_only: bool = True) -> MappedSource:
+    _no_hub_models(source, field)
     scheme, rest = split_scheme(source)
     if scheme == "pvc":
         claim, _, sub = rest.partition("/")
@@ -57,6 +69,7 @@ def map_cluster_source(source: str, role: str, field: str, read_only: bool = Tru
 
 
 def map_local_source(source: str, field: str, base_dir: Path) -> str:
+    _no_hub_models(source, field)
     scheme, rest = split_scheme(source)
     if scheme == "pvc":
         raise SourceError(

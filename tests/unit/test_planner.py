@@ -225,3 +225,12 @@ def test_pvc_without_a_claim_is_refused():
 def test_generated_objects_validate_with_kubernetes_validate(name):
     for obj in plan(example(name), ClusterInfo()):
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_hub_models_are_refused_with_the_way_to_get_them_in():
+    job = example("finetune-tiny.yaml", **{"spec.model.source": "hf://meta-llama/Llama-3.1-8B"})
+    with pytest.raises(KubetuneError, match=r"spec\.model\.source.*huggingface-cli download meta-llama/Llama-3.1-8B.*pvc://"):
+        plan(job, ClusterInfo())
+    hub_data = example("finetune-tiny.yaml", **{"spec.dataset.source": "hf://tatsu-lab/alpaca"})
+    cfg = yaml.safe_load(by_kind(plan(hub_data, ClusterInfo()))["ConfigMap"]["data"]["config.yaml"])
+    assert cfg["dataset"]["source"] == "hf://tatsu-lab/alpaca"
