@@ -153,7 +153,7 @@ def make_event(body: dict[str, Any], type_: str, reason: str, message: str) -> d
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"name": f"{meta['name']}.{time.time_ns():x}", "namespace": meta.get("namespace")},
+        "metadata": {"name": f"{meta['name'][:200]}.{time.time_ns():x}", "namespace": meta.get("namespace")},
         "involvedObject": {
             "apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
             "namespace": meta.get("namespace"), "uid": meta.get("uid"),
