@@ -158,6 +158,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(api):
         client.completions.create(model="tiny", prompt="hi", max_tokens=2, logprobs=2)
     assert unsupported.value.param == "logprobs"
 
+    nulls = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "temperature": None, "top_p": None, "stop": None})
+    assert nulls.status_code == 200 and nulls.json()["usage"]["completion_tokens"] <= 16  # null = the default
+
     missing = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny"})
     assert missing.status_code == 400 and _error(missing)["param"] == "messages"
     assert _error(httpx.get(f"{url}/v1/nothing-here"))["code"] is None
