@@ -67,7 +67,9 @@ def test_lora_recipe_resumes_exactly(tmp_path):
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
-    # only the adapter is checkpointed: no base weights in the checkpoint folder
+    # only the adapter is optimized and checkpointed: no base weights in the checkpoint folder
+    state = torch.load(tmp_path / "resumed" / "checkpoints" / "step_6" / "training_state.pt", weights_only=True)
+    assert sum(len(group["params"]) for group in state["optimizer"]["param_groups"]) == len(straight)
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints" / "step_6").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "training_state.pt",
     ]

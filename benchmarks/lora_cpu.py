@@ -1,0 +1,180 @@
+"""LoRA / QLoRA / full fine-tuning memory, and LoRA training tokens/s against transformers + peft.
+
+One Llama-shaped model (random weights, float32 on the CPU), one training step = forward,
+cross-entropy, backward, AdamW step, measured in separate subprocesses so each peak RSS is clean:
+
+- `kubetune-lora`: our LlamaForCausalLM + apply_lora, rank 16 on all 7 projections;
+- `peft-lora`:     transformers' LlamaForCausalLM (sdpa) + peft.get_peft_model, same rank/targets;
+- `kubetune-full`: our model, every parameter trained (the memory baseline);
+- `kubetune-qlora`: our model with NF4 decoder projections (torchao) + the same LoRA.
+
+Reported per case: tokens/s of the fastest timed step (after warm-up; on a shared machine
+other work only adds time, so the minimum is the least noisy estimate), peak RSS, RSS growth
+during training (peak minus RSS once the model is built), trainable parameters, AdamW state
+bytes, and the bytes of the decoder projection weights (QLoRA vs the same weights in bf16).
+Runs alternate between implementations to spread the noise of a shared machine; the best
+repeat of each is kept.
+
+    .venv/bin/python benchmarks/lora_cpu.py                  # all cases, prints a markdown table
+    .venv/bin/python benchmarks/lora_cpu.py --case kubetune-lora --json   # one child run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIG = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK, ALPHA = 16, 32
+CASES = ["kubetune-lora", "peft-lora", "kubetune-full", "kubetune-qlora"]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def build(case: str):
+    """(model, forward(ids) -> logits) for one case, from the same seed."""
+    import torch
+
+    torch.manual_seed(0)
+    if case == "peft-lora":
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation="sdpa"))
+        model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
+        return model, lambda ids: model(input_ids=ids, use_cache=False).logits
+
+    from kubetune.trainer.models import LlamaForCausalLM, ModelArgs
+    from kubetune.trainer.peft import apply_lora
+
+    model = LlamaForCausalLM(ModelArgs.from_hf_config({"architectures": ["LlamaForCausalLM"], **CONFIG}))
+    if case == "kubetune-qlora":
+        from kubetune.trainer.quant import quantize_base
+
+        quantize_base(model)
+    if case != "kubetune-full":
+        from types import SimpleNamespace
+
+        apply_lora(model, SimpleNamespace(rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=TARGETS, use_dora=False))
+    return model, lambda ids: model(ids)
+
+
+def projection_bytes(model) -> tuple[int, int]:
+    """(bytes the decoder projection weights take here, bytes they would take in bf16)."""
+    from kubetune.trainer.quant import tensor_nbytes
+
+    held = bf16 = 0
+    for name, param in model.named_parameters():
+        module = name.replace(".base_layer", "").rsplit(".", 2)[-2]  # peft keeps the base under base_layer
+        if module in TARGETS and name.endswith(".weight") and "lora_" not in name:
+            held += tensor_nbytes(param)
+            bf16 += param.numel() * 2
+    return held, bf16
+
+
+def run_case(case: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    model, forward = build(case)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    held, bf16 = projection_bytes(model)
+    rss_model = current_rss_mib()
+    ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+    times = []
+    for step in range(warmup + steps):
+        started = time.perf_counter()
+        logits = forward(ids)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append(time.perf_counter() - started)
+    state_bytes = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    return {
+        "case": case,
+        # the fastest step: on a shared machine, other work only ever adds time
+        "tokens_per_second": batch * seq / min(times),
+        "median_tokens_per_second": batch * seq / statistics.median(times),
+        "peak_rss_mib": peak_rss_mib(),
+        "training_rss_growth_mib": peak_rss_mib() - rss_model,
+        "trainable_params": sum(p.numel() for p in params),
+        "optimizer_state_mib": state_bytes / 2**20,
+        "projection_mib": held / 2**20,
+        "projection_bf16_mib": bf16 / 2**20,
+    }
+
+
+def child(case: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--case", case, "--json", "--batch", str(args.batch), "--seq", str(args.seq),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=CASES)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.batch, args.seq, args.steps, args.warmup)))
+        return
+
+    best: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for case in CASES:
+            result = child(case, args)
+            if case not in best or result["tokens_per_second"] > best[case]["tokens_per_second"]:
+                best[case] = result
+    print(f"batch {args.batch} x {args.seq} tokens, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"best of {args.repeats}, rank {RANK} on {len(TARGETS)} projections, fp32 CPU\n")
+    print("| case | tokens/s | peak RSS MiB | RSS growth in training MiB | trainable params | AdamW state MiB | projection weights MiB (bf16 equiv.) |")
+    print("|---|---|---|---|---|---|---|")
+    for case in CASES:
+        r = best[case]
+        print(f"| {case} | {r['tokens_per_second']:.0f} | {r['peak_rss_mib']:.0f} | {r['training_rss_growth_mib']:.0f} | "
+              f"{r['trainable_params']:,} | {r['optimizer_state_mib']:.1f} | {r['projection_mib']:.1f} ({r['projection_bf16_mib']:.1f}) |")
+    ours, theirs = best["kubetune-lora"], best["peft-lora"]
+    q = best["kubetune-qlora"]
+    print(f"\nkubetune LoRA vs transformers+peft: {ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x tokens/s, "
+          f"peak RSS {ours['peak_rss_mib']:.0f} vs {theirs['peak_rss_mib']:.0f} MiB")
+    print(f"QLoRA projection bytes / bf16 bytes: {q['projection_mib'] / q['projection_bf16_mib']:.3f}")
+    print(f"LoRA AdamW state / full AdamW state: {ours['optimizer_state_mib'] / best['kubetune-full']['optimizer_state_mib']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
