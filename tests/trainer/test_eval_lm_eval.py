@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -22,6 +23,16 @@ QUESTIONS = [
     {"question": "What color is grass?", "choices": ["green", "purple"], "answer": 0},
     {"question": "Give the opposite of up.", "choices": ["closed", "down", "late"], "answer": 1},
 ]
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a CPU shared with other jobs extra
+    threads make each op many times slower (measured: a 60-step fine-tune 20 s -> 120 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 TASK_YAML = """task: {name}
 dataset_path: json
@@ -147,3 +158,25 @@ def test_unknown_lm_eval_task_is_a_clear_error(offline, local_lm_eval_task, tmp_
         check_task_names(["kt_fact"], manager)
     with pytest.raises(KubetuneError, match="lm_eval_include_path: .* is not a folder"):
         task_manager_for(["kt_facts"], str(tmp_path / "missing"))
+
+
+def test_generate_until_equals_transformers_greedy_cut_at_stop(tiny):
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from kubetune.trainer.builtin import resolve_model_path
+    from kubetune.trainer.eval.lm_eval_adapter import KubetuneLM
+
+    model, tokenizer = tiny
+    hf = transformers.AutoModelForCausalLM.from_pretrained(resolve_model_path("builtin://tiny")).eval()
+    prompts = ["What sound does a cow make?", "The old man"]
+    settings = {"until": ["e"], "max_gen_toks": 8, "do_sample": False}
+    requests = [Instance("generate_until", {}, (p, dict(settings)), idx=0) for p in prompts]
+    outputs = KubetuneLM(model, tokenizer, batch_size=2).generate_until(requests)
+    for prompt, output in zip(prompts, outputs):
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            new = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                              pad_token_id=tokenizer.pad_id)[0, ids.shape[1]:]
+        assert output == tokenizer.decode(new.tolist()).split("e")[0]

@@ -16,6 +16,16 @@ from kubetune.trainer.config import resolve_config
 transformers = pytest.importorskip("transformers")
 TOLERANCE = 1e-4
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a CPU shared with other jobs extra
+    threads make each op many times slower (measured: a 60-step fine-tune 20 s -> 120 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 FACTS = [
     {"question": "What sound does a cow make?", "choices": ["moo", "woof", "meow"], "answer": 0},
     {"question": "What color is the sky?", "choices": ["green", "blue", "white"], "answer": 1},
@@ -226,3 +236,37 @@ def test_config_errors_name_the_task():
         from kubetune.trainer.eval.tasks import load_task
 
         load_task("x", "perplexity", "builtin://tiny_instruct_mc", {})
+
+
+# ---- the demo's claim: fine-tuning moves the synthetic task from chance to clearly above -------
+
+SYNTHETIC_MC = {"name": "facts", "type": "multiple_choice", "path": "builtin://tiny_instruct_mc", "options": {"context_field": "question"}}
+
+
+@pytest.fixture(scope="module")
+def finetuned_tiny(tmp_path_factory):
+    """builtin://tiny after 60 full_finetune steps on the synthetic facts, as "question answer" text
+    (short sequences: ~20 s on a CPU where the alpaca-prompt version needs ~250 steps)."""
+    from kubetune.trainer.data.synthetic import alpaca_records
+    from kubetune.trainer.recipes.full_finetune import recipe_main as full_finetune
+
+    tmp = tmp_path_factory.mktemp("finetuned")
+    data = tmp / "facts.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{r['input'] or r['instruction']} {r['output']}"}) + "\n" for r in alpaca_records()))
+    cfg = resolve_config("full_finetune", "tiny_full", [
+        f"output_dir={tmp / 'run'}", f"dataset.source={data}", "dataset.format=text", "dataset.eval_fraction=0",
+        "max_seq_len=32", "batch_size=32", "max_steps=60", "epochs=100", "optimizer.lr=1e-2",
+        "lr_scheduler.name=constant", "lr_scheduler.warmup_steps=5", "save_every_steps=null", "eval_every_steps=null",
+        "progress_bar=false", "resume=never",
+    ])
+    full_finetune(cfg)
+    return tmp / "run" / "model"
+
+
+def test_base_model_is_near_chance_and_finetuned_model_clearly_higher(tmp_path, finetuned_tiny):
+    chance = 0.25  # 4 choices per question
+    base = run_eval(eval_config(tmp_path / "base", [SYNTHETIC_MC]))["tasks"]["facts"]["metrics"]["acc"]
+    tuned = run_eval(eval_config(tmp_path / "tuned", [SYNTHETIC_MC], model={"path": str(finetuned_tiny)}))["tasks"]["facts"]["metrics"]["acc"]
+    # 36 questions: chance +- 3 standard errors of a binomial mean is about 0.25 +- 0.22.
+    assert abs(base["value"] - chance) < 3 * math.sqrt(chance * (1 - chance) / 36)
+    assert tuned["value"] >= 0.7 and tuned["value"] - base["value"] > 3 * tuned["stderr"]

@@ -132,6 +132,7 @@ class KubetuneLM(TemplateLM):  # type: ignore[misc,valid-type]
                     top_p=float(kwargs.get("top_p", 1.0)),
                     seed=self.seed + batch_index,
                     stop_ids=tuple(self.kt_tokenizer.stop_ids),
+                    pad_id=self._pad_id(),
                 )
                 for i, ids in zip(batch, new_tokens):
                     outputs[i] = M.cut_at_stop(self.tok_decode(ids), until)

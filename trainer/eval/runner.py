@@ -108,6 +108,7 @@ def evaluate_generate(model, tokenizer, task: Task, settings: RunSettings) -> Ta
             top_p=options["top_p"],
             seed=settings.seed + batch_index,
             stop_ids=tuple(tokenizer.stop_ids),
+            pad_id=_pad_id(tokenizer),
         )
         texts.extend(M.cut_at_stop(tokenizer.decode(ids), options["until"]) for ids in new_tokens)
     correct = [float(M.generation_correct(text, s.answers, options)) for text, s in zip(texts, samples)]

@@ -64,7 +64,7 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return model.model.embed_tokens.weight.dtype
 
 
-def _batches(groups: list[tuple[tuple[int, ...], list[int]]], requests: Sequence[Request], batch_size: int):
+def _batches(groups: list[tuple[tuple[int, ...], list[int]]], batch_size: int):
     """Consecutive groups with up to `batch_size` continuations in all (a larger group goes alone)."""
     batch: list = []
     size = 0
@@ -99,7 +99,7 @@ def score_requests(
     # Longest first: similar lengths share a batch (less padding) and memory peaks up front.
     groups = sorted(by_context.items(), key=lambda g: -(len(g[0]) + max(len(requests[i][1]) for i in g[1])))
     results: list[Optional[tuple[float, bool]]] = [None] * len(requests)
-    for batch in _batches(groups, requests, batch_size):
+    for batch in _batches(groups, batch_size):
         contexts = [list(context) for context, _ in batch]
         continuations = [[requests[i][1] for i in members] for _, members in batch]
         scored = _score_batch(model, contexts, continuations, max_len, pad_id)
