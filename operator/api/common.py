@@ -61,6 +61,8 @@ class ModelSource(Source):
 
 
 class DatasetSource(Source):
+    """The training data: a JSON/JSONL/Parquet file or folder, or hf://org/name."""
+
     format: Literal["alpaca", "chat", "preference", "text"] = Field(
         default="alpaca", description="Record layout: alpaca/instruct, chat messages, preference pairs, plain text"
     )
@@ -68,6 +70,8 @@ class DatasetSource(Source):
 
 
 class OutputSource(ApiModel):
+    """Where the trainer writes checkpoints and the final model or adapter."""
+
     source: Optional[str] = Field(
         default=None,
         pattern=SOURCE_PATTERN,
@@ -85,8 +89,8 @@ class SecretKeyRef(ApiModel):
 class EnvVar(ApiModel):
     """An environment variable of the trainer: a literal value or a key of a Secret (never inline secrets)."""
 
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)
-    value: Optional[str] = None
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128, description="Variable name")
+    value: Optional[str] = Field(default=None, description="A literal value (not for secrets: use secretKeyRef)")
     secret_key_ref: Optional[SecretKeyRef] = Field(default=None, description="Read the value from a Secret")
 
     @model_validator(mode="after")
@@ -97,12 +101,16 @@ class EnvVar(ApiModel):
 
 
 class Secrets(ApiModel):
+    """Well-known secrets, each read from a key of a Secret in the job's namespace."""
+
     hf_token: Optional[SecretKeyRef] = Field(
         default=None, description="Hugging Face token, exported to the trainer as HF_TOKEN"
     )
 
 
 class Resources(ApiModel):
+    """Machines and GPUs of the run, plus extra container requests and limits."""
+
     nodes: int = Field(default=1, ge=1, le=256, description="Pods (machines); torchrun --nnodes")
     gpus_per_node: int = Field(
         default=1, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu); torchrun --nproc-per-node; 0: one CPU process"
@@ -113,6 +121,8 @@ class Resources(ApiModel):
 
 
 class RunPolicy(ApiModel):
+    """Retries, deadline and clean-up of the workload."""
+
     backoff_limit: int = Field(default=0, ge=0, le=100, description="Pod retries before the job fails")
     active_deadline_seconds: Optional[int] = Field(default=None, ge=1, description="Wall-clock limit of the run")
     ttl_seconds_after_finished: Optional[int] = Field(
@@ -137,11 +147,17 @@ class PodOptions(ApiModel):
     """Scheduling and identity of the trainer pods (copied to the pod template as-is)."""
 
     image: str = Field(default=DEFAULT_TRAINER_IMAGE, min_length=1, description="Trainer image")
-    image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None
-    service_account_name: Optional[str] = None
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = Field(
+        default=None, description="Image pull policy of the trainer container (default: Kubernetes' rule)"
+    )
+    service_account_name: Optional[str] = Field(
+        default=None, description="ServiceAccount of the pods (default: none mounted; the trainer needs no API access)"
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match, as in a pod spec")
     tolerations: list[dict[str, Any]] = Field(
-        default_factory=list, json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}
+        default_factory=list,
+        description="Tolerations of the pods, as in a pod spec (e.g. for GPU node taints)",
+        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
     )
     affinity: Optional[dict[str, Any]] = Field(default=None, description="Pod affinity, as in a pod spec")
-    priority_class_name: Optional[str] = None
+    priority_class_name: Optional[str] = Field(default=None, description="PriorityClass of the pods (preemption order)")

@@ -36,7 +36,7 @@ class LocalTask(ApiModel):
 class EvalJobSpec(PodOptions):
     model: Optional[ModelSource] = Field(default=None, description="Model to evaluate (or fineTuneJob)")
     fine_tune_job: Optional[FineTuneJobRef] = Field(default=None, description="Evaluate this FineTuneJob's output")
-    adapter: Optional[Source] = None
+    adapter: Optional[Source] = Field(default=None, description="A PEFT adapter applied on top of the model")
     tasks: list[Union[str, LocalTask]] = Field(
         min_length=1,
         description="lm-eval task names or local tasks",
@@ -45,7 +45,7 @@ class EvalJobSpec(PodOptions):
     config: dict[str, Any] = Field(default_factory=dict, description="Eval recipe config overrides")
     output: OutputSource = Field(default_factory=OutputSource)
     resources: Resources = Field(default_factory=Resources)
-    env: list[EnvVar] = Field(default_factory=list)
+    env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment")
     secrets: Secrets = Field(default_factory=Secrets)
 
 
@@ -79,12 +79,12 @@ class ModelDeploymentSpec(PodOptions):
     model: Optional[ModelSource] = Field(default=None, description="Model to serve (or fineTuneJob)")
     fine_tune_job: Optional[FineTuneJobRef] = Field(default=None, description="Serve this FineTuneJob's output")
     adapters: list[AdapterSource] = Field(default_factory=list, description="LoRA adapters served by name")
-    replicas: int = Field(default=1, ge=0, le=64)
-    port: int = Field(default=8000, ge=1, le=65535)
-    max_concurrency: int = Field(default=16, ge=1, le=4096)
-    max_model_len: Optional[int] = Field(default=None, ge=16)
+    replicas: int = Field(default=1, ge=0, le=64, description="Server pods")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible API")
+    max_concurrency: int = Field(default=16, ge=1, le=4096, description="Requests decoded together per replica")
+    max_model_len: Optional[int] = Field(default=None, ge=16, description="Longest prompt + completion (default: the model's)")
     resources: Resources = Field(default_factory=Resources)
-    env: list[EnvVar] = Field(default_factory=list)
+    env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment")
     secrets: Secrets = Field(default_factory=Secrets)
 
 

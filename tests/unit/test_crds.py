@@ -179,3 +179,11 @@ def test_crd_validation_rejects_a_typo_and_a_bad_enum():
         validate_against_crd(too_many)
     with pytest.raises(ManifestError, match=r"spec\.resources\.nodes"):
         parse_object(too_many, "bad.yaml")
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_spec_field_is_described_for_kubectl_explain(kind):
+    spec = schema_of(kind)["properties"]["spec"]
+    fields = [(path, node) for path, node in walk(spec, "spec") if path != "spec" and not path.endswith(("[]", "{}"))]
+    undocumented = [path for path, node in fields if not node.get("description")]
+    assert undocumented == []
