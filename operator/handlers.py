@@ -361,6 +361,10 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
                 await post_event(body, "Warning", "Recreated", f"{ref['kind']} {ref['name']} was missing and has been recreated")
             return
         base = child_names(name).base
+        # Only pods the workload's controller made: a look-alike pod with our labels must not
+        # steer the operator's scrape to another address.
+        workload_uid = (workload.get("metadata") or {}).get("uid")
+        pods = [p for p in pods if any(o.get("uid") == workload_uid for o in (p.get("metadata") or {}).get("ownerReferences") or [])]
         if ref["kind"] == "Job":
             current = job_state(workload, name=base, queue_name=job.spec.queue_name)
         else:

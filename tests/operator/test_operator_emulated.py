@@ -85,14 +85,18 @@ class FakeRank0:
         self.server.server_close()
 
 
-def rank0_pod(port: int, template_labels: dict) -> dict:
-    """Pod 0 as the Job controller makes it: the template's labels plus the completion index."""
+def rank0_pod(port: int, job: dict, name: str = "demo-0-abcde") -> dict:
+    """Pod 0 as the Job controller makes it: the template's labels plus the completion index,
+    owned by the Job."""
+    template_labels = job["spec"]["template"]["metadata"]["labels"]
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"], "uid": job["metadata"]["uid"], "controller": True}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": "demo-0-abcde",
+            "name": name,
             "namespace": NS,
+            "ownerReferences": [owner],
             "labels": {**template_labels, "batch.kubernetes.io/job-completion-index": "0"},
             "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
         },
@@ -109,7 +113,11 @@ async def test_job_and_pod_status_drive_phase_progress_and_result(api, operator)
             jobs = f"/apis/batch/v1/namespaces/{NS}/jobs/demo"
             pods = f"/api/v1/namespaces/{NS}/pods"
             (job,) = api.children(JOBS)
-            await api.post(pods, rank0_pod(rank0.port, job["spec"]["template"]["metadata"]["labels"]))
+            await api.post(pods, rank0_pod(rank0.port, job))
+            impostor = rank0_pod(1, job, name="impostor")  # our labels, newer, but not made by the Job
+            del impostor["metadata"]["ownerReferences"]
+            await api.post(pods, impostor)
+            await api.patch(f"{pods}/impostor/status", {"status": {"phase": "Running", "podIP": "127.0.0.1"}})
             await api.patch(f"{pods}/demo-0-abcde/status", {"status": {"phase": "Running", "podIP": "127.0.0.1"}})
             await api.patch(f"{jobs}/status", {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}})
             await eventually(lambda: api.status("demo").get("phase") == "Running", what="Running")
