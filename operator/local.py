@@ -151,8 +151,10 @@ class ProgressBar:
     def __init__(self, enabled: bool, name: str):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm  # in the trainer extra, which a local run needs anyway
+            except ImportError:
+                return
             self.bar = tqdm(desc=name, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def update(self, progress: dict[str, Any]) -> None:
