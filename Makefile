@@ -23,8 +23,12 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The FineTuneJob manifest runs locally (progress bar, status in runs/demo/status.yaml), then
+# the fine-tuned model answers one of its training task's questions.
 demo: install
 	$(BIN)/kubetune apply -f examples/finetune-tiny.yaml
+	@echo "--- sample generation from runs/demo/output/model:"
+	$(BIN)/kubetune run generate --config examples/configs/demo_generate.yaml
 
 crds: install
 	$(BIN)/kubetune crds --out crds/
