@@ -246,7 +246,10 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             except ApiError as err:
                 if err.retriable:
                     raise kopf.TemporaryError(f"API error, retrying: {err}", delay=config.retry_delay)
-                raise kopf.PermanentError(f"the API refused a child: {err}")
+                message = f"the API refused a child ({err}); check the operator's RBAC and admission policies, then restart it"
+                kopf.warn(body, reason="ApiRefused", message=message)
+                set_conditions(body, patch, WorkloadState(old.get("phase") or "Pending", "ApiRefused", message), created=False)
+                raise kopf.PermanentError(message)
             except KubetuneError as err:  # a spec that cannot run: say which field, once
                 set_conditions(body, patch, WorkloadState("Failed", "InvalidSpec", str(err)), created=False)
                 patch.status["completionTime"] = old.get("completionTime") or now_iso()

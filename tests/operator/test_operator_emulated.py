@@ -353,3 +353,13 @@ async def test_kubetune_operator_cli_logs_in_with_a_kubeconfig_and_serves_health
             proc.send_signal(signal.SIGTERM)
             output = proc.communicate(timeout=30)[0].decode(errors="replace")
     assert proc.returncode == 0, output[-3000:]
+
+
+async def test_a_refused_child_is_reported_not_retried_forever(api, operator, emulator):
+    emulator.fail("POST", r"/jobs$", 403, times=100)  # e.g. RBAC without batch/jobs create
+    async with operator():
+        await api.create_ftj(manifest())
+        await eventually(lambda: any(c.get("reason") == "ApiRefused" for c in api.status("demo").get("conditions", [])), what="ApiRefused")
+    cond = next(c for c in api.status("demo")["conditions"] if c["type"] == "Created")
+    assert cond["status"] == "False" and "403" in cond["message"] and "RBAC" in cond["message"]
+    assert len(emulator.hits) == 1  # a permanent error: no retry storm
