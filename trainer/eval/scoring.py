@@ -119,13 +119,10 @@ def _score_batch(
     feed_len = max(len(c) for conts in continuations for c in conts) - 1  # continuation tokens to run
 
     # 1. Each distinct context once, left-padded, into a KV cache.
-    context_ids = torch.full((len(contexts), context_len), pad_id, dtype=torch.long)
-    context_mask = torch.zeros_like(context_ids)
-    for row, ctx in enumerate(contexts):
-        context_ids[row, context_len - len(ctx):] = torch.tensor(ctx)
-        context_mask[row, context_len - len(ctx):] = 1
+    context_ids = torch.tensor([[pad_id] * (context_len - len(c)) + c for c in contexts], device=device)
+    context_mask = torch.tensor([[0] * (context_len - len(c)) + [1] * len(c) for c in contexts], device=device)
     cache = KVCache(model.args, len(contexts), context_len + feed_len, device=device, dtype=model_dtype(model))
-    last_logits = model(context_ids.to(device), attention_mask=context_mask.to(device), kv_cache=cache)[:, -1]
+    last_logits = model(context_ids, attention_mask=context_mask, kv_cache=cache)[:, -1]
 
     # 2. One row per continuation, continuing its context's cache; right-padded.
     counts = torch.tensor([len(conts) for conts in continuations])
@@ -133,21 +130,14 @@ def _score_batch(
     flat = [c for conts in continuations for c in conts]
     logits = last_logits.index_select(0, rows)[:, None]  # predicts each continuation's first token
     if feed_len > 0:
-        feed = torch.full((len(flat), feed_len), pad_id, dtype=torch.long)
-        feed_mask = torch.zeros_like(feed)
-        for row, continuation in enumerate(flat):
-            feed[row, : len(continuation) - 1] = torch.tensor(continuation[:-1])
-            feed_mask[row, : len(continuation) - 1] = 1
-        more = model(feed.to(device), attention_mask=feed_mask.to(device), kv_cache=_repeat_rows(cache, rows))
+        feed = torch.tensor([c[:-1] + [pad_id] * (feed_len + 1 - len(c)) for c in flat], device=device)
+        feed_mask = torch.tensor([[1] * (len(c) - 1) + [0] * (feed_len + 1 - len(c)) for c in flat], device=device)
+        more = model(feed, attention_mask=feed_mask, kv_cache=_repeat_rows(cache, rows))
         logits = torch.cat([logits, more], dim=1)
 
     # 3. Gather the continuation tokens' log-probabilities.
-    targets = torch.zeros(len(flat), feed_len + 1, dtype=torch.long)
-    valid = torch.zeros(len(flat), feed_len + 1, dtype=torch.bool)
-    for row, continuation in enumerate(flat):
-        targets[row, : len(continuation)] = torch.tensor(continuation)
-        valid[row, : len(continuation)] = True
-    targets, valid = targets.to(device), valid.to(device)
+    targets = torch.tensor([c + [0] * (feed_len + 1 - len(c)) for c in flat], device=device)
+    valid = torch.tensor([[True] * len(c) + [False] * (feed_len + 1 - len(c)) for c in flat], device=device)
     logprobs = F.log_softmax(logits.float(), dim=-1)
     token_logprobs = logprobs.gather(-1, targets[..., None]).squeeze(-1)
     totals = (token_logprobs * valid).sum(-1).tolist()
