@@ -180,13 +180,18 @@ def run_lm_eval(
     num_fewshot: int = 0,
     limit: Optional[int] = None,
     seed: int = 42,
+    task_manager=None,
 ) -> dict[str, dict[str, Any]]:
-    """Run lm-eval tasks; results in our shape: {task: {type, n, metrics: {name: {value, stderr}}}}."""
+    """Run lm-eval tasks; results in our shape: {task: {type, n, metrics: {name: {value, stderr}}}}.
+
+    Pass a `task_manager` already checked with check_task_names to skip indexing twice."""
     require_lm_eval()
     from lm_eval import simple_evaluate
 
-    manager = task_manager_for(task_names, include_path)
-    check_task_names(task_names, manager)
+    manager = task_manager
+    if manager is None:
+        manager = task_manager_for(task_names, include_path)
+        check_task_names(task_names, manager)
     output = simple_evaluate(
         model=lm,
         tasks=list(task_names),

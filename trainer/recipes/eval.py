@@ -46,10 +46,13 @@ def recipe_main(cfg: EvalConfig) -> dict[str, Any]:
     local_specs = [t for t in cfg.tasks if isinstance(t, LocalTask)]
     lm_eval_names = [t for t in cfg.tasks if isinstance(t, str)]
     local_tasks = [load_task(t.name, t.type, t.path, t.options, cfg.limit) for t in local_specs]
-    if lm_eval_names:
-        from kubetune.trainer.eval.lm_eval_adapter import require_lm_eval
+    task_manager = None
+    if lm_eval_names:  # unknown names fail here, before the model loads
+        from kubetune.trainer.eval.lm_eval_adapter import check_task_names, require_lm_eval, task_manager_for
 
         require_lm_eval()
+        task_manager = task_manager_for(lm_eval_names, cfg.lm_eval_include_path)
+        check_task_names(lm_eval_names, task_manager)
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -71,10 +74,10 @@ def recipe_main(cfg: EvalConfig) -> dict[str, Any]:
             run_lm_eval(
                 lm,
                 lm_eval_names,
-                include_path=cfg.lm_eval_include_path,
                 num_fewshot=cfg.num_fewshot,
                 limit=cfg.limit,
                 seed=cfg.seed,
+                task_manager=task_manager,
             )
         )
 
