@@ -111,6 +111,13 @@ def test_fewshot_prompt_puts_solved_examples_first(tmp_path):
     assert prompt == expected
 
 
+def test_limit_scores_the_first_samples_but_draws_examples_from_the_whole_file(tmp_path):
+    task = load_task("mc", "multiple_choice", str(write_jsonl(tmp_path / "mc.jsonl", MC)), {}, limit=1)
+    assert len(task.samples) == 1 and len(task.pool) == len(MC)
+    prompt = mc_prompt(task.pool, 0, 2, seed=1, options=task.options)  # 2 examples although limit=1
+    assert prompt.count("\n\n") == 2 and prompt.endswith(MC[0]["context"])
+
+
 # ---- metrics against lm-eval's definitions ----
 lm_metrics = pytest.importorskip("lm_eval.api.metrics")
 

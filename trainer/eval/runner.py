@@ -51,7 +51,7 @@ def evaluate_multiple_choice(model, tokenizer, task: Task, settings: RunSettings
     samples, options = task.samples, task.options
     requests, owners = [], []
     for index, sample in enumerate(samples):
-        prompt = mc_prompt(samples, index, settings.num_fewshot, settings.seed, options)
+        prompt = mc_prompt(task.pool, index, settings.num_fewshot, settings.seed, options)
         for choice in sample.choices:
             requests.append(encode_pair(tokenizer, prompt, options["target_delimiter"] + choice, settings.add_bos))
             owners.append(index)
@@ -95,7 +95,7 @@ def evaluate_generate(model, tokenizer, task: Task, settings: RunSettings) -> Ta
             f"task '{task.name}': options.max_new_tokens={options['max_new_tokens']} leaves no room for the "
             f"prompt in max_seq_len={settings.max_seq_len}; lower it or raise max_seq_len"
         )
-    prompts = [generate_prompt(samples, i, settings.num_fewshot, settings.seed, options) for i in range(len(samples))]
+    prompts = [generate_prompt(task.pool, i, settings.num_fewshot, settings.seed, options) for i in range(len(samples))]
     encoded = [tokenizer.encode(p, add_bos=settings.add_bos)[-max_prompt:] for p in prompts]
     texts: list[str] = []
     for batch_index, batch in enumerate(chunks(encoded, settings.batch_size)):

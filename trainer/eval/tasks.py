@@ -86,7 +86,8 @@ class Task:
     type: str
     path: str
     options: dict[str, Any]
-    samples: list = field(default_factory=list)
+    samples: list = field(default_factory=list)  # the samples scored (the first `limit`)
+    pool: list = field(default_factory=list)  # every sample of the file: few-shot examples come from here
 
 
 def resolve_options(task_name: str, task_type: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -184,12 +185,11 @@ def _builtin_records(source: str, task_type: str) -> list[dict]:
     return multiple_choice_records()
 
 
-def load_samples(path: str | Path, task_type: str, options: dict[str, Any], limit: Optional[int] = None) -> list:
+def load_samples(path: str | Path, task_type: str, options: dict[str, Any]) -> list:
     """Read and validate a JSONL task file (all of it: a bad record later on is still an error)."""
     if str(path).startswith("builtin://"):
         records = _builtin_records(str(path), task_type)
-        samples = [parse_sample(task_type, r, options, f"{path} record {i}") for i, r in enumerate(records, start=1)]
-        return samples[:limit] if limit else samples
+        return [parse_sample(task_type, r, options, f"{path} record {i}") for i, r in enumerate(records, start=1)]
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"task file {path} not found; point the task's `path` at a local JSONL file")
@@ -206,12 +206,14 @@ def load_samples(path: str | Path, task_type: str, options: dict[str, Any], limi
             samples.append(parse_sample(task_type, record, options, where))
     if not samples:
         raise TaskError(f"task file {path} has no records")
-    return samples[:limit] if limit else samples
+    return samples
 
 
 def load_task(name: str, task_type: str, path: str, options: dict[str, Any], limit: Optional[int] = None) -> Task:
     resolved = resolve_options(name, task_type, options)
-    return Task(name, task_type, str(path), resolved, load_samples(path, task_type, resolved, limit))
+    everything = load_samples(path, task_type, resolved)
+    # `limit` picks the samples scored; few-shot examples still come from the whole file, as in lm-eval.
+    return Task(name, task_type, str(path), resolved, everything[:limit] if limit else everything, everything)
 
 
 # ---- few-shot -----------------------------------------------------------------------------------
