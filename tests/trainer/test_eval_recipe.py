@@ -140,18 +140,11 @@ def test_generate_task_scores_greedy_generations(tmp_path, hf_tiny, tokenizer):
 
 
 def test_adapter_is_applied_and_equals_the_merged_model(tmp_path):
-    from kubetune.trainer.checkpoint import load_pretrained, save_pretrained
-    from kubetune.trainer.peft import apply_lora, merge_adapter, save_adapter
-
-    lora = resolve_config("lora_finetune", "tiny_lora").lora
-    model = apply_lora(load_pretrained("builtin://tiny"), lora)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    save_adapter(model, tmp_path / "adapter", "builtin://tiny")
     from kubetune.trainer.builtin import resolve_model_path
+    from kubetune.trainer.checkpoint import save_pretrained
+    from kubetune.trainer.peft import merge_adapter
+
+    model = random_adapter(tmp_path / "adapter")
 
     save_pretrained(merge_adapter(model), tmp_path / "merged", tokenizer_dir=resolve_model_path("builtin://tiny"))
 
@@ -171,16 +164,36 @@ def test_adapter_is_applied_and_equals_the_merged_model(tmp_path):
     assert flat(lls["adapter"]) != pytest.approx(flat(lls["base"]), abs=1e-3)
 
 
-def test_nf4_base_scores_like_the_dequantized_model(tmp_path):
+def random_adapter(folder, seed: int = 0):
+    """A tiny_lora-shaped adapter for builtin://tiny with random (non-zero) weights."""
     from kubetune.trainer.checkpoint import load_pretrained
+    from kubetune.trainer.peft import apply_lora, save_adapter
+
+    model = apply_lora(load_pretrained("builtin://tiny"), resolve_config("lora_finetune", "tiny_lora").lora)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    save_adapter(model, folder, "builtin://tiny")
+    return model
+
+
+@pytest.mark.parametrize("with_adapter", [False, True], ids=["nf4", "nf4+adapter"])
+def test_nf4_base_scores_like_the_dequantized_model(tmp_path, with_adapter):
+    from kubetune.trainer.checkpoint import load_pretrained
+    from kubetune.trainer.peft import load_adapter
     from kubetune.trainer.quant import dequantize, quantize_base
 
     mc = write_jsonl(tmp_path / "mc.jsonl", FACTS)
     tasks = [{"name": "facts", "type": "multiple_choice", "path": mc, "options": {"context_field": "question"}}]
-    run_eval(eval_config(tmp_path, tasks, model={"path": "builtin://tiny", "quantize_base": "nf4"}))
+    adapter = str(tmp_path / "adapter") if with_adapter else None
+    if adapter:
+        random_adapter(adapter)
+    run_eval(eval_config(tmp_path, tasks, model={"path": "builtin://tiny", "quantize_base": "nf4"}, adapter=adapter))
     ours = [json.loads(x)["loglikelihoods"] for x in (tmp_path / "out" / "samples_facts.jsonl").read_text().splitlines()]
 
-    # Reference: the same NF4 round trip, written back as plain float weights.
+    # Reference: the same NF4 round trip, written back as plain float weights (+ the same adapter).
     from kubetune.trainer.eval.runner import RunSettings, evaluate_multiple_choice
     from kubetune.trainer.eval.tasks import load_task
     from kubetune.trainer.tokenizers import load_tokenizer
@@ -190,6 +203,8 @@ def test_nf4_base_scores_like_the_dequantized_model(tmp_path):
     with torch.no_grad():
         for (name, param), (_, q) in zip(plain.named_parameters(), quantized.named_parameters()):
             param.copy_(dequantize(q))  # plain tensors pass through
+    if adapter:
+        plain = load_adapter(plain, adapter)
     reference = evaluate_multiple_choice(
         plain, load_tokenizer("builtin://tiny"), load_task("facts", "multiple_choice", mc, {"context_field": "question"}), RunSettings()
     )
