@@ -134,3 +134,37 @@ def test_recipe_rejects_a_tokenizer_that_does_not_fit_the_model(hf_checkpoint, t
     with pytest.raises(TokenizerError, match="vocab_size=128") as info:
         recipe_main(cfg)
     assert str(tiny_model_dir) in str(info.value)
+
+
+def test_recipe_with_adapter_equals_peft_greedy(tiny_model_dir, tmp_path, capsys):
+    """cfg.adapter goes through kubetune.trainer.peft.load_adapter; the text equals transformers +
+    peft greedy decoding with the same adapter folder."""
+    from lora_fixtures import randomize_adapters
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from kubetune.trainer.config import resolve_config
+    from kubetune.trainer.config.lora import LoRASection
+    from kubetune.trainer.peft import apply_lora, save_adapter
+    from kubetune.trainer.recipes.generate import recipe_main
+    from kubetune.trainer.tokenizers import load_tokenizer
+
+    model = load_pretrained(tiny_model_dir)
+    apply_lora(model, LoRASection(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"]))
+    randomize_adapters(model, scale=0.5)
+    adapter = save_adapter(model, tmp_path / "adapter", str(tiny_model_dir))
+
+    prompt = "The capital of France"
+    cfg = resolve_config("generate", {"model": {"path": "builtin://tiny"}, "adapter": str(adapter), "prompt": prompt,
+                                      "max_new_tokens": 10, "device": "cpu"})
+    summary = recipe_main(cfg)
+    assert capsys.readouterr().out == summary["text"] + "\n"
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter)).eval()
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                             eos_token_id=list(load_tokenizer(tiny_model_dir).stop_ids), pad_token_id=tokenizer.pad_token_id)
+    assert summary["text"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    base_text = tokenizer.decode(generate(load_pretrained(tiny_model_dir), [ids[0].tolist()], 10)[0], skip_special_tokens=True)
+    assert summary["text"] != base_text  # the adapter really changed the model
