@@ -190,12 +190,13 @@ def test_preference_records_give_chosen_and_rejected_with_the_prompt_masked():
         tokenize_records(records_of([{"prompt": "Q?", "chosen": "good"}]), TOK, "preference", 4096)
 
 
-def test_truncation_keeps_max_seq_len_and_drops_samples_with_nothing_to_learn():
+def test_truncation_keeps_max_seq_len_and_drops_samples_with_nothing_to_learn(caplog):
     long_output = {"instruction": "x", "output": "y" * 500}
     samples = tokenize_records(records_of([long_output]), TOK, "alpaca", max_seq_len=300)
     assert len(samples[0]["input_ids"]) == len(samples[0]["labels"]) == 300
     long_prompt = {"instruction": "x" * 500, "output": "y"}  # the response falls past max_seq_len
-    assert tokenize_records(records_of([long_prompt]), TOK, "alpaca", max_seq_len=300) == []
+    assert tokenize_records(records_of([long_prompt, long_output]), TOK, "alpaca", max_seq_len=300) == samples
+    assert "1 of 2 samples dropped" in caplog.text and "raise max_seq_len" in caplog.text
 
 
 # --- packing and collate -----------------------------------------------------------------------

@@ -12,10 +12,12 @@ Torch-free; the tokenizer is anything with the `kubetune.trainer.tokenizers` int
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable, Protocol
 
 from kubetune.trainer.data.sources import DatasetError, SourceRecord
 
+log = logging.getLogger("kubetune.data")
 IGNORE_INDEX = -100
 
 ALPACA_PROMPT = (
@@ -56,6 +58,7 @@ def tokenize_records(
     """Tokenize, mask, truncate. Samples left with nothing to train on (a prompt longer than
     max_seq_len) are dropped: they would add zero to the loss and cost a forward pass."""
     samples: list[dict[str, list[int]]] = []
+    dropped = 0
     for record in records:
         if format == "alpaca":
             new = [alpaca_sample(record, tokenizer, train_on_input)]
@@ -72,6 +75,13 @@ def tokenize_records(
             sample = truncate(sample, max_seq_len)
             if any(label != IGNORE_INDEX for label in sample["labels"]):
                 samples.append(sample)
+            else:
+                dropped += 1
+    if dropped:
+        log.warning(
+            "%d of %d samples dropped: their prompt fills all of max_seq_len=%d, leaving nothing to train on; "
+            "raise max_seq_len to keep them", dropped, dropped + len(samples), max_seq_len,
+        )
     return samples
 
 
