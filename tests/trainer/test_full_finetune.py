@@ -94,3 +94,16 @@ def test_run_errors_name_the_problem_without_a_traceback(tmp_path, capsys):
     assert code == 2 and "is not a complete checkpoint" in err
     code, err = run("max_seq_len=16")
     assert code == 2 and "raise max_seq_len (now 16)" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("overrides", [["dtype=fp32", "bf16_autocast=true"], ["dtype=bf16"]], ids=["autocast", "pure_bf16"])
+def test_learns_on_cuda_in_bf16(tmp_path, overrides):
+    from kubetune.trainer.recipes.full_finetune import recipe_main
+
+    cfg = tiny_config(tmp_path, "device=cuda", "max_steps=60", "eval_every_steps=60", "activation_checkpointing=true",
+                      *overrides)
+    recipe_main(cfg)
+    evals = [r["eval_loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "eval_loss" in r]
+    assert evals[-1] < 0.5 * evals[0], evals
