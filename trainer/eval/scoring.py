@@ -65,7 +65,7 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _batches(groups: list[tuple[tuple[int, ...], list[int]]], batch_size: int):
-    """Consecutive groups with up to `batch_size` continuations in all (a larger group goes alone)."""
+    """Consecutive groups with up to `batch_size` continuations in all."""
     batch: list = []
     size = 0
     for group in groups:
@@ -96,12 +96,14 @@ def score_requests(
                 f"a continuation of {len(continuation)} tokens does not fit max_seq_len={max_len}; raise max_seq_len"
             )
         by_context.setdefault(tuple(context), []).append(index)
+    # A context with more continuations than fit a batch is run once per chunk of them.
+    groups = [(context, list(chunk)) for context, members in by_context.items() for chunk in chunks(members, batch_size)]
     # Longest first: similar lengths share a batch (less padding) and memory peaks up front.
-    groups = sorted(by_context.items(), key=lambda g: -(len(g[0]) + max(len(requests[i][1]) for i in g[1])))
+    groups.sort(key=lambda g: -(len(g[0]) + max(len(requests[i][1]) for i in g[1])))
     results: list[Optional[tuple[float, bool]]] = [None] * len(requests)
     for batch in _batches(groups, batch_size):
         contexts = [list(context) for context, _ in batch]
-        continuations = [[requests[i][1] for i in members] for _, members in batch]
+        continuations = [[list(requests[i][1]) for i in members] for _, members in batch]
         scored = _score_batch(model, contexts, continuations, max_len, pad_id)
         for (_, members), group_scores in zip(batch, scored):
             for index, score in zip(members, group_scores):
