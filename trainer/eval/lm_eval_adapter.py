@@ -121,6 +121,10 @@ class KubetuneLM(TemplateLM):  # type: ignore[misc,valid-type]
             max_new = int(kwargs.pop("max_gen_toks", kwargs.pop("max_new_tokens", self.max_gen_toks)))
             do_sample = bool(kwargs.pop("do_sample", False))
             temperature = float(kwargs.pop("temperature", 0.0)) if do_sample else 0.0
+            if max_new >= self.max_length:
+                raise KubetuneError(
+                    f"an lm-eval task asks for {max_new} new tokens but max_seq_len is {self.max_length}; raise max_seq_len"
+                )
             for batch_index, batch in enumerate(chunks(indices, self.batch_size)):
                 prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in batch]
                 new_tokens = generate(
