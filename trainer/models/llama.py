@@ -319,6 +319,8 @@ class LlamaForCausalLM(nn.Module):
         device = input_ids.device
         if kv_cache is not None and kv_cache.length + seq > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} tokens; {kv_cache.length + seq} needed")
+        if kv_cache is not None and attention_mask is not None and attention_mask.shape[1] != seq:
+            raise ValueError("with a kv_cache, attention_mask covers only the new tokens ([B, T] for input_ids [B, T])")
         if position_ids is None:
             position_ids = _default_positions(batch, seq, device, attention_mask, segment_ids, kv_cache)
         mask = _attention_mask(self.args, batch, seq, device, attention_mask, segment_ids, kv_cache)
