@@ -13,7 +13,7 @@ from kubetune.trainer.config import resolve_config
 from kubetune.trainer.recipes.lora_finetune import recipe_main
 
 TOL = 1e-5
-FAST = ["progress_bar=false", "batch_size=8", "eval_max_batches=2", "eval_every_steps=null", "log_every_steps=1"]
+FAST = ["progress_bar=false", "batch_size=8", "max_seq_len=96", "eval_max_batches=2", "eval_every_steps=null", "log_every_steps=1"]
 
 
 def run(tmp_path, name, *overrides, config="tiny_lora"):

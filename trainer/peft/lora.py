@@ -95,7 +95,8 @@ class LoRALinear(nn.Module):
         result = self.base_forward(x)
         x_lora = x.to(self.lora_A.weight.dtype)
         if not self.use_dora:
-            update = self.lora_B(self.lora_A(self.lora_dropout(x_lora))) * self.scaling
+            # Scale the rank-r intermediate, not the [.., out] update: same math, r/out of the work.
+            update = self.lora_B(self.lora_A(self.lora_dropout(x_lora)) * self.scaling)
             return result + update.to(result.dtype)
         return result + self._dora_extra(x_lora, result).to(result.dtype)
 
