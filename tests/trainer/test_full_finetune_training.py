@@ -118,3 +118,18 @@ def test_sigterm_sets_a_flag_inside_and_restores_the_handler_after():
     assert signal.getsignal(signal.SIGTERM) == before
     with GracefulStop(enabled=False):
         assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_progress_prints_plain_lines_without_a_terminal_and_nothing_when_disabled(capsys):
+    from kubetune.trainer.training.progress import ProgressBar
+
+    bar = ProgressBar(total=4, enabled=True, text_every=2)  # pytest's stderr is not a terminal
+    for step in range(1, 5):
+        bar.update(step, loss=1.0 / step, lr=1e-3)
+    bar.close()
+    quiet = ProgressBar(total=4, enabled=False, text_every=2)
+    quiet.update(2, loss=0.5)
+    quiet.close()
+    printed = capsys.readouterr()
+    lines = (printed.out + printed.err).splitlines()
+    assert lines == ["step 2/4 loss=0.5000 lr=1.00e-03", "step 4/4 loss=0.2500 lr=1.00e-03"]

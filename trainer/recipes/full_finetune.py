@@ -82,7 +82,7 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
     exporter = PrometheusExporter(cfg.metrics_port)
     exporter.update(step=step, total_steps=total_steps, epoch=train_loader.epoch,
                     last_checkpoint_step=step if resume_dir else None)
-    progress = ProgressBar(total_steps, initial=step, enabled=cfg.progress_bar)
+    progress = ProgressBar(total_steps, initial=step, enabled=cfg.progress_bar, text_every=cfg.log_every_steps)
     autocast = bf16_autocast(device, dtype, cfg.bf16_autocast)
     tokenizer_dir = resolve_local_dir(cfg.tokenizer_path)  # copied next to every saved model
 

@@ -1,5 +1,6 @@
-"""A progress bar for local runs (tqdm); silent when disabled or when stderr is not a terminal
-that wants one (tqdm's own `disable=None` rule)."""
+"""A progress bar for local runs (tqdm). Off when disabled, and when stderr is not a terminal
+(tqdm's `disable=None`): in a pod's log a redrawn bar is noise, so an enabled bar there prints a
+plain line every `text_every` steps instead. `write()` lines (eval losses, SIGTERM) always print."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,8 +9,11 @@ from tqdm.auto import tqdm
 
 
 class ProgressBar:
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
-        self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, disable=not enabled)
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train", text_every: int = 10):
+        self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+                         disable=None if enabled else True)
+        self._text_every = text_every if enabled and self._bar.disable else 0
+        self.total = total
 
     def update(self, step: int, loss: Optional[float] = None, lr: Optional[float] = None) -> None:
         self._bar.n = step
@@ -20,6 +24,8 @@ class ProgressBar:
             postfix["lr"] = f"{lr:.2e}"
         self._bar.set_postfix(postfix, refresh=False)
         self._bar.refresh()
+        if self._text_every and (step % self._text_every == 0 or step == self.total):
+            self.write(f"step {step}/{self.total} " + " ".join(f"{k}={v}" for k, v in postfix.items()))
 
     def write(self, message: str) -> None:
         self._bar.write(message)
