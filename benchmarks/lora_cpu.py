@@ -13,9 +13,11 @@ other work only adds time, so the minimum is the least noisy estimate), peak RSS
 during training (peak minus RSS once the model is built), trainable parameters, AdamW state
 bytes, and the bytes of the decoder projection weights (QLoRA vs the same weights in bf16).
 Runs alternate between implementations to spread the noise of a shared machine; the best
-repeat of each is kept.
+repeat of each is kept. Speed is also measured head to head: kubetune-lora and peft-lora in one
+process, one training step of each in turn (the load of a shared machine hits both alike).
 
     .venv/bin/python benchmarks/lora_cpu.py                  # all cases, prints a markdown table
+    .venv/bin/python benchmarks/lora_cpu.py --speed          # only the interleaved speed A/B
     .venv/bin/python benchmarks/lora_cpu.py --case kubetune-lora --json   # one child run
 """
 from __future__ import annotations
@@ -133,12 +135,55 @@ def run_case(case: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     }
 
 
+def train_step(model, forward, optimizer, ids) -> float:
+    import torch.nn.functional as F
+
+    started = time.perf_counter()
+    logits = forward(ids)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def interleaved_speed(cases: list[str], batch: int, seq: int, steps: int, warmup: int) -> dict[str, dict]:
+    """tokens/s of several cases in one process, one step of each in turn, so the load of a shared
+    machine falls on all of them alike (the fairest speed comparison available here)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for case in cases:
+        model, forward = build(case)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        runs[case] = (model, forward, optimizer)
+    times: dict[str, list[float]] = {case: [] for case in cases}
+    for step in range(warmup + steps):
+        for case, (model, forward, optimizer) in runs.items():
+            elapsed = train_step(model, forward, optimizer, ids)
+            if step >= warmup:
+                times[case].append(elapsed)
+    return {case: {"min_tokens_per_second": batch * seq / min(t), "median_tokens_per_second": batch * seq / statistics.median(t)}
+            for case, t in times.items()}
+
+
 def child(case: str, args) -> dict:
     cmd = [sys.executable, __file__, "--case", case, "--json", "--batch", str(args.batch), "--seq", str(args.seq),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
+
+def print_speed(args) -> None:
+    speed = interleaved_speed(["kubetune-lora", "peft-lora"], args.batch, args.seq, 3 * args.steps, args.warmup)
+    ratio_min = speed["kubetune-lora"]["min_tokens_per_second"] / speed["peft-lora"]["min_tokens_per_second"]
+    ratio_median = speed["kubetune-lora"]["median_tokens_per_second"] / speed["peft-lora"]["median_tokens_per_second"]
+    print(f"interleaved in one process, {3 * args.steps} steps each: kubetune-lora "
+          f"{speed['kubetune-lora']['min_tokens_per_second']:.0f} tokens/s (median {speed['kubetune-lora']['median_tokens_per_second']:.0f}), "
+          f"peft-lora {speed['peft-lora']['min_tokens_per_second']:.0f} (median {speed['peft-lora']['median_tokens_per_second']:.0f}): "
+          f"{ratio_min:.2f}x by fastest step, {ratio_median:.2f}x by median\n")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -149,11 +194,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--speed", action="store_true", help="only the interleaved kubetune-lora vs peft-lora speed run")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.batch, args.seq, args.steps, args.warmup)))
         return
-
+    if args.speed:
+        print_speed(args)
+        return
+    # Memory first, in fresh children: Linux keeps a parent's peak RSS in a forked child's
+    # ru_maxrss, so this process must still be small when it starts them.
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
         for case in CASES:
@@ -173,8 +223,8 @@ def main() -> None:
     print(f"\nkubetune LoRA vs transformers+peft: {ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x tokens/s, "
           f"peak RSS {ours['peak_rss_mib']:.0f} vs {theirs['peak_rss_mib']:.0f} MiB")
     print(f"QLoRA projection bytes / bf16 bytes: {q['projection_mib'] / q['projection_bf16_mib']:.3f}")
-    print(f"LoRA AdamW state / full AdamW state: {ours['optimizer_state_mib'] / best['kubetune-full']['optimizer_state_mib']:.4f}")
-
+    print(f"LoRA AdamW state / full AdamW state: {ours['optimizer_state_mib'] / best['kubetune-full']['optimizer_state_mib']:.4f}\n")
+    print_speed(args)
 
 if __name__ == "__main__":
     main()
