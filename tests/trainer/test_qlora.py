@@ -84,3 +84,15 @@ def test_merging_a_qlora_model_gives_dense_weights():
     merged_proj = merged.get_submodule("model.layers.0.self_attn.q_proj").weight
     assert not is_nf4(merged_proj) and merged_proj.dtype == torch.float32
     assert (logits(merged, ids) - before).abs().max().item() <= TOL
+
+
+def test_adapter_loads_onto_an_nf4_base(tmp_path):
+    """Evaluating a QLoRA run: NF4 base + saved adapter reproduces the trained model."""
+    base = tiny_hf_model()
+    qlora = apply_lora(quantize_base(fresh_copy(base)), LoRA(target_modules=["v_proj", "up_proj"], use_dora=True))
+    randomize_adapters(qlora)
+    save_adapter(qlora, tmp_path / "a")
+    reloaded = load_adapter(quantize_base(fresh_copy(base)), tmp_path / "a")
+    assert is_nf4(reloaded.get_submodule("model.layers.0.mlp.up_proj").weight)
+    ids = input_ids()
+    assert (logits(reloaded, ids) - logits(qlora, ids)).abs().max().item() <= TOL
