@@ -28,14 +28,17 @@ DEFAULT_SKIP = ("lm_head",)
 @contextmanager
 def _quiet_torchao_import() -> Iterator[None]:
     """torchao logs a warning for each CUDA-only extension (mxfp8, cutlass) it cannot load on this
-    build; NF4 uses none of them, so keep that noise out of the users' logs."""
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    build, and torch one for each enum torchao registers with pytree; NF4 needs none of them, so
+    keep that noise out of the users' logs."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _torchao_nf4():
