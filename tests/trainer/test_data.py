@@ -207,18 +207,30 @@ def sample(n, start):
 
 
 def test_packing_keeps_documents_apart_with_segments_and_restarting_positions():
+    # Best-fit decreasing: 5 tokens first, then 4 (does not fit beside it), then 3 (fills the first pack).
     packs = pack_samples([sample(3, 10), sample(4, 20), sample(5, 30)], max_seq_len=8, pad_id=0)
     assert len(packs) == 2
     first, second = packs
-    assert first["input_ids"] == [10, 11, 12, 20, 21, 22, 23, 0]
-    assert first["segment_ids"] == [1, 1, 1, 2, 2, 2, 2, 0]
-    assert first["position_ids"] == [0, 1, 2, 0, 1, 2, 3, 0]
+    assert first["input_ids"] == [10, 11, 12, 30, 31, 32, 33, 34]
+    assert first["segment_ids"] == [1, 1, 1, 2, 2, 2, 2, 2]
+    assert first["position_ids"] == [0, 1, 2, 0, 1, 2, 3, 4]
     # Each document's first label is ignored, so the shifted loss never crosses a boundary; pads too.
-    assert first["labels"] == [IGNORE_INDEX, 11, 12, IGNORE_INDEX, 21, 22, 23, IGNORE_INDEX]
-    assert second["segment_ids"] == [1] * 5 + [0] * 3 and second["position_ids"][:5] == [0, 1, 2, 3, 4]
-    # Nothing lost, nothing duplicated.
-    tokens = [t for p in packs for t, s in zip(p["input_ids"], p["segment_ids"]) if s]
-    assert tokens == [10, 11, 12, 20, 21, 22, 23, 30, 31, 32, 33, 34]
+    assert first["labels"] == [IGNORE_INDEX, 11, 12, IGNORE_INDEX, 31, 32, 33, 34]
+    assert second["input_ids"] == [20, 21, 22, 23, 0, 0, 0, 0]
+    assert second["segment_ids"] == [1] * 4 + [0] * 4 and second["position_ids"] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert second["labels"] == [IGNORE_INDEX, 21, 22, 23] + [IGNORE_INDEX] * 4
+
+
+def test_packing_fills_packs_better_than_file_order_and_loses_nothing():
+    lengths = [5, 4, 3, 4, 2, 6]  # 24 tokens: in file order they need 4 packs of 8, best fit needs 3
+    docs = [sample(n, 10 * (i + 1)) for i, n in enumerate(lengths)]
+    packs = pack_samples(docs, max_seq_len=8, pad_id=0)
+    assert len(packs) == 3 and all(0 not in p["segment_ids"] for p in packs)
+    tokens = sorted(t for p in packs for t, s in zip(p["input_ids"], p["segment_ids"]) if s)
+    assert tokens == sorted(t for d in docs for t in d["input_ids"])
+    assert pack_samples(docs, 8, 0) == packs  # deterministic
+    with pytest.raises(ValueError, match="longer than max_seq_len=4"):
+        pack_samples(docs, max_seq_len=4, pad_id=0)
 
 
 def test_packed_model_logits_equal_each_document_run_alone():
