@@ -58,7 +58,8 @@ def current_rss_mib() -> float:
 
 
 def build(case: str):
-    """(model, forward(ids) -> logits) for one case, from the same seed."""
+    """(model, loss(ids)) for one case, from the same seed; each stack computes its training loss
+    its own way: transformers from `labels`, kubetune with the recipes' fused lm_head + loss."""
     import torch
 
     torch.manual_seed(0)
@@ -68,7 +69,7 @@ def build(case: str):
 
         model = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation="sdpa"))
         model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
-        return model, lambda ids: model(input_ids=ids, use_cache=False).logits
+        return model, lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss
 
     from kubetune.trainer.models import LlamaForCausalLM, ModelArgs
     from kubetune.trainer.peft import apply_lora
@@ -82,7 +83,9 @@ def build(case: str):
         from types import SimpleNamespace
 
         apply_lora(model, SimpleNamespace(rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=TARGETS, use_dora=False))
-    return model, lambda ids: model(ids)
+    from kubetune.trainer.training.loss import causal_lm_loss_sum_from_hidden
+
+    return model, lambda ids: causal_lm_loss_sum_from_hidden(model.hidden_states(ids), model.lm_head, ids) / (ids.numel() - len(ids))
 
 
 def projection_bytes(model) -> tuple[int, int]:
@@ -100,10 +103,8 @@ def projection_bytes(model) -> tuple[int, int]:
 
 def run_case(case: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     import torch
-    import torch.nn.functional as F
-
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    model, forward = build(case)
+    model, loss_of = build(case)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -113,9 +114,7 @@ def run_case(case: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     times = []
     for step in range(warmup + steps):
         started = time.perf_counter()
-        logits = forward(ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
+        loss_of(ids).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step >= warmup:
@@ -135,12 +134,9 @@ def run_case(case: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     }
 
 
-def train_step(model, forward, optimizer, ids) -> float:
-    import torch.nn.functional as F
-
+def train_step(model, loss_of, optimizer, ids) -> float:
     started = time.perf_counter()
-    logits = forward(ids)
-    F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+    loss_of(ids).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - started
@@ -155,14 +151,14 @@ def interleaved_speed(cases: list[str], batch: int, seq: int, steps: int, warmup
     ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
     runs = {}
     for case in cases:
-        model, forward = build(case)
+        model, loss_of = build(case)
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        runs[case] = (model, forward, optimizer)
+        runs[case] = (model, loss_of, optimizer)
     times: dict[str, list[float]] = {case: [] for case in cases}
     for step in range(warmup + steps):
-        for case, (model, forward, optimizer) in runs.items():
-            elapsed = train_step(model, forward, optimizer, ids)
+        for case, (model, loss_of, optimizer) in runs.items():
+            elapsed = train_step(model, loss_of, optimizer, ids)
             if step >= warmup:
                 times[case].append(elapsed)
     return {case: {"min_tokens_per_second": batch * seq / min(t), "median_tokens_per_second": batch * seq / statistics.median(t)}

@@ -74,9 +74,9 @@ def build(case: str, device):
 
 def run(case: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     import torch
-    import torch.nn.functional as F
 
     from kubetune.trainer.quant import weight_nbytes
+    from kubetune.trainer.training.loss import causal_lm_loss_sum_from_hidden
 
     device = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -90,12 +90,12 @@ def run(case: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     for step in range(warmup + steps):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        logits = model(ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        # The recipes' loss: lm_head + cross-entropy fused in chunks, no full [B, T, vocab] logits.
+        loss = causal_lm_loss_sum_from_hidden(model.hidden_states(ids), model.lm_head, ids) / (ids.numel() - len(ids))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        del logits, loss
+        del loss
         torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - started)

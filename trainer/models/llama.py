@@ -315,6 +315,24 @@ class LlamaForCausalLM(nn.Module):
             restarts at each new segment.
         segment_ids: [B, T] document ids of packed sequences; attention stays within a document.
         """
+        hidden = self.hidden_states(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, segment_ids=segment_ids, kv_cache=kv_cache
+        )
+        return self.lm_head(hidden).float()
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        """The final normalised hidden states [B, T, hidden]: everything but the lm_head.
+
+        Training computes the lm_head inside the loss (`training.loss.causal_lm_loss_sum_from_hidden`),
+        only where there is a label, without materialising the full logits."""
         batch, seq = input_ids.shape
         device = input_ids.device
         if kv_cache is not None and kv_cache.length + seq > kv_cache.max_len:
@@ -334,7 +352,7 @@ class LlamaForCausalLM(nn.Module):
                 hidden = layer(hidden, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += seq
-        return self.lm_head(self.model.norm(hidden)).float()
+        return self.model.norm(hidden)
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self._inv_freq.to(position_ids.device)

@@ -33,7 +33,7 @@ from kubetune.trainer.peft.adapter import write_adapter_files
 from kubetune.trainer.peft.merge import merge_to_dir
 from kubetune.trainer.tokenizers import load_tokenizer
 from kubetune.trainer.training.checkpointing import CheckpointManager, load_training_state
-from kubetune.trainer.training.loss import causal_lm_loss_sum, count_label_tokens
+from kubetune.trainer.training.loss import causal_lm_loss_sum_from_hidden, count_label_tokens
 from kubetune.trainer.training.metrics import MetricsLog, PrometheusExporter, peak_memory_bytes
 from kubetune.trainer.training.optim import build_lr_scheduler, build_optimizer
 from kubetune.trainer.training.progress import ProgressBar
@@ -138,17 +138,18 @@ def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
                 for batch in micro_batches:
                     batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
                     with autocast:
-                        logits = model(
+                        hidden = model.hidden_states(
                             batch["input_ids"],
                             attention_mask=batch.get("attention_mask"),
                             position_ids=batch.get("position_ids"),
                             segment_ids=batch.get("segment_ids"),
                         )
-                        loss = causal_lm_loss_sum(logits, batch["labels"]) / step_tokens
+                        # The lm_head runs inside the loss, on labelled positions only.
+                        loss = causal_lm_loss_sum_from_hidden(hidden, model.lm_head, batch["labels"]) / step_tokens
                     loss.backward()
                     step_loss += loss.detach()
                     input_tokens += real_tokens(batch)
-                    del logits, loss
+                    del hidden, loss
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(adapter_params, cfg.max_grad_norm)
@@ -234,9 +235,9 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader, device: torch.device, 
     for batch in loader.epoch_batches(max_batches):
         batch = {key: value.to(device) for key, value in batch.items()}
         with autocast:
-            logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                           position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"))
-        total += float(causal_lm_loss_sum(logits, batch["labels"]))
+            hidden = model.hidden_states(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                         position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"))
+            total += float(causal_lm_loss_sum_from_hidden(hidden, model.lm_head, batch["labels"]))
         tokens += count_label_tokens(batch["labels"])
     model.train()
     return total / max(1, tokens)
