@@ -88,7 +88,7 @@ def run_recipe(args, model_dir: Path, data: Path) -> dict:
 
     metrics.MetricsLog.write = noting_cpu_time
     out = Path(args.workdir) / "recipe_out"
-    recipe_main(resolve_config("full_finetune", None, recipe_overrides(args, model_dir, data, out, args.data == "instruct")))
+    recipe_main(resolve_config("full_finetune", None, recipe_overrides(args, model_dir, data, out, args.data == "instruct" and not args.no_pack)))
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r][WARMUP:]
     tokens = sum(r["tokens"] for r in steps)
     seconds = sum(r["tokens"] / r["tokens_per_second"] for r in steps)
@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--data", choices=["text", "instruct"], default="text",
                         help="text: identical full-length batches on both sides (engine vs engine); instruct: "
                         "uneven alpaca records, the recipe packs them, the transformers loop pads each batch")
+    parser.add_argument("--no-pack", action="store_true",
+                        help="with --data instruct: the recipe does not pack either, so both sides get identical padded batches")
     parser.add_argument("--compile", action="store_true", help="recipe with compile: true")
     parser.add_argument("--hf-fused", action="store_true", help="give the transformers loop fused AdamW too")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per side (OMP_NUM_THREADS)")
@@ -174,7 +176,7 @@ def main() -> None:
                 results[side].append(json.loads(line[0][7:]))
     print(f"model: {params / 1e6:.1f}M parameters; batch {args.batch_size} x seq {args.seq_len}; {args.steps} steps "
           f"({WARMUP} warm-up excluded); torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs; data={args.data}; compile={args.compile}, transformers loop fused AdamW={args.hf_fused}")
+          f"{os.cpu_count()} CPUs; data={args.data}; recipe packs={args.data == 'instruct' and not args.no_pack}; compile={args.compile}, transformers loop fused AdamW={args.hf_fused}")
     print()
     print("| | tokens/s wall (best round) | tokens per CPU-second (best round) | each round (wall / CPU) "
           "| peak RSS MiB (max) | final loss |")
