@@ -27,6 +27,12 @@ from kubetune.trainer.registry import RECIPES
 TRAINING_RECIPES = tuple(name for name, info in RECIPES.items() if info.trains)
 Recipe = Literal[TRAINING_RECIPES]  # type: ignore[valid-type]
 
+# `default: {}` in the CRD for the optional fields that are immutable or read by a CEL rule: the
+# API server then fills them in (and their own defaults) as pydantic does, so `self == oldSelf`
+# also sees a field added or removed after creation (a transition rule is skipped where the old
+# or new value is missing), and `self.resources.nodes` exists when a manifest has no resources.
+DEFAULT_EMPTY = {"default": {}}
+
 
 class FineTuneJobSpec(PodOptions):
     recipe: Recipe = Field(description="Training recipe (`kubetune ls` lists them)")
@@ -37,9 +43,10 @@ class FineTuneJobSpec(PodOptions):
         description="Recipe config overrides (keys of `kubetune cp <config>`), validated by the operator "
         "with the recipe's config model. model.path, dataset.source and output_dir come from "
         "spec.model, spec.dataset and spec.output.",
+        json_schema_extra=DEFAULT_EMPTY,
     )
-    output: OutputSource = Field(default_factory=OutputSource)
-    resources: Resources = Field(default_factory=Resources)
+    output: OutputSource = Field(default_factory=OutputSource, json_schema_extra=DEFAULT_EMPTY)
+    resources: Resources = Field(default_factory=Resources, json_schema_extra=DEFAULT_EMPTY)
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra trainer environment")
     secrets: Secrets = Field(default_factory=Secrets)
     backend: Literal["auto", "job", "pytorchjob"] = Field(
