@@ -53,6 +53,20 @@ def webhook_from_env(env: dict[str, str]) -> Optional[kopf.WebhookServer]:
     )
 
 
+def exact_namespaces(namespaces: Sequence[str]) -> bool:
+    """Namespace names, none a kopf pattern (a glob `team-*`, a negation `!x`, a list `a,b`)."""
+    return bool(namespaces) and not any(set(ns) & set("!*?,") for ns in namespaces)
+
+
+def confine_to_namespaces(settings: kopf.OperatorSettings, namespaces: Sequence[str]) -> None:
+    """With exact namespaces, Roles in them are all the operator needs: kopf's scans of the
+    cluster's namespaces and CRDs would be refused (403), and kopf retries a refused namespace
+    list for about a minute before it serves anything. Patterns still need those scans (and the
+    rights to list and watch namespaces)."""
+    if exact_namespaces(namespaces):
+        settings.scanning.disabled = True
+
+
 async def run_operator(
     config: OperatorConfig,
     *,
@@ -66,9 +80,11 @@ async def run_operator(
 ) -> None:
     """The operator as a coroutine (the CLI, the tests and the benchmark all start it this way)."""
     state = state or OperatorState(config)
+    settings = settings or make_settings(peering=peering)
+    confine_to_namespaces(settings, namespaces)
     await kopf.operator(
         registry=build_registry(state),
-        settings=settings or make_settings(peering=peering),
+        settings=settings,
         clusterwide=not namespaces,
         namespaces=list(namespaces),
         standalone=peering is None,
