@@ -18,7 +18,7 @@ async def emulator() -> AsyncIterator[Emulator]:
 
 @pytest.fixture
 def operator(emulator):
-    return lambda webhook=None, **config: running_operator(emulator, webhook=webhook, **config)
+    return lambda webhook=None, namespaces=(), **config: running_operator(emulator, webhook=webhook, namespaces=namespaces, **config)
 
 
 @pytest.fixture

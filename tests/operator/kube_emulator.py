@@ -9,7 +9,12 @@ API server adds; each addition below says which behaviour of Kubernetes it stand
   - the garbage collector: deleting an owner deletes objects whose ownerReferences name its uid;
   - fault injection for tests: answer the next N matching requests with an error, or end a watch;
   - max_history: kmock matches each request against all earlier ones (quadratic), fine for a
-    test, not for 500 jobs: the benchmark keeps only the latest requests.
+    test, not for 500 jobs: the benchmark keeps only the latest requests;
+  - the Namespace resource itself (/api/v1/namespaces[/NAME]): kmock 0.8 reads `namespaces` there
+    as the namespace segment of a namespaced path and fails (500); kopf lists and watches
+    namespaces when it runs restricted to some (`kubetune operator --namespace NS`);
+  - RBAC of a ServiceAccount bound by a Role in each of some namespaces (`bind_role`): requests
+    with its token reach discovery and namespaced resources in those namespaces, 403 elsewhere.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from typing import Any, Optional
 import aiohttp.web
 import attrs
 import kmock
-from kmock._internal import enums
+from kmock._internal import enums, parsing
 
 # Resources kopf needs to start (namespaces, events, CRDs), the children, and our CRs.
 RESOURCES: dict[str, dict[str, Any]] = {
@@ -43,6 +48,47 @@ PYTORCHJOBS = {"kubeflow.org/v1/pytorchjobs": {"kind": "PyTorchJob", "namespaced
 VERBS = {"list", "watch", "patch", "get", "create", "delete", "update"}
 
 
+def _parse_path(path: str) -> parsing.ParsedPath:
+    """kmock's path parser, plus the cluster-scoped Namespace resource: /api/v1/namespaces and
+    /api/v1/namespaces/NAME (a namespaced path goes on: /api/v1/namespaces/NS/PLURAL...)."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+        return parsing.ParsedPath(group="", version="v1", plural="namespaces", name=parts[3] if len(parts) == 4 else None)
+    return _kmock_parse_path(path)
+
+
+_kmock_parse_path = parsing.parse_path
+parsing.parse_path = _parse_path  # kmock's request parser looks it up in its module on every request
+
+
+@dataclass(frozen=True)
+class Role:
+    """A ServiceAccount's rights when Roles (not ClusterRoles) bind it: namespaced resources in
+    these namespaces only. Discovery (/api, /apis, /apis/GROUP/VERSION, /version) stays open to
+    every authenticated client, as the system:discovery ClusterRole grants."""
+
+    token: str
+    namespaces: frozenset[str]
+
+    def applies_to(self, request: aiohttp.web.BaseRequest) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {self.token}"
+
+    def allows(self, path: str) -> bool:
+        parts = path.strip("/").split("/")
+        if parts == ["version"] or (parts[0] == "api" and len(parts) <= 2) or (parts[0] == "apis" and len(parts) <= 3):
+            return True
+        namespaced = parts[1:3] == ["v1", "namespaces"] if parts[0] == "api" else parts[3:4] == ["namespaces"]
+        rest = parts[3:] if parts[0] == "api" else parts[4:]
+        return namespaced and len(rest) >= 2 and rest[0] in self.namespaces
+
+
+def forbidden(request: aiohttp.web.BaseRequest) -> aiohttp.web.Response:
+    """The API server's 403, as the client sees it."""
+    message = f"{request.method} {request.path} is forbidden: the service account's Roles do not cover it"
+    body = {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 403, "reason": "Forbidden", "message": message}
+    return aiohttp.web.json_response(body, status=403)
+
+
 @dataclass
 class Fault:
     method: str  # GET, POST, PATCH, DELETE, WATCH
@@ -60,10 +106,22 @@ class Emulator(kmock.KubernetesEmulator):
     # kmock keeps every request for assertions and matches each new one against that history,
     # so long runs slow down quadratically; the benchmark keeps only the current request.
     max_history: Optional[int] = None
+    role: Optional[Role] = attrs.field(default=None, init=False)
+    refused: list[str] = attrs.field(factory=list, init=False)  # "METHOD /path" answered 403 by the role
 
     def declare(self, resources: dict[str, dict[str, Any]]) -> None:
         for key, info in resources.items():
             self.resources[key] = {**info, "verbs": VERBS}
+
+    def bind_role(self, token: str, namespaces: set[str]) -> None:
+        """Requests with this bearer token get only what Roles in these namespaces allow."""
+        self.role = Role(token, frozenset(namespaces))
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if self.role is not None and self.role.applies_to(raw_request) and not self.role.allows(raw_request.path):
+            self.refused.append(f"{raw_request.method} {raw_request.path}")
+            return forbidden(raw_request)
+        return await super().__call__(raw_request)
 
     def fail(self, method: str, path: str, status: int, times: int = 1) -> None:
         self.faults.append(Fault(method.upper(), re.compile(path), status, times))

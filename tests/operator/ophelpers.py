@@ -8,7 +8,7 @@ import copy
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import kmock
 import kopf
@@ -20,6 +20,7 @@ from kube_emulator import RESOURCES, Emulator
 
 REPO = Path(__file__).resolve().parents[2]
 NS = "team-a"
+OPERATOR_TOKEN = "kubetune-operator"  # the operator's ServiceAccount token (see Emulator.bind_role)
 
 
 @contextlib.asynccontextmanager
@@ -31,12 +32,15 @@ async def serving_emulator() -> AsyncIterator[Emulator]:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(emu: Emulator, webhook: Any = None, **config: Any) -> AsyncIterator[OperatorState]:
+async def running_operator(
+    emu: Emulator, webhook: Any = None, namespaces: Sequence[str] = (), **config: Any
+) -> AsyncIterator[OperatorState]:
     """The operator in its own thread and event loop, as in production a separate process:
-    it only talks HTTP to the emulator (and kopf's shutdown sees only its own tasks)."""
+    it only talks HTTP to the emulator (and kopf's shutdown sees only its own tasks).
+    namespaces: watch only these (`kubetune operator --namespace NS`); none: cluster-wide."""
     options = dict(sync_interval=0.2, metrics_port=0, metrics_addr="127.0.0.1", retry_delay=0.2, scrape_timeout=1.0)
     options.update(config)
-    state = OperatorState(OperatorConfig(login=lambda **_: kopf.ConnectionInfo(server=emu.base_url), **options))
+    state = OperatorState(OperatorConfig(login=lambda **_: kopf.ConnectionInfo(server=emu.base_url, token=OPERATOR_TOKEN), **options))
     settings = make_settings(peering=None, webhook=webhook)
     settings.admission.managed = None  # no ValidatingWebhookConfiguration: the test calls the webhook
     settings.watching.server_timeout = 5  # the emulator never ends watches itself
@@ -45,7 +49,9 @@ async def running_operator(emu: Emulator, webhook: Any = None, **config: Any) ->
 
     def main() -> None:
         try:
-            asyncio.run(run_operator(state.config, stop_flag=stop, ready_flag=ready, state=state, settings=settings))
+            asyncio.run(
+                run_operator(state.config, namespaces=namespaces, stop_flag=stop, ready_flag=ready, state=state, settings=settings)
+            )
         except BaseException as err:  # surfaced in the test below
             errors.append(err)
 
