@@ -96,3 +96,11 @@ def test_fused_loss_under_bf16_autocast_matches_the_autocast_reference():
     assert torch.allclose(loss, ref_loss, rtol=2e-2)
     for ours, theirs in zip(grads, ref_grads):
         assert (ours - theirs).abs().max() <= 2e-2 * theirs.abs().max()
+
+
+def test_a_second_backward_through_the_same_loss_is_refused_not_silently_wrong():
+    head, hidden, labels = _case()
+    loss = causal_lm_loss_sum_from_hidden(hidden, head, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()

@@ -102,14 +102,17 @@ class LinearCrossEntropySum(torch.autograd.Function):
                 grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.input_dtypes = (hidden.dtype, weight.dtype)
+        ctx.backward_done = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        if ctx.backward_done:  # the buffers below were scaled in place: a second pass would be wrong
+            raise RuntimeError("the fused lm_head loss supports one backward per forward (no retain_graph reuse)")
+        ctx.backward_done = True
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.input_dtypes
         # Scale in place: these buffers are this call's own, and a weight-size pass is not free.
-        # (Calling backward twice through one graph would scale twice; training never does.)
         if grad_hidden is not None:
             grad_hidden = grad_hidden.mul_(grad_loss).to(hidden_dtype)
         if grad_weight is not None:
