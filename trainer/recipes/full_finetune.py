@@ -11,9 +11,7 @@ checkpoint and exits with 143.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -27,12 +25,13 @@ from kubetune.trainer.data.dataset import BatchLoader, build_datasets
 from kubetune.trainer.device import resolve_device, resolve_dtype
 from kubetune.trainer.tokenizers import check_vocab_matches, load_tokenizer
 from kubetune.trainer.training.checkpointing import CheckpointManager, load_training_state
-from kubetune.trainer.training.loss import causal_lm_loss_sum_from_hidden, count_label_tokens
+from kubetune.trainer.training.loss import count_label_tokens
 from kubetune.trainer.training.metrics import MetricsLog, PrometheusExporter, peak_memory_bytes
 from kubetune.trainer.training.optim import build_lr_scheduler, build_optimizer
 from kubetune.trainer.training.progress import ProgressBar
 from kubetune.trainer.training.rng import load_rng_state, rng_state, seed_everything
 from kubetune.trainer.training.signals import GracefulStop
+from kubetune.trainer.training.steps import batch_loss_sum, bf16_autocast, evaluate, planned_steps, real_tokens
 from kubetune.trainer.training.summary import run_summary, write_termination_log
 
 log = logging.getLogger("kubetune.full_finetune")
@@ -122,18 +121,11 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
                 for batch in micro_batches:
                     batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
                     with autocast:
-                        hidden = model.hidden_states(
-                            batch["input_ids"],
-                            attention_mask=batch.get("attention_mask"),
-                            position_ids=batch.get("position_ids"),
-                            segment_ids=batch.get("segment_ids"),
-                        )
-                        # The lm_head runs inside the loss, on labelled positions only.
-                        loss = causal_lm_loss_sum_from_hidden(hidden, model.lm_head, batch["labels"]) / step_tokens
+                        loss = batch_loss_sum(model, batch) / step_tokens
                     loss.backward()
                     step_loss += loss.detach()
                     input_tokens += real_tokens(batch)
-                    del hidden, loss
+                    del loss
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -185,39 +177,3 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
         raise SystemExit(SIGTERM_EXIT_CODE)
     return summary
 
-
-def planned_steps(cfg: FullFinetuneConfig, batches_per_epoch: int) -> int:
-    """Optimizer steps in `epochs` passes over the data, capped by max_steps."""
-    per_epoch = batches_per_epoch / cfg.gradient_accumulation_steps
-    steps = max(1, math.floor(per_epoch * cfg.epochs))
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
-
-
-def bf16_autocast(device: torch.device, dtype: torch.dtype, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast for fp32 weights on CUDA; on the CPU, fp32 stays exact and deterministic."""
-    if enabled and device.type == "cuda" and dtype == torch.float32:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that are not padding (what tokens/s counts)."""
-    if "segment_ids" in batch:
-        return int((batch["segment_ids"] != 0).sum())
-    return int(batch["attention_mask"].sum())
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: BatchLoader, device: torch.device, autocast, max_batches: Optional[int]) -> float:
-    """Mean loss per target token over the held-out set."""
-    model.eval()
-    total, tokens = 0.0, 0
-    for batch in loader.epoch_batches(max_batches):
-        batch = {key: value.to(device) for key, value in batch.items()}
-        with autocast:
-            hidden = model.hidden_states(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                         position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"))
-            total += float(causal_lm_loss_sum_from_hidden(hidden, model.lm_head, batch["labels"]))
-        tokens += count_label_tokens(batch["labels"])
-    model.train()
-    return total / max(1, tokens)
