@@ -101,7 +101,7 @@ FINETUNEJOB = KindInfo(
     ),
 )
 
-_ONE_MODEL = "has(self.model) != has(self.fineTuneJob)"
+_ONE_MODEL = Rule("spec", "has(self.model) != has(self.fineTuneJob)", "set exactly one of spec.model and spec.fineTuneJob", ".model")
 
 EVALJOB = KindInfo(
     kind="EvalJob",
@@ -117,7 +117,7 @@ EVALJOB = KindInfo(
         PrinterColumn("Metric", "string", ".status.result.mainMetric"),
         AGE,
     ),
-    rules=(Rule("spec", _ONE_MODEL, "set exactly one of spec.model and spec.fineTuneJob", ".model"),),
+    rules=(_ONE_MODEL,),
 )
 
 MODELDEPLOYMENT = KindInfo(
@@ -134,7 +134,7 @@ MODELDEPLOYMENT = KindInfo(
         PrinterColumn("URL", "string", ".status.url"),
         AGE,
     ),
-    rules=(Rule("spec", _ONE_MODEL, "set exactly one of spec.model and spec.fineTuneJob", ".model"),),
+    rules=(_ONE_MODEL,),
 )
 
 KINDS: dict[str, KindInfo] = {info.kind: info for info in (FINETUNEJOB, EVALJOB, MODELDEPLOYMENT)}

@@ -143,6 +143,16 @@ Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspende
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
 
+class RunStatus(ApiModel):
+    """What every run-to-completion resource (FineTuneJob, EvalJob) reports; each adds its own result."""
+
+    phase: Optional[Phase] = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: Optional[int] = None
+    start_time: Optional[str] = None
+    completion_time: Optional[str] = None
+
+
 class PodOptions(ApiModel):
     """Scheduling and identity of the trainer pods (copied to the pod template as-is)."""
 

@@ -14,9 +14,9 @@ from kubetune.operator.api.common import (
     ModelSource,
     ObjectMeta,
     OutputSource,
-    Phase,
     PodOptions,
     Resources,
+    RunStatus,
     Secrets,
     Source,
 )
@@ -54,12 +54,7 @@ class EvalResult(ApiModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
-class EvalJobStatus(ApiModel):
-    phase: Optional[Phase] = None
-    conditions: list[Condition] = Field(default_factory=list)
-    observed_generation: Optional[int] = None
-    start_time: Optional[str] = None
-    completion_time: Optional[str] = None
+class EvalJobStatus(RunStatus):
     result: Optional[EvalResult] = None
 
 

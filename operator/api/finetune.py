@@ -8,16 +8,15 @@ from pydantic import Field
 from kubetune.operator.api.common import (
     API_VERSION,
     ApiModel,
-    Condition,
     DatasetSource,
     EnvVar,
     ModelSource,
     ObjectMeta,
     OutputSource,
-    Phase,
     PodOptions,
     Resources,
     RunPolicy,
+    RunStatus,
     Secrets,
 )
 from kubetune.trainer.registry import RECIPES
@@ -92,12 +91,7 @@ class WorkloadRef(ApiModel):
     name: str
 
 
-class FineTuneJobStatus(ApiModel):
-    phase: Optional[Phase] = None
-    conditions: list[Condition] = Field(default_factory=list)
-    observed_generation: Optional[int] = None
-    start_time: Optional[str] = None
-    completion_time: Optional[str] = None
+class FineTuneJobStatus(RunStatus):
     workload: Optional[WorkloadRef] = Field(default=None, description="The Job or PyTorchJob running the trainer")
     progress: Optional[Progress] = None
     result: Optional[Result] = None
