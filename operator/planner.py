@@ -16,6 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from kubetune.operator.api import API_VERSION
+from kubetune.operator.api.common import RunPolicy
 from kubetune.operator.api.finetune import FineTuneJob, FineTuneJobSpec
 from kubetune.operator.sources import MappedSource, PvcMount, map_cluster_source
 from kubetune.trainer.config import ConfigError, resolve_config
@@ -380,17 +381,24 @@ def indexed_job(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> dic
         "backoffLimit": policy.backoff_limit,
         "suspend": is_suspended(job.spec),
         "template": {"metadata": {"labels": labels(job)}, "spec": pod},
+        **_optional_limits(policy),
     }
-    if policy.active_deadline_seconds is not None:
-        spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
-    if policy.ttl_seconds_after_finished is not None:
-        spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": _metadata(job, names.workload, _workload_labels(job)),
         "spec": spec,
     }
+
+
+def _optional_limits(policy: RunPolicy) -> dict[str, int]:
+    """The deadline and TTL keys that a batch/v1 Job spec and a PyTorchJob runPolicy name alike, when set."""
+    limits = {}
+    if policy.active_deadline_seconds is not None:
+        limits["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    if policy.ttl_seconds_after_finished is not None:
+        limits["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    return limits
 
 
 def pytorch_job(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> dict[str, Any]:
@@ -404,11 +412,8 @@ def pytorch_job(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> dic
     if res.nodes > 1:
         replicas["Worker"] = {"replicas": res.nodes - 1, "restartPolicy": "Never", "template": copy.deepcopy(template)}
     policy = job.spec.run_policy
-    run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": policy.backoff_limit, "suspend": is_suspended(job.spec)}
-    if policy.active_deadline_seconds is not None:
-        run_policy["activeDeadlineSeconds"] = policy.active_deadline_seconds
-    if policy.ttl_seconds_after_finished is not None:
-        run_policy["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": policy.backoff_limit, "suspend": is_suspended(job.spec),
+                                  **_optional_limits(policy)}
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",

@@ -198,6 +198,21 @@ def test_backend_auto_picks_pytorchjob_when_the_crd_is_served():
     assert ptj["runPolicy"]["suspend"] is True  # queueName: Kueue admits it
 
 
+def test_run_policy_limits_reach_both_backends_only_when_set():
+    limits = {"spec.runPolicy": {"activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 600, "backoffLimit": 2}}
+    job = example("llama3.1-8b-lora.yaml", **limits)
+    job_spec = by_kind(plan(job, ClusterInfo(has_pytorchjob=False)))["Job"]["spec"]
+    run_policy = by_kind(plan(job, ClusterInfo(has_pytorchjob=True)))["PyTorchJob"]["spec"]["runPolicy"]
+    for spec in (job_spec, run_policy):
+        assert (spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"], spec["backoffLimit"]) == (3600, 600, 2)
+
+    unlimited = example("llama3.1-8b-lora.yaml", **{"spec.runPolicy": {"backoffLimit": 2}})
+    job_spec = by_kind(plan(unlimited, ClusterInfo(has_pytorchjob=False)))["Job"]["spec"]
+    run_policy = by_kind(plan(unlimited, ClusterInfo(has_pytorchjob=True)))["PyTorchJob"]["spec"]["runPolicy"]
+    for spec in (job_spec, run_policy):
+        assert "activeDeadlineSeconds" not in spec and "ttlSecondsAfterFinished" not in spec
+
+
 def test_explicit_backend_job_wins_over_an_available_pytorchjob():
     job = example("llama3.1-8b-full-2node.yaml")
     assert "Job" in by_kind(plan(job, ClusterInfo(has_pytorchjob=True)))
