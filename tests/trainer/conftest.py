@@ -3,6 +3,7 @@
     tiny_model_dir                 builtin://tiny (Llama, byte-level BPE tokenizer with ChatML)
     hf_checkpoint("llama3")        a folder saved by transformers' save_pretrained
     hf_checkpoint("qwen2", max_shard_size="20KB", tie_word_embeddings=True)
+    one_torch_thread               a module runs with one torch thread (pytestmark usefixtures)
 
 Families: llama (Llama 2 style), llama3 (llama3 rope scaling, threshold 32 tokens), llama32
 (llama3 rope + tied embeddings, like Llama 3.2 1B/3B), mistral (sliding window 16), qwen2
@@ -12,6 +13,7 @@ matters in parity tests. Checkpoints are cached per session.
 import json
 
 import pytest
+import torch
 from hf_checkpoints import make_hf_model
 
 
@@ -58,3 +60,13 @@ def tokenizer_dirs(tmp_path_factory):
         "llama3": tokenizer_files.make_llama3_dir(root / "llama3"),
         "qwen2": tokenizer_files.make_qwen2_dir(root / "qwen2"),
     }
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a CPU shared with other jobs extra
+    threads make each op many times slower (measured: a 60-step fine-tune 20 s -> 120 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -24,14 +24,7 @@ QUESTIONS = [
     {"question": "Give the opposite of up.", "choices": ["closed", "down", "late"], "answer": 1},
 ]
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a CPU shared with other jobs extra
-    threads make each op many times slower (measured: a 60-step fine-tune 20 s -> 120 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 TASK_YAML = """task: {name}

@@ -10,14 +10,7 @@ transformers = pytest.importorskip("transformers")
 TOLERANCE = 1e-4  # float32, summed over a few tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a CPU shared with other jobs extra
-    threads make each op many times slower (measured: a 60-step fine-tune 20 s -> 120 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def reference_loglikelihood(hf_model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
