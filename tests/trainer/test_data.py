@@ -247,7 +247,11 @@ def test_packed_model_logits_equal_each_document_run_alone():
     (pack,) = pack_samples(docs, max_seq_len=16, pad_id=0)
     batch = collate([pack], pad_id=0)
     with torch.no_grad():
-        packed = model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+        packed = model(
+            batch["input_ids"], attention_mask=batch["attention_mask"],  # the pack's tail padding is skipped
+            position_ids=batch["position_ids"], segment_ids=batch["segment_ids"],
+        )
+        assert batch["attention_mask"].sum() < batch["attention_mask"].numel()  # the skipped path is the one tested
         start = 0
         for doc in docs:
             alone = model(torch.tensor([doc["input_ids"]]))
@@ -262,7 +266,8 @@ def test_collate_pads_right_and_masks_padding():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
     assert batch["labels"][0].tolist() == [IGNORE_INDEX, 11, 12, IGNORE_INDEX, IGNORE_INDEX]
     packed = collate(pack_samples([sample(3, 10)], 4, 0), pad_id=0)
-    assert set(packed) == {"input_ids", "labels", "position_ids", "segment_ids"}
+    assert set(packed) == {"input_ids", "labels", "position_ids", "segment_ids", "attention_mask"}
+    assert packed["attention_mask"].tolist() == [[1, 1, 1, 0]]  # the pack's padding segment
 
 
 # --- splits and loader -------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Native Llama-family models produce the same float32 logits as transformers on the same
-checkpoint (tolerance: max abs diff <= 1e-5), with padding, past the rope-scaling threshold and
+checkpoint (tolerance: max abs diff <= 1e-5, logits and gradients), with padding, past the rope-scaling threshold and
 the sliding window, packed with segment ids, and with activation checkpointing."""
 import pytest
 import torch
@@ -114,6 +114,72 @@ def test_backward_matches_transformers_gradients(hf_checkpoint):
     reference_params = dict(reference.named_parameters())
     for name, param in ours.named_parameters():
         assert (param.grad - reference_params[name].grad).abs().max().item() <= ATOL, name
+
+
+def padded_mask(ids, side):
+    """Rows of 3 real-token counts (full, most, half), padded on the right or the left."""
+    mask = torch.ones_like(ids)
+    seq = ids.shape[1]
+    for row, pad in ((1, 5), (2, seq // 2)):
+        if side == "right":
+            mask[row, seq - pad :] = 0
+        else:
+            mask[row, :pad] = 0
+    return mask
+
+
+def masked_loss(logits, ids, mask):
+    """Next-token loss where both the predicting position and the target are real tokens
+    (the output at a padding position is undefined, in transformers as here)."""
+    scored = (mask[:, :-1] == 1) & (mask[:, 1:] == 1)
+    targets = ids[:, 1:].masked_fill(~scored, -100)
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_backward_on_a_padded_batch_matches_transformers_gradients(hf_checkpoint, side):
+    """Padded batches run on their real tokens only (TokenLayout); the gradients are transformers'."""
+    ours, reference = load_both(hf_checkpoint, "qwen2")  # q/k/v biases: every projection's gradient checked
+    ids = random_batch(128, batch=3, seq=SEQ)
+    mask = padded_mask(ids, side)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    masked_loss(ours(ids, attention_mask=mask, position_ids=positions), ids, mask).backward()
+    masked_loss(reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits, ids, mask).backward()
+    reference_params = dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        assert (param.grad - reference_params[name].grad).abs().max().item() <= ATOL, name
+
+
+def test_padding_positions_do_no_projection_or_mlp_work(hf_checkpoint):
+    ours, _ = load_both(hf_checkpoint, "llama3")
+    ids = random_batch(ours.args.vocab_size)
+    seen_rows = []
+    for layer in ours.model.layers:
+        for linear in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+            linear.register_forward_hook(lambda module, inputs, output: seen_rows.append(inputs[0].shape[:-1].numel()))
+    mask = padded_mask(ids, "right")
+    with torch.no_grad():
+        padded_logits = ours(ids, attention_mask=mask)
+    assert set(seen_rows) == {int(mask.sum())}  # real tokens only, in every projection
+    assert int(mask.sum()) < ids.numel()
+    assert padded_logits.shape[:2] == ids.shape  # callers still get [B, T, vocab]
+    seen_rows.clear()
+    with torch.no_grad():
+        ours(ids)
+    assert set(seen_rows) == {ids.numel()}  # without padding nothing is gathered
+
+
+def test_activation_checkpointing_on_a_padded_batch_gives_the_same_gradients(hf_checkpoint):
+    ids = random_batch(128, batch=3, seq=24)
+    mask = padded_mask(ids, "right")
+    grads = []
+    for enabled in (False, True):
+        model = load_pretrained(hf_checkpoint("llama")).train()
+        model.enable_activation_checkpointing(enabled)
+        masked_loss(model(ids, attention_mask=mask), ids, mask).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-6), name
 
 
 @pytest.mark.parametrize(

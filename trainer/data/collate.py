@@ -4,14 +4,15 @@ from __future__ import annotations
 import torch
 
 from kubetune.trainer.data.formats import IGNORE_INDEX
+from kubetune.trainer.data.packing import PAD_SEGMENT
 
 
 def collate(samples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample in the batch.
 
-    Unpacked samples get `attention_mask` (1 = token, 0 = pad: the HF convention the model
-    takes). Packed samples are all max_seq_len long and bring `position_ids` and
-    `segment_ids`; their padding is a segment of its own, so no attention_mask is needed."""
+    Every batch gets `attention_mask` (1 = token, 0 = pad: the HF convention the model takes;
+    the model skips the padding's compute). Packed samples are all max_seq_len long and also
+    bring `position_ids` and `segment_ids`; their padding is the segment PAD_SEGMENT."""
     longest = max(len(s["input_ids"]) for s in samples)
     batch = {
         "input_ids": _pad([s["input_ids"] for s in samples], longest, pad_id),
@@ -19,7 +20,8 @@ def collate(samples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch
     }
     if "segment_ids" in samples[0]:
         batch["position_ids"] = _pad([s["position_ids"] for s in samples], longest, 0)
-        batch["segment_ids"] = _pad([s["segment_ids"] for s in samples], longest, 0)
+        batch["segment_ids"] = _pad([s["segment_ids"] for s in samples], longest, PAD_SEGMENT)
+        batch["attention_mask"] = (batch["segment_ids"] != PAD_SEGMENT).long()
     else:
         batch["attention_mask"] = _pad([[1] * len(s["input_ids"]) for s in samples], longest, 0)
     return batch

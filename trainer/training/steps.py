@@ -44,8 +44,6 @@ def batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that are not padding (what tokens/s counts)."""
-    if "segment_ids" in batch:
-        return int((batch["segment_ids"] != 0).sum())
     return int(batch["attention_mask"].sum())
 
 
