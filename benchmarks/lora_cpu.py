@@ -18,6 +18,7 @@ process, one training step of each in turn (the load of a shared machine hits bo
 
     .venv/bin/python benchmarks/lora_cpu.py                  # all cases, prints a markdown table
     .venv/bin/python benchmarks/lora_cpu.py --speed          # only the interleaved speed A/B
+    .venv/bin/python benchmarks/lora_cpu.py --speed --padded # the same on right-padded rows (seq/4..seq real tokens)
     .venv/bin/python benchmarks/lora_cpu.py --case kubetune-lora --json   # one child run
 """
 from __future__ import annotations
@@ -57,8 +58,21 @@ def current_rss_mib() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def make_batch(batch: int, seq: int, padded: bool = False):
+    """(input_ids, attention_mask, labels): full rows, or right-padded rows of seq/4..seq real tokens."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=generator)
+    mask = torch.ones_like(ids)
+    if padded:
+        lengths = torch.randint(seq // 4, seq + 1, (batch,), generator=generator)
+        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
 def build(case: str):
-    """(model, loss(ids)) for one case, from the same seed; each stack computes its training loss
+    """(model, loss(ids, mask, labels)) for one case, from the same seed; each stack computes its training loss
     its own way: transformers from `labels`, kubetune with the recipes' fused lm_head + loss."""
     import torch
 
@@ -69,7 +83,7 @@ def build(case: str):
 
         model = LlamaForCausalLM(LlamaConfig(**CONFIG, attn_implementation="sdpa"))
         model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0))
-        return model, lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss
+        return model, lambda ids, mask, labels: model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
 
     from kubetune.trainer.models import LlamaForCausalLM, ModelArgs
     from kubetune.trainer.peft import apply_lora
@@ -85,7 +99,11 @@ def build(case: str):
         apply_lora(model, SimpleNamespace(rank=RANK, alpha=ALPHA, dropout=0.0, target_modules=TARGETS, use_dora=False))
     from kubetune.trainer.training.loss import causal_lm_loss_sum_from_hidden
 
-    return model, lambda ids: causal_lm_loss_sum_from_hidden(model.hidden_states(ids), model.lm_head, ids) / (ids.numel() - len(ids))
+    def loss_of(ids, mask, labels):
+        hidden = model.hidden_states(ids, attention_mask=mask)
+        return causal_lm_loss_sum_from_hidden(hidden, model.lm_head, labels) / int((labels[:, 1:] != -100).sum())
+
+    return model, loss_of
 
 
 def projection_bytes(model) -> tuple[int, int]:
@@ -110,11 +128,11 @@ def run_case(case: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     held, bf16 = projection_bytes(model)
     rss_model = current_rss_mib()
-    ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids, mask, labels = make_batch(batch, seq)
     times = []
     for step in range(warmup + steps):
         started = time.perf_counter()
-        loss_of(ids).backward()
+        loss_of(ids, mask, labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step >= warmup:
@@ -134,21 +152,22 @@ def run_case(case: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     }
 
 
-def train_step(model, loss_of, optimizer, ids) -> float:
+def train_step(model, loss_of, optimizer, batch) -> float:
     started = time.perf_counter()
-    loss_of(ids).backward()
+    loss_of(*batch).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - started
 
 
-def interleaved_speed(cases: list[str], batch: int, seq: int, steps: int, warmup: int) -> dict[str, dict]:
+def interleaved_speed(cases: list[str], batch: int, seq: int, steps: int, warmup: int, padded: bool = False) -> dict[str, dict]:
     """tokens/s of several cases in one process, one step of each in turn, so the load of a shared
     machine falls on all of them alike (the fairest speed comparison available here)."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids, mask, labels = make_batch(batch, seq, padded)
+    real_tokens = int(mask.sum())  # what tokens/s counts
     runs = {}
     for case in cases:
         model, loss_of = build(case)
@@ -158,10 +177,10 @@ def interleaved_speed(cases: list[str], batch: int, seq: int, steps: int, warmup
     times: dict[str, list[float]] = {case: [] for case in cases}
     for step in range(warmup + steps):
         for case, (model, loss_of, optimizer) in runs.items():
-            elapsed = train_step(model, loss_of, optimizer, ids)
+            elapsed = train_step(model, loss_of, optimizer, (ids, mask, labels))
             if step >= warmup:
                 times[case].append(elapsed)
-    return {case: {"min_tokens_per_second": batch * seq / min(t), "median_tokens_per_second": batch * seq / statistics.median(t)}
+    return {case: {"min_tokens_per_second": real_tokens / min(t), "median_tokens_per_second": real_tokens / statistics.median(t)}
             for case, t in times.items()}
 
 
@@ -173,10 +192,10 @@ def child(case: str, args) -> dict:
 
 
 def print_speed(args) -> None:
-    speed = interleaved_speed(["kubetune-lora", "peft-lora"], args.batch, args.seq, 3 * args.steps, args.warmup)
+    speed = interleaved_speed(["kubetune-lora", "peft-lora"], args.batch, args.seq, 3 * args.steps, args.warmup, args.padded)
     ratio_min = speed["kubetune-lora"]["min_tokens_per_second"] / speed["peft-lora"]["min_tokens_per_second"]
     ratio_median = speed["kubetune-lora"]["median_tokens_per_second"] / speed["peft-lora"]["median_tokens_per_second"]
-    print(f"interleaved in one process, {3 * args.steps} steps each: kubetune-lora "
+    print(f"interleaved in one process{' (padded rows)' if args.padded else ''}, {3 * args.steps} steps each: kubetune-lora "
           f"{speed['kubetune-lora']['min_tokens_per_second']:.0f} tokens/s (median {speed['kubetune-lora']['median_tokens_per_second']:.0f}), "
           f"peft-lora {speed['peft-lora']['min_tokens_per_second']:.0f} (median {speed['peft-lora']['median_tokens_per_second']:.0f}): "
           f"{ratio_min:.2f}x by fastest step, {ratio_median:.2f}x by median\n")
@@ -191,6 +210,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--speed", action="store_true", help="only the interleaved kubetune-lora vs peft-lora speed run")
+    parser.add_argument("--padded", action="store_true", help="speed run on right-padded rows (tokens/s counts real tokens)")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.batch, args.seq, args.steps, args.warmup)))
