@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 
+from batches import random_batch
+
 CONFIG = dict(
     vocab_size=8192,
     hidden_size=512,
@@ -56,19 +58,6 @@ def peak_rss_mib() -> float:
 def current_rss_mib() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def make_batch(batch: int, seq: int, padded: bool = False):
-    """(input_ids, attention_mask, labels): full rows, or right-padded rows of seq/4..seq real tokens."""
-    import torch
-
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=generator)
-    mask = torch.ones_like(ids)
-    if padded:
-        lengths = torch.randint(seq // 4, seq + 1, (batch,), generator=generator)
-        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-    return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
 def build(case: str):
@@ -128,7 +117,7 @@ def run_case(case: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     held, bf16 = projection_bytes(model)
     rss_model = current_rss_mib()
-    ids, mask, labels = make_batch(batch, seq)
+    ids, mask, labels = random_batch(CONFIG["vocab_size"], batch, seq, seed=1)
     times = []
     for step in range(warmup + steps):
         started = time.perf_counter()
@@ -166,7 +155,7 @@ def interleaved_speed(cases: list[str], batch: int, seq: int, steps: int, warmup
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    ids, mask, labels = make_batch(batch, seq, padded)
+    ids, mask, labels = random_batch(CONFIG["vocab_size"], batch, seq, padded, seed=1)
     real_tokens = int(mask.sum())  # what tokens/s counts
     runs = {}
     for case in cases:

@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+from batches import random_batch
+
 CONFIG = dict(
     vocab_size=32000,
     hidden_size=512,
@@ -53,19 +55,6 @@ def current_rss_mib() -> float:
     import os
 
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def make_batch(batch: int, seq: int, padded: bool):
-    """(input_ids, attention_mask, labels): full rows, or right-padded rows of seq/4..seq real tokens."""
-    import torch
-
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, CONFIG["vocab_size"], (batch, seq), generator=generator)
-    mask = torch.ones_like(ids)
-    if padded:
-        lengths = torch.randint(seq // 4, seq + 1, (batch,), generator=generator)
-        mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-    return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
 def matmul_shapes(tokens: int) -> list[tuple[int, int, int]]:
@@ -133,7 +122,7 @@ def child(impl: str, batch: int, seq: int, steps: int, warmup: int, threads: int
     if threads:
         torch.set_num_threads(threads)
     baseline = current_rss_mib()  # after imports, before the model
-    ids, mask, labels = make_batch(batch, seq, padded)
+    ids, mask, labels = random_batch(CONFIG["vocab_size"], batch, seq, padded, seed=0)
     real_tokens = int(mask.sum())
     if impl == "matmuls-only":
         floor = MatmulsOnly(real_tokens)
