@@ -346,7 +346,8 @@ class LlamaForCausalLM(nn.Module):
         segment_ids: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
     ) -> torch.Tensor:
-        """Float32 logits [B, T, vocab].
+        """Float32 logits [B, T, vocab] (without a kv_cache, padding positions are not computed:
+        their logits are those of a zero hidden state; read only real positions).
 
         attention_mask: [B, T], 1 = token, 0 = padding (with a kv_cache: the new tokens only).
         position_ids: default counts real tokens (so left padding does not shift positions) and
