@@ -382,10 +382,9 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("with a kv_cache, attention_mask covers only the new tokens ([B, T] for input_ids [B, T])")
         if position_ids is None:
             position_ids = _default_positions(batch, seq, device, attention_mask, segment_ids, kv_cache)
-        mask = _attention_mask(self.args, batch, seq, device, attention_mask, segment_ids, kv_cache)
-
         # A padded batch runs everything but attention on its real tokens only (see TokenLayout).
         layout = TokenLayout.of_padding(attention_mask) if kv_cache is None else None
+        mask = _attention_mask(self.args, batch, seq, device, attention_mask, segment_ids, kv_cache, has_padding=layout is not None)
         hidden = self.model.embed_tokens(input_ids if layout is None else layout.gather(input_ids))
         cos, sin = self._rope(position_ids, hidden.dtype)
         for layer in self.model.layers:
@@ -420,8 +419,11 @@ def _default_positions(batch, seq, device, attention_mask, segment_ids, kv_cache
     return (offset + real.cumsum(-1) - 1).clamp(min=0)
 
 
-def _attention_mask(args: ModelArgs, batch, seq, device, attention_mask, segment_ids, kv_cache) -> Optional[torch.Tensor]:
-    """A boolean [B, 1, T, S] mask (True = attend), or None when plain causal attention suffices."""
+def _attention_mask(args: ModelArgs, batch, seq, device, attention_mask, segment_ids, kv_cache, has_padding: bool) -> Optional[torch.Tensor]:
+    """A boolean [B, 1, T, S] mask (True = attend), or None when plain causal attention suffices.
+
+    has_padding: attention_mask holds a 0 (known to the caller already; checking again would cost
+    a second device sync). Only read without a kv_cache."""
     past = kv_cache.length if kv_cache is not None else 0
     total = past + seq
     if kv_cache is not None:
@@ -430,7 +432,6 @@ def _attention_mask(args: ModelArgs, batch, seq, device, attention_mask, segment
         kv_cache.seen += new_valid.sum(-1)
         key_valid = kv_cache.valid[:, :total]
     else:
-        has_padding = attention_mask is not None and not bool(attention_mask.all())
         window_matters = args.sliding_window is not None and seq > args.sliding_window
         if not has_padding and segment_ids is None and not window_matters:
             return None
