@@ -48,7 +48,7 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
     resume_dir = checkpoints.resume_from(cfg.resume)
 
     # ---- Tokenizer and data --------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.tokenizer.chat_template)
     check_vocab_matches(tokenizer, load_model_args(cfg.model.path).vocab_size, cfg.model.path)  # before any work
     splits = build_datasets(cfg.dataset, tokenizer, cfg.max_seq_len, cfg.seed)
     train_loader = BatchLoader(splits.train, cfg.batch_size, splits.pad_id, shuffle=cfg.dataset.shuffle, seed=cfg.seed)

@@ -54,7 +54,7 @@ def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
     resume_dir = checkpoints.resume_from(cfg.resume)
 
     # ---- Tokenizer and data --------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.tokenizer.chat_template)
     splits = build_datasets(cfg.dataset, tokenizer, cfg.max_seq_len, cfg.seed)
     train_loader = BatchLoader(splits.train, cfg.batch_size, splits.pad_id, shuffle=cfg.dataset.shuffle, seed=cfg.seed)
     eval_loader = BatchLoader(splits.eval, cfg.batch_size, splits.pad_id, shuffle=False) if splits.eval else None
