@@ -78,7 +78,7 @@ def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
     if cfg.model.quantize_base == "nf4":
         from kubetune.trainer.quant import quantize_base
 
-        quantize_base(model)  # decoder projections -> NF4 on the device; lm_head stays in dtype
+        quantize_base(model, shards=world.size)  # decoder projections -> NF4; lm_head stays in dtype
     apply_lora(model, cfg.lora)  # freezes every base parameter
     model.enable_activation_checkpointing(cfg.activation_checkpointing)
     if cfg.compile:

@@ -149,11 +149,11 @@ def rank_state_name(rank: int) -> str:
     return f"rng_rank_{rank}.pt"
 
 
-def _state_dict_options():
+def _state_dict_options(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     # Frozen parameters (a LoRA base, an NF4 base) come from model.path again on resume.
-    return StateDictOptions(ignore_frozen_params=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
 def sharded_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -181,8 +181,10 @@ def load_sharded_training_state(checkpoint: Path, model: torch.nn.Module, optimi
     state = sharded_training_state(model, optimizer)
     with _single_process_is_intended():
         dcp.load(state, checkpoint_id=str(folder), no_dist=not torch.distributed.is_initialized())
+    # strict=False: the frozen base is left out on purpose (dcp.load has already checked that every
+    # trainable tensor and its optimizer state was in the checkpoint).
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=_state_dict_options())
+                   options=_state_dict_options(strict=False))
 
 
 @contextlib.contextmanager
