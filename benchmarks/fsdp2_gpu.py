@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc-per-node 1 benchmarks/fsdp2_gpu.py            # 1 GPU (H100/H200: fits)
     torchrun --standalone --nproc-per-node 8 benchmarks/fsdp2_gpu.py --steps 30
+    torchrun --standalone --nproc-per-node 2 benchmarks/fsdp2_gpu.py --cpu-smoke --no-compile --tokens-per-gpu 256 --steps 2 --warmup 1
 
 What it runs is the trainer's own path: `kubetune.trainer.distributed.shard_model` (fully_shard on each
 decoder layer and the root, bf16 parameters, fp32 gradient reduce-scatter), activation checkpointing
@@ -72,6 +73,11 @@ def packed_batch(vocab: int, seq_len: int, documents: int, device) -> dict[str, 
             "segment_ids": segments, "position_ids": positions}
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -82,29 +88,43 @@ def main() -> None:
     parser.add_argument("--no-activation-checkpointing", action="store_true")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a smoke run)")
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="check the script itself on CPUs (gloo, a small model of the same layout); no figures")
+    parser.add_argument("--param-dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="bf16: pure bf16 weights and AdamW state (fits one 80 GB GPU); fp32: fp32 master "
+                        "weights with bf16 compute (FSDP2 mixed precision, as torchtitan; needs >= 2 GPUs)")
     cli = parser.parse_args()
 
     rank, size, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local)
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", device_id=device)
-    world = World(rank=rank, size=size, local_rank=local, device=device, backend="nccl")
+    if cli.cpu_smoke:  # the script's own logic on gloo and a small model: no figures, just "it runs"
+        device, backend = torch.device("cpu"), "gloo"
+        dist.init_process_group(backend)
+    else:
+        device, backend = torch.device("cuda", local), "nccl"
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend, device_id=device)
+    world = World(rank=rank, size=size, local_rank=local, device=device, backend=backend)
 
     config = dict(LLAMA_3_1_8B, **({"num_hidden_layers": cli.layers} if cli.layers else {}))
+    if cli.cpu_smoke:
+        config.update(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=1024, num_hidden_layers=cli.layers or 2)
     args = ModelArgs.from_hf_config(config)
     torch.manual_seed(0)
+    param_dtype = torch.bfloat16 if cli.param_dtype == "bf16" else torch.float32
+    torch.set_default_dtype(param_dtype)  # parameters are created in it (on meta, then allocated)
     with torch.device("meta"):
         model = LlamaForCausalLM(args)
+    torch.set_default_dtype(torch.float32)
     model.enable_activation_checkpointing(not cli.no_activation_checkpointing)
     if not cli.no_compile:
         for layer in model.model.layers:
             layer.compile()
-    shard_model(model, world, Settings(), torch.bfloat16, force=True)  # FSDP2 even on one GPU
+    shard_model(model, world, Settings(), param_dtype, force=True)  # FSDP2 even on one GPU
     model.to_empty(device=device)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.02) if param.ndim > 1 else param.fill_(1.0)
-    model.to(torch.bfloat16)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     fpt = flops_per_token(args, model, cli.tokens_per_gpu)
@@ -112,19 +132,24 @@ def main() -> None:
     times = []
     for step in range(cli.warmup + cli.steps):
         batch = packed_batch(args.vocab_size, cli.tokens_per_gpu, cli.documents, device)
-        torch.cuda.synchronize()
+        synchronize()
         started = time.perf_counter()
         tokens = world.sum_int(int(batch["labels"].numel() - 1))
         (batch_loss_sum(model, batch) / tokens).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        synchronize()
         if step >= cli.warmup:
             times.append(time.perf_counter() - started)
 
     seconds = sorted(times)[len(times) // 2]  # the median step
     tokens_per_gpu = cli.tokens_per_gpu / seconds
+    if cli.cpu_smoke:
+        if world.is_main:
+            print(json.dumps({"cpu_smoke": "ok", "ranks": size, "median_step_seconds": round(seconds, 4)}))
+        dist.destroy_process_group()
+        return
     mfu = tokens_per_gpu * fpt / (peak_tflops(cli.peak_tflops) * 1e12)
     if world.is_main:
         print(json.dumps({
@@ -133,6 +158,7 @@ def main() -> None:
             "tokens_per_second_per_gpu": round(tokens_per_gpu, 1), "mfu": round(mfu, 4),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "compile": not cli.no_compile, "activation_checkpointing": not cli.no_activation_checkpointing,
+            "param_dtype": cli.param_dtype,
             "torch": torch.__version__,
         }))
     dist.destroy_process_group()
