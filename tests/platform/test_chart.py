@@ -395,3 +395,17 @@ def test_values_yaml_documents_every_top_level_key():
             undocumented.append(line.split(":")[0])
     assert len(documented) > 20
     assert undocumented == []
+
+
+def test_ha_replicas_never_tie_on_kopf_peering_priority(rendered):
+    """kopf freezes all operators of a peering whose priorities tie; the chart's replicas share
+    one set of arguments, so each must draw its own priority."""
+    from kubetune.cli import build_parser
+    from kubetune.operator.main import make_settings
+
+    args = build_parser().parse_args(operator_container(rendered["ha"])["args"])
+    replicas = [make_settings(peering=args.peering, priority=args.priority) for _ in range(3)]
+    assert all(s.peering.name == "kubetune" and not s.peering.standalone for s in replicas)
+    assert len({s.peering.priority for s in replicas}) == 3
+    assert make_settings(peering="kubetune", priority=7).peering.priority == 7
+    assert make_settings(peering=None).peering.standalone
