@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL")
     operator.add_argument("--metrics-port", type=int, default=8080)
     operator.add_argument("--peering", default=None, help="peering name for HA (default: standalone)")
+    operator.add_argument(
+        "--priority", type=int, default=None, help="peering priority (default: random, so replicas never tie)"
+    )
     operator.set_defaults(handler=_lazy("kubetune.operator.main:operator_command"))
 
     serve = sub.add_parser("serve", help="serve a model with an OpenAI-compatible API")

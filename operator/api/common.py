@@ -18,8 +18,10 @@ GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-# One place for the trainer image the planner uses when a job names none.
+# The images a workload gets when its manifest names none, unless the operator is told otherwise
+# (`KUBETUNE_DEFAULT_TRAINER_IMAGE` / `_SERVER_IMAGE`, which the Helm chart sets from its values).
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+DEFAULT_SERVER_IMAGE = "ghcr.io/kubetune/server:0.1.0"
 
 # `builtin://tiny`, `hf://org/name`, `pvc://claim/sub/path`, `file:///abs/path`, or a plain path.
 SOURCE_PATTERN = r"^((builtin|hf|pvc|file)://[^\s]+|[^\s:]+)$"
@@ -188,7 +190,12 @@ class RunStatus(ApiModel):
 class PodOptions(ApiModel):
     """Scheduling and identity of the trainer pods (copied to the pod template as-is)."""
 
-    image: str = Field(default=DEFAULT_TRAINER_IMAGE, min_length=1, description="Trainer image")
+    image: Optional[str] = Field(
+        default=None,
+        min_length=1,
+        description="Container image (default: the operator's default trainer or server image, "
+        "which the Helm chart sets from its values defaultImages)",
+    )
     image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = Field(
         default=None, description="Image pull policy of the trainer container (default: Kubernetes' rule)"
     )
