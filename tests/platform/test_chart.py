@@ -114,6 +114,7 @@ def test_lint_reports_a_broken_template(tmp_path):
         ({"webhook": {"failurePolicy": "Sometimes"}}, "failurePolicy"),
         ({"defaultImages": {"trainer": {"repository": "r", "digest": "md5:1"}}}, "digest"),
         ({"runAsUser": 0}, "runAsUser"),
+        ({"podResources": {"memoryPerGpu": "32GB"}}, "memoryPerGpu"),
     ],
 )
 def test_values_schema_refuses_wrong_values_naming_the_key(values, key):
@@ -338,6 +339,31 @@ def test_webhook_is_static_create_update_only_and_reaches_the_operator(rendered,
         assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["ml"]
 
 
+def test_webhook_tenancy_checks_get_subject_access_reviews_and_nothing_else_cluster_wide(rendered):
+    docs = rendered["ha-namespaced-webhook"]  # namespaced: the only cluster-wide right is this one
+    (role,) = of_kind(docs, "ClusterRole")
+    assert role["rules"] == [{"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}]
+    binding = next(b for b in of_kind(docs, "ClusterRoleBinding") if b["roleRef"]["name"] == role["metadata"]["name"])
+    assert binding["subjects"][0]["name"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    (hook,) = one(docs, "ValidatingWebhookConfiguration")["webhooks"]
+    assert hook["matchConditions"] == [{"name": "spec-written", "expression": "request.operation == 'CREATE' || object.spec != oldObject.spec"}]
+    assert not allowed(rbac_rules(rendered["default"], "ClusterRole"), "authorization.k8s.io", "subjectaccessreviews", "create")
+
+
+def test_tenancy_allow_lists_and_pod_resources_reach_the_operator():
+    env = env_of(operator_container(render({
+        "tenancy": {"allowedRegistries": "registry.example/ml/", "allowedTolerations": "nvidia.com/gpu,spot",
+                    "allowedPriorityClasses": "team-low"},
+        "podResources": {"cpuPerGpu": "6", "memoryPerGpu": "48Gi"},
+    })))
+    assert env["KUBETUNE_ALLOWED_REGISTRIES"] == "registry.example/ml/"
+    assert env["KUBETUNE_ALLOWED_TOLERATIONS"] == "nvidia.com/gpu,spot"
+    assert env["KUBETUNE_ALLOWED_PRIORITY_CLASSES"] == "team-low"
+    assert (env["KUBETUNE_CPU_PER_GPU"], env["KUBETUNE_MEMORY_PER_GPU"]) == ("6", "48Gi")
+    defaults = env_of(operator_container(render({})))
+    assert not {"KUBETUNE_ALLOWED_REGISTRIES", "KUBETUNE_CPU_PER_GPU"} & set(defaults)  # the operator's own defaults
+
+
 def test_no_webhook_by_default(rendered):
     docs = rendered["default"]
     assert of_kind(docs, "ValidatingWebhookConfiguration") == []
@@ -395,3 +421,17 @@ def test_values_yaml_documents_every_top_level_key():
             undocumented.append(line.split(":")[0])
     assert len(documented) > 20
     assert undocumented == []
+
+
+def test_ha_replicas_never_tie_on_kopf_peering_priority(rendered):
+    """kopf freezes all operators of a peering whose priorities tie; the chart's replicas share
+    one set of arguments, so each must draw its own priority."""
+    from kubetune.cli import build_parser
+    from kubetune.operator.main import make_settings
+
+    args = build_parser().parse_args(operator_container(rendered["ha"])["args"])
+    replicas = [make_settings(peering=args.peering, priority=args.priority) for _ in range(3)]
+    assert all(s.peering.name == "kubetune" and not s.peering.standalone for s in replicas)
+    assert len({s.peering.priority for s in replicas}) == 3
+    assert make_settings(peering="kubetune", priority=7).peering.priority == 7
+    assert make_settings(peering=None).peering.standalone
