@@ -435,3 +435,15 @@ def test_ha_replicas_never_tie_on_kopf_peering_priority(rendered):
     assert len({s.peering.priority for s in replicas}) == 3
     assert make_settings(peering="kubetune", priority=7).peering.priority == 7
     assert make_settings(peering=None).peering.standalone
+
+
+def test_webhook_can_cover_every_kind_at_the_operators_paths():
+    docs = render({"webhook": {"enabled": True, "resources": ["finetunejobs", "evaljobs", "modeldeployments"]}})
+    hooks = one(docs, "ValidatingWebhookConfiguration")["webhooks"]
+    paths = {h["rules"][0]["resources"][0]: h["clientConfig"]["service"]["path"] for h in hooks}
+    assert paths == {"finetunejobs": "/validate-finetunejob", "evaljobs": "/validate-evaljob",
+                     "modeldeployments": "/validate-modeldeployment"}
+    assert len({h["name"] for h in hooks}) == 3
+    for hook in hooks:
+        assert hook["rules"][0]["operations"] == ["CREATE", "UPDATE"]
+        kubernetes_validate.validate(one(docs, "ValidatingWebhookConfiguration"), K8S_VERSION, strict=True)
