@@ -3,6 +3,7 @@ validated against the Kubernetes schemas, every pod against the restricted Pod S
 the RBAC checked for least privilege and against what the planner really creates."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "webhook": {"enabled": True, "certManager": {"enabled": False}, "existingSecret": "my-tls", "caBundle": "Q0E="}
     },
     "monitoring": {
-        "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
+        "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+                    "grafanaDashboard": {"enabled": True}}
     },
     "ha": {"replicaCount": 3},
     "ha-namespaced-webhook": {"replicaCount": 2, "watchNamespaces": ["ml"], "webhook": {"enabled": True}},
@@ -385,7 +387,12 @@ def test_monitors_and_rules(rendered):
     rule = one(docs, "PrometheusRule")
     source = yaml.safe_load((REPO / "deploy" / "monitoring" / "prometheus-rules.yaml").read_text())
     assert rule["spec"] == source
+    dashboard = next(c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard"))
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["kubetune.json"]) == json.loads((REPO / "deploy" / "monitoring" / "grafana-dashboard.json").read_text())
+    assert (CHART / "files" / "grafana-dashboard.json").read_bytes() == (REPO / "deploy" / "monitoring" / "grafana-dashboard.json").read_bytes()
     assert of_kind(rendered["default"], "ServiceMonitor") == []
+    assert of_kind(rendered["default"], "ConfigMap") == []
 
 
 def test_helm_test_pod_checks_the_metrics_service(rendered):
