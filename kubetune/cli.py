@@ -123,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--device", default="auto")
     serve.add_argument("--dtype", default="fp32")
+    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="require `Authorization: Bearer KEY` on /v1/* (repeatable; also $KUBETUNE_SERVE_API_KEY)")
+    serve.add_argument("--api-key-file", default=None, metavar="FILE",
+                       help="API keys, one per line (a mounted Secret; also $KUBETUNE_SERVE_API_KEY_FILE)")
+    serve.add_argument("--max-sequences-per-client", type=int, default=None,
+                       help="running + waiting sequences one client (API key) may hold (default: no limit)")
+    serve.add_argument("--allow-ignore-eos", action="store_true", help="accept the `ignore_eos` request field")
+    serve.add_argument("--max-request-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
+    serve.add_argument("--request-timeout", type=float, default=30.0,
+                       help="seconds a client may take to send a request's headers or body (default 30)")
+    serve.add_argument("--max-connections", type=int, default=256,
+                       help="open connections before new requests get 503 (uvicorn's limit_concurrency; default 256)")
     serve.set_defaults(handler=_lazy("kubetune.trainer.serve.cli:serve_command"))
 
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model")

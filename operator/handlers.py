@@ -29,6 +29,7 @@ from kubetune.operator.api.finetune import FineTuneJob
 from kubetune.operator.kube import ApiError, KubeClient
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.planner import JOB_LABEL, MANAGED_BY, ClusterInfo, child_names, plan
+from kubetune.operator.scrape import scrape_metrics
 from kubetune.operator.status import (
     WorkloadState,
     conditions_for,
@@ -384,10 +385,13 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         url = metrics_url(pod0) if pod0 is not None else None
         if current.phase == "Running" and url:
             try:
-                metrics_text = await state.kube.get_text(url, timeout=config.scrape_timeout)
+                metrics_text = await scrape_metrics(url, timeout=config.scrape_timeout)
             except Exception as err:  # the trainer may not serve yet: keep the last progress
                 log.debug("scraping %s for %s/%s failed: %s", url, ns, name, err)
-        changes, event = next_status(old, current, pod0, metrics_text, generation=meta.get("generation"), now=dt.datetime.now(dt.timezone.utc))
+        # in a thread: parsing the pod's metrics text must not hold the shared event loop
+        changes, event = await asyncio.to_thread(
+            next_status, old, current, pod0, metrics_text, generation=meta.get("generation"), now=dt.datetime.now(dt.timezone.utc)
+        )
         metrics.set_phase(KIND, ns, name, current.phase)
         if changes.get("progress"):
             metrics.set_progress(ns, name, changes["progress"])
