@@ -132,7 +132,7 @@ def test_webhook_without_certificates_fails_with_what_to_set():
 
 def test_chart_crds_are_the_repository_crds_byte_for_byte():
     for crd in sorted((REPO / "crds").glob("*.yaml")):
-        assert (CHART / "crds" / crd.name).read_bytes() == crd.read_bytes(), f"charts/kubetune/crds/{crd.name} drifted: copy crds/{crd.name}"
+        assert (CHART / "crds" / crd.name).read_bytes() == crd.read_bytes(), f"charts/kubetune/crds/{crd.name} drifted from crds/: run `make crds`"
     extra = {p.name for p in (CHART / "crds").glob("*.yaml")} - {p.name for p in (REPO / "crds").glob("*.yaml")}
     assert extra == {"kopf-peering.yaml"}  # kopf's peering CRDs, for replicaCount > 1
 
