@@ -383,7 +383,7 @@ def test_monitors_and_rules(rendered):
     assert service_monitor["spec"]["endpoints"][0]["honorLabels"] is True
     pod_monitor = one(docs, "PodMonitor")
     assert pod_monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "kubetune"}
-    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert [e["port"] for e in pod_monitor["spec"]["podMetricsEndpoints"]] == ["metrics", "http"]  # trainer, server
     rule = one(docs, "PrometheusRule")
     source = yaml.safe_load((REPO / "deploy" / "monitoring" / "prometheus-rules.yaml").read_text())
     assert rule["spec"] == source
