@@ -91,7 +91,7 @@ def eval_configs(evj: EvalJob, inputs: ModelInputs, tasks: list[Any], output_dir
     return configs
 
 
-def _cluster_task_source(source: str, index: int) -> MappedSource:
+def cluster_task_source(source: str, index: int) -> MappedSource:
     return map_cluster_source(source, f"task-{index}", f"spec.tasks[{index}].source")
 
 
@@ -104,7 +104,7 @@ def plan_eval(evj: EvalJob, ftj: Optional[dict[str, Any]] = None) -> list[dict[s
     task_sources: list[MappedSource] = []
 
     def map_task(source: str, index: int) -> MappedSource:
-        mapped = _cluster_task_source(source, index)
+        mapped = cluster_task_source(source, index)
         task_sources.append(mapped)
         return mapped
 

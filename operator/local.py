@@ -315,8 +315,19 @@ def local_runs(runs_dir: Path) -> list[dict[str, Any]]:
         except (OSError, yaml.YAMLError):
             continue
         if isinstance(doc, dict) and doc.get("kind") in KINDS:
-            docs.append(doc)
+            docs.append(server_seen_now(doc, path.parent.resolve()))
     return docs
+
+
+def server_seen_now(doc: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A local ModelDeployment as it is now: a server that exited (killed, machine restarted) is
+    not ready, whatever its status.yaml said when it started."""
+    from kubetune.operator.local_pipeline import pid_alive
+
+    status = doc.get("status") or {}
+    if doc["kind"] == "ModelDeployment" and status.get("pid") and not pid_alive(status["pid"], run_dir):
+        doc = {**doc, "status": {**status, "phase": "Failed", "ready": "0/1", "readyReplicas": 0}}
+    return doc
 
 
 def format_table(docs: list[dict[str, Any]], kind: str, now: Optional[dt.datetime] = None) -> str:

@@ -429,8 +429,7 @@ def apply_command(args: argparse.Namespace) -> int:
             print(f"{ident} Succeeded" + (f": {summary}" if summary else ""))
         else:
             failed += 1
-            message = next((c["message"] for c in status.get("conditions", []) if c["type"] in ("Failed", "ModelReady") and c["status"] != ("False" if c["type"] == "Failed" else "True")), "")
-            print(f"{ident} {status['phase']}: {message}", file=sys.stderr)
+            print(f"{ident} {status['phase']}: {failure_message(status)}", file=sys.stderr)
     if servers and not args.detach:
         print("serving until Ctrl-C (use --detach to return and `kubetune delete` to stop)", file=sys.stderr)
         try:
@@ -442,6 +441,15 @@ def apply_command(args: argparse.Namespace) -> int:
             stop_server(status["pid"])
             mark_stopped(runs_dir, obj.metadata.name)
     return 1 if failed else 0
+
+
+def failure_message(status: dict[str, Any]) -> str:
+    """Why a run failed: its Failed condition, else why its model is not ready."""
+    conditions = {c["type"]: c for c in status.get("conditions", [])}
+    for type_, bad in (("Failed", "True"), ("ModelReady", "False")):
+        if conditions.get(type_, {}).get("status") == bad:
+            return conditions[type_]["message"]
+    return ""
 
 
 def mark_stopped(runs_dir: Path, name: str) -> None:

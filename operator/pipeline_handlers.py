@@ -36,12 +36,22 @@ from kubetune.operator.api.common import TERMINAL_PHASES
 from kubetune.operator.deployplanner import (
     MODEL_ID_ANNOTATION,
     SPEC_HASH_ANNOTATION,
+    check_spec,
     plan_deployment,
     served_models,
     service_url,
 )
-from kubetune.operator.evalplanner import BASELINE_CONTAINER, EVAL_CONTAINER, EVAL_LABEL, plan_eval
-from kubetune.operator.inputs import cluster_inputs
+from kubetune.operator.evalplanner import (
+    BASELINE_CONTAINER,
+    EVAL_CONTAINER,
+    EVAL_LABEL,
+    RESULTS_DIR,
+    cluster_task_source,
+    eval_configs,
+    plan_eval,
+    task_configs,
+)
+from kubetune.operator.inputs import ModelInputs, cluster_inputs
 from kubetune.operator.kube import ApiError, KubeClient
 from kubetune.operator.pipeline_status import (
     container_message,
@@ -54,6 +64,7 @@ from kubetune.operator.pipeline_status import (
 )
 from kubetune.operator.planner import base_name, child_names
 from kubetune.operator.references import Wait, finetune_wait, promotion_metric_error, promotion_verdict
+from kubetune.operator.sources import MappedSource
 from kubetune.operator.status import WorkloadState, conditions_for, now_iso, set_condition
 
 EVJ = (GROUP, VERSION, "evaljobs")
@@ -399,6 +410,37 @@ class PipelineReconciler:
         await self.write_status(body, new, event_)
 
 
+def eval_admission_error(body: dict[str, Any]) -> Optional[str]:
+    """What is wrong with an EvalJob, naming the field; None when it can run. The model of a
+    FineTuneJob is known only once that job succeeds: spec.config is checked with a stand-in path."""
+    try:
+        evj = parse_object(body, f"EvalJob {body.get('metadata', {}).get('name', '?')}")
+        if evj.spec.fine_tune_job is None:
+            plan_eval(evj)
+        else:
+            stand_in = MappedSource("/mnt/model")
+            inputs = ModelInputs(stand_in, MappedSource("/mnt/output/adapter"), stand_in, "", "")
+            eval_configs(evj, inputs, task_configs(evj, cluster_task_source), RESULTS_DIR)
+    except KubetuneError as err:
+        return str(err)
+    return None
+
+
+def deployment_admission_error(body: dict[str, Any]) -> Optional[str]:
+    """What is wrong with a ModelDeployment, naming the field; None when it can run."""
+    try:
+        mdep = parse_object(body, f"ModelDeployment {body.get('metadata', {}).get('name', '?')}")
+        if mdep.spec.fine_tune_job is None:
+            plan_deployment(mdep)
+        else:
+            check_spec(mdep)
+            stand_in = MappedSource("/mnt/model")
+            served_models(mdep, ModelInputs(stand_in, None, stand_in, "", ""))
+    except KubetuneError as err:
+        return str(err)
+    return None
+
+
 def register(registry: kopf.OperatorRegistry, state: Any) -> PipelineReconciler:
     """Watch EvalJobs and ModelDeployments and reconcile them in one loop next to the FineTuneJob sync."""
     reconciler = PipelineReconciler(state)
@@ -421,5 +463,19 @@ def register(registry: kopf.OperatorRegistry, state: Any) -> PipelineReconciler:
             reconciler.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reconciler.task
+
+    if state.config.admission:  # the same webhook server as FineTuneJobs' (docs/operator.md)
+
+        @kopf.on.validate(*EVJ, id="validate-evaljob", registry=registry)
+        async def validate_eval(body: Any, **_: Any) -> None:
+            error = eval_admission_error(json.loads(json.dumps({k: body[k] for k in body})))
+            if error:
+                raise kopf.AdmissionError(error, code=422)
+
+        @kopf.on.validate(*MDEP, id="validate-modeldeployment", registry=registry)
+        async def validate_deployment(body: Any, **_: Any) -> None:
+            error = deployment_admission_error(json.loads(json.dumps({k: body[k] for k in body})))
+            if error:
+                raise kopf.AdmissionError(error, code=422)
 
     return reconciler

@@ -235,3 +235,45 @@ async def test_promotion_gate_holds_a_new_model_until_its_evaljob_passes(api, op
         await eventually(lambda: status(api, "modeldeployments", "bot").get("model") == "pvc://models/v2", what="status follows")
         await eventually(lambda: {"Created", "PromotionHeld", "RollingOut"} <= {
             e.get("reason") for e in api.children("v1/events") if e.get("involvedObject", {}).get("kind") == "ModelDeployment"}, what="events")
+
+
+async def test_admission_webhook_refuses_bad_evaljobs_and_modeldeployments_naming_the_field(operator):
+    """kopf's real webhook server with AdmissionReviews as the API server sends them."""
+    import asyncio
+    import socket
+
+    import aiohttp
+    import kopf
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    webhook = kopf.WebhookServer(addr="127.0.0.1", port=port, insecure=True)
+
+    def review(obj: dict, plural: str) -> dict:
+        return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "r-1", "operation": "CREATE", "object": obj, "oldObject": None, "dryRun": False,
+            "kind": {"group": "kubetune.dev", "version": "v1alpha1", "kind": obj["kind"]},
+            "resource": {"group": "kubetune.dev", "version": "v1alpha1", "resource": plural},
+            "userInfo": {"username": "alice"}, "options": {}}}
+
+    async def answer(http, path: str, obj: dict, plural: str) -> dict:
+        for _ in range(50):  # the server starts with the operator
+            try:
+                async with http.post(f"http://127.0.0.1:{port}/{path}", json=review(obj, plural)) as resp:
+                    return (await resp.json())["response"]
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.1)
+        raise AssertionError("webhook did not answer")
+
+    async with operator(webhook=webhook, admission=True):
+        async with aiohttp.ClientSession() as http:
+            bad_eval = await answer(http, "validate-evaljob", evaljob(config={"batch_sise": 4}), "evaljobs")
+            no_baseline = await answer(http, "validate-evaljob", evaljob(model={"source": "pvc://m/x"}), "evaljobs")
+            good_eval = await answer(http, "validate-evaljob", evaljob(), "evaljobs")
+            bad_vllm = await answer(http, "validate-modeldeployment", modeldeployment(runtime="vllm"), "modeldeployments")
+            good_mdep = await answer(http, "validate-modeldeployment", modeldeployment(), "modeldeployments")
+    assert bad_eval["allowed"] is False and bad_eval["status"]["code"] == 422 and "batch_sise" in bad_eval["status"]["message"]
+    assert no_baseline["allowed"] is False and "spec.baseline" in no_baseline["status"]["message"]
+    assert bad_vllm["allowed"] is False and "spec.resources.gpusPerNode: runtime vllm" in bad_vllm["status"]["message"]
+    assert good_eval["allowed"] is True and good_mdep["allowed"] is True
