@@ -21,7 +21,7 @@ import json
 from typing import Any, Optional
 
 from kubetune.errors import KubetuneError
-from kubetune.operator.api.common import DEFAULT_TRAINER_IMAGE
+from kubetune.operator.api.common import DEFAULT_SERVER_IMAGE
 from kubetune.operator.api.evaljob import ModelDeployment
 from kubetune.operator.inputs import ModelInputs, cluster_inputs
 from kubetune.operator.planner import base_name
@@ -41,8 +41,7 @@ DEPLOYMENT_LABEL = "kubetune.dev/modeldeployment"
 MODEL_ID_ANNOTATION = "kubetune.dev/model-id"
 SPEC_HASH_ANNOTATION = "kubetune.dev/spec-hash"
 CONTAINER = "server"
-# The server runs in the trainer image by default (it has the `serve` extra); vLLM's own image for vllm.
-DEFAULT_SERVER_IMAGE = DEFAULT_TRAINER_IMAGE
+# runtime kubetune: the operator's server image (KUBETUNE_DEFAULT_SERVER_IMAGE); vllm: vLLM's own image.
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.8.5"
 # Model loading can take minutes: the startup probe allows up to 30 min before liveness applies.
 STARTUP_SECONDS = 1800
@@ -147,8 +146,11 @@ def service_url(mdep: ModelDeployment) -> str:
     return f"http://{base_name(mdep.metadata.name)}.{ns}.svc:{mdep.spec.port}/v1"
 
 
-def plan_deployment(mdep: ModelDeployment, ftj: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
-    """Service, Deployment (and HPA), in creation order. `ftj`: the referenced FineTuneJob (succeeded).
+def plan_deployment(
+    mdep: ModelDeployment, ftj: Optional[dict[str, Any]] = None, *, server_image: str = DEFAULT_SERVER_IMAGE
+) -> list[dict[str, Any]]:
+    """Service, Deployment (and HPA), in creation order. `ftj`: the referenced FineTuneJob (succeeded);
+    `server_image`: the operator's default for runtime kubetune when spec.image is empty.
 
     Raises KubetuneError naming the field when the spec cannot run."""
     check_spec(mdep)
@@ -168,7 +170,7 @@ def plan_deployment(mdep: ModelDeployment, ftj: Optional[dict[str, Any]] = None)
     pvc_v, pvc_m = pvc_volumes([inputs.model, inputs.adapter, *adapter_sources])
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": spec.image or (DEFAULT_VLLM_IMAGE if spec.runtime == "vllm" else DEFAULT_SERVER_IMAGE),
+        "image": spec.image or (DEFAULT_VLLM_IMAGE if spec.runtime == "vllm" else server_image),
         "command": argv,
         "env": env(mdep),
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from kubetune.errors import KubetuneError
+from kubetune.operator.api.common import DEFAULT_TRAINER_IMAGE
 from kubetune.operator.api.evaljob import EvalJob, LocalTask
 from kubetune.operator.inputs import ModelInputs, cluster_inputs
 from kubetune.operator.planner import KUEUE_QUEUE_LABEL, TERMINATION_LOG, _optional_limits, child_names, render_config
@@ -95,8 +96,9 @@ def cluster_task_source(source: str, index: int) -> MappedSource:
     return map_cluster_source(source, f"task-{index}", f"spec.tasks[{index}].source")
 
 
-def plan_eval(evj: EvalJob, ftj: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
-    """ConfigMap `<name>-config` and Job `<name>`. `ftj`: the referenced FineTuneJob (succeeded).
+def plan_eval(evj: EvalJob, ftj: Optional[dict[str, Any]] = None, *, image: str = DEFAULT_TRAINER_IMAGE) -> list[dict[str, Any]]:
+    """ConfigMap `<name>-config` and Job `<name>`. `ftj`: the referenced FineTuneJob (succeeded);
+    `image`: the operator's default trainer image (the eval recipe runs there) when spec.image is empty.
 
     Raises KubetuneError (ConfigError, SourceError) naming the field when the spec cannot run."""
     names = child_names(evj.metadata.name)
@@ -134,7 +136,7 @@ def plan_eval(evj: EvalJob, ftj: Optional[dict[str, Any]] = None) -> list[dict[s
     def container(name: str, config_file: str) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": name,
-            "image": evj.spec.image,
+            "image": evj.spec.image or image,
             "command": ["kubetune", "run", "eval", "--config", f"{CONFIG_DIR}/{config_file}"],
             "env": env(evj),
             "volumeMounts": mounts,

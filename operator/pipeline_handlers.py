@@ -266,7 +266,7 @@ class PipelineReconciler:
             if wait is not None:
                 return await self.write_waiting(body, wait, conditions, failed, extra)
         try:
-            children = plan_eval(evj, ftj)
+            children = plan_eval(evj, ftj, image=self.state.config.trainer_image)
             inputs = cluster_inputs(evj, ftj)
         except KubetuneError as err:
             state = WorkloadState("Failed", "InvalidSpec", str(err))
@@ -331,7 +331,7 @@ class PipelineReconciler:
         children: list[dict[str, Any]] = []
         if problem is None:
             try:
-                children = plan_deployment(mdep, ftj)
+                children = plan_deployment(mdep, ftj, server_image=self.state.config.server_image)
                 inputs = cluster_inputs(mdep, ftj)
             except KubetuneError as err:
                 problem = ("Failed", "InvalidSpec", str(err))

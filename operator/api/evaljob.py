@@ -147,10 +147,9 @@ class ModelDeploymentSpec(PodOptions):
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment")
     secrets: Secrets = Field(default_factory=Secrets)
     runtime: Literal["kubetune", "vllm"] = Field(
-        default="kubetune", description="kubetune: `kubetune serve`; vllm: the vLLM OpenAI server (GPU throughput at scale)"
-    )
-    image: Optional[str] = Field(  # type: ignore[assignment]
-        default=None, min_length=1, description="Server image (default: the kubetune server image, or vLLM's for runtime vllm)"
+        default="kubetune",
+        description="kubetune: `kubetune serve` (the operator's default server image); vllm: the vLLM OpenAI server "
+        "(image vllm/vllm-openai unless spec.image says otherwise; GPU throughput at scale)",
     )
     served_model_name: Optional[str] = Field(
         default=None, max_length=253, description="Name clients put in `model` (default: this resource's name)"
