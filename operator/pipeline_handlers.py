@@ -69,6 +69,8 @@ from kubetune.operator.status import WorkloadState, conditions_for, now_iso, set
 
 EVJ = (GROUP, VERSION, "evaljobs")
 MDEP = (GROUP, VERSION, "modeldeployments")
+EVAL_ADMISSION_ID = "validate-evaljob"  # the webhook URL paths (the Helm chart's /validate-<singular>)
+DEPLOYMENT_ADMISSION_ID = "validate-modeldeployment"
 log = logging.getLogger("kubetune.operator.pipeline")
 
 
@@ -466,13 +468,13 @@ def register(registry: kopf.OperatorRegistry, state: Any) -> PipelineReconciler:
 
     if state.config.admission:  # the same webhook server as FineTuneJobs' (docs/operator.md)
 
-        @kopf.on.validate(*EVJ, id="validate-evaljob", registry=registry)
+        @kopf.on.validate(*EVJ, id=EVAL_ADMISSION_ID, registry=registry)
         async def validate_eval(body: Any, **_: Any) -> None:
             error = eval_admission_error(json.loads(json.dumps({k: body[k] for k in body})))
             if error:
                 raise kopf.AdmissionError(error, code=422)
 
-        @kopf.on.validate(*MDEP, id="validate-modeldeployment", registry=registry)
+        @kopf.on.validate(*MDEP, id=DEPLOYMENT_ADMISSION_ID, registry=registry)
         async def validate_deployment(body: Any, **_: Any) -> None:
             error = deployment_admission_error(json.loads(json.dumps({k: body[k] for k in body})))
             if error:
