@@ -244,9 +244,11 @@ def plural(kind: str) -> str:
 @pytest.mark.parametrize("scenario", ["default", "namespaced"])
 def test_rbac_allows_every_create_the_planner_makes(rendered, scenario):
     rules = rbac_rules(rendered[scenario], "ClusterRole") + rbac_rules(rendered[scenario], "Role")
-    children = planned_children()
+    from pipeline_objects import pipeline_objects
+
+    children = planned_children() + pipeline_objects()
     kinds = {(c["apiVersion"].rpartition("/")[0], c["kind"]) for c in children}
-    assert ("batch", "Job") in kinds and ("kubeflow.org", "PyTorchJob") in kinds
+    assert {("batch", "Job"), ("kubeflow.org", "PyTorchJob"), ("apps", "Deployment"), ("autoscaling", "HorizontalPodAutoscaler")} <= kinds
     for group, kind in kinds:
         for verb in ("create", "get", "patch"):
             assert allowed(rules, group, plural(kind), verb), f"the operator cannot {verb} {plural(kind)}.{group}"
