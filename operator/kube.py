@@ -18,6 +18,9 @@ _PLURALS = {
     "Pod": "pods",
     "Job": "jobs",
     "PyTorchJob": "pytorchjobs",
+    "JobSet": "jobsets",
+    "TrainJob": "trainjobs",
+    "ClusterTrainingRuntime": "clustertrainingruntimes",
     "Event": "events",
     "FineTuneJob": "finetunejobs",
 }
