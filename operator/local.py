@@ -283,8 +283,8 @@ def apply_command(args: argparse.Namespace) -> int:
     runs_dir = Path(args.runs_dir)
     failed = 0
     for job in objects:
+        run = plan_local(job, runs_dir)  # validates the spec before anything is downloaded
         fetch_local_sources(job, runs_dir)
-        run = plan_local(job, runs_dir)
         print(f"finetunejob.kubetune.dev/{job.metadata.name} running locally ({run.run_dir})", file=sys.stderr)
         status = run_local(run, progress_bar=not args.no_progress)
         summary = ", ".join(f"{k}={v}" for k, v in (status.get("result") or {}).items() if k != "metrics")
