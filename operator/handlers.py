@@ -28,6 +28,7 @@ from kubetune.operator.api.common import TERMINAL_PHASES
 from kubetune.operator.accounting import accounting, ephemeral_output_condition
 from kubetune.operator.api.finetune import FineTuneJob
 from kubetune.operator.backends import jobset, trainjob
+from kubetune.operator.initializers import initializer_failure
 from kubetune.operator.kube import ApiError, KubeClient
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.planner import JOB_LABEL, MANAGED_BY, ClusterInfo, child_names, plan
@@ -416,6 +417,9 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         base = child_names(name).base
         pods = workload_pods(ref["kind"], workload, pods)
         current = workload_state(ref["kind"], workload, base=base, queue_name=job.spec.queue_name)
+        fetch_failed = initializer_failure(pods) if current.phase in ("Pending", "Failed") else None
+        if fetch_failed:  # say why, rather than the workload's generic backoff message
+            current = WorkloadState(current.phase, "InitializerFailed", f"the initializer could not fetch a source: {fetch_failed}", current.started)
         if current.phase == "Pending":
             current = pod_problem(pods, job.spec.image) or current
         pod0 = rank0_pod(pods)

@@ -92,3 +92,17 @@ def sources_document(sources: list[RemoteSource], root: str, *, endpoint: Option
 
 def render_sources(doc: dict[str, Any]) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def initializer_failure(pods: list[dict[str, Any]]) -> Optional[str]:
+    """The initializer's last words when it failed in one of the pods (its termination message:
+    `error: <field>: <source>: ...`), for the FineTuneJob's conditions."""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            if cs.get("name") != INIT_CONTAINER:
+                continue
+            terminated = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+            if terminated.get("exitCode"):
+                lines = [line for line in (terminated.get("message") or "").strip().splitlines() if line.strip()]
+                return lines[-1] if lines else f"exit code {terminated['exitCode']}"
+    return None

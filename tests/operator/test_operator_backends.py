@@ -208,3 +208,26 @@ async def test_gpu_seconds_add_up_the_pods_running_time_times_their_gpus(api, op
         assert status["gpuHours"] == round(status["gpuSeconds"] / 3600, 2)
         ran = (dt.datetime.now(dt.timezone.utc) - dt.datetime.strptime(started, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)).total_seconds()
         assert status["gpuSeconds"] <= 2 * ran + 2  # the sync intervals tile: no second counted twice
+
+
+async def test_a_failed_initializer_names_the_source_in_the_conditions(api, operator):
+    async with operator():
+        await api.create_ftj(manifest(**{"spec.model.source": "s3://weights/models/huge", "spec.secrets.s3": {"name": "s3-keys"}}))
+        await eventually(lambda: api.status("demo").get("workload"), what="Job created")
+        (job,) = api.children("batch/v1/jobs")
+        assert job["spec"]["template"]["spec"]["initContainers"][0]["name"] == "initializer"
+        message = "error: spec.model.source: s3://weights/models/huge: no objects under that prefix in bucket weights at S3; check the path"
+        pod = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "demo-0-x", "namespace": NS, "labels": dict(job["spec"]["template"]["metadata"]["labels"]),
+                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "demo", "uid": job["metadata"]["uid"], "controller": True}]},
+            "spec": {"containers": [{"name": "trainer", "image": "x"}]},
+            "status": {"phase": "Failed", "initContainerStatuses": [
+                {"name": "initializer", "state": {"terminated": {"exitCode": 2, "message": message}}}]},
+        }
+        await api.post(PODS, pod)
+        await api.patch(f"/apis/batch/v1/namespaces/{NS}/jobs/demo/status", {"status": {"failed": 1, "conditions": [
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}})
+        await eventually(lambda: api.status("demo").get("phase") == "Failed", what="Failed")
+    failed = next(c for c in api.status("demo")["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InitializerFailed" and "s3://weights/models/huge: no objects under that prefix" in failed["message"]
