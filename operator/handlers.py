@@ -24,14 +24,15 @@ import kopf
 
 from kubetune.errors import KubetuneError
 from kubetune.operator.api import API_VERSION, GROUP, VERSION, parse_object
-from kubetune.operator.api.common import TERMINAL_PHASES
 from kubetune.operator.accounting import accounting, ephemeral_output_condition
+from kubetune.operator.api.common import DEFAULT_SERVER_IMAGE, DEFAULT_TRAINER_IMAGE, TERMINAL_PHASES
 from kubetune.operator.api.finetune import FineTuneJob
 from kubetune.operator.backends import jobset, trainjob
 from kubetune.operator.initializers import initializer_failure
 from kubetune.operator.kube import ApiError, KubeClient
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.planner import JOB_LABEL, MANAGED_BY, ClusterInfo, child_names, plan
+from kubetune.operator.scrape import scrape_metrics
 from kubetune.operator.status import (
     WorkloadState,
     conditions_for,
@@ -59,6 +60,8 @@ class OperatorConfig:
     metrics_port: Optional[int] = 8080  # None: no metrics server
     metrics_addr: str = "0.0.0.0"
     admission: bool = False  # register the validating webhook handler
+    trainer_image: str = DEFAULT_TRAINER_IMAGE  # for workloads whose spec.image is empty
+    server_image: str = DEFAULT_SERVER_IMAGE  # for ModelDeployments whose spec.image is empty
     retry_delay: float = 2.0
     login: Optional[Callable[..., Any]] = None  # a kopf login function; default: service account, then kubeconfig
 
@@ -88,7 +91,7 @@ class OperatorState:
         self._discovery = self._discovery or asyncio.Lock()
         async with self._discovery:
             if self.cluster is None:
-                self.cluster = await discover(self.kube)
+                self.cluster = await discover(self.kube, trainer_image=self.config.trainer_image)
         return self.cluster
 
     async def close(self) -> None:
@@ -103,7 +106,7 @@ class OperatorState:
         self.metrics.stop()
 
 
-async def discover(kube: KubeClient) -> ClusterInfo:
+async def discover(kube: KubeClient, *, trainer_image: str = DEFAULT_TRAINER_IMAGE) -> ClusterInfo:
     """Which optional backends the API serves (for `backend: auto`). A TrainJob also needs
     kubetune's ClusterTrainingRuntime: without it (or without the right to read it) the Trainer
     would refuse the TrainJob, so auto passes to the next backend."""
@@ -120,6 +123,7 @@ async def discover(kube: KubeClient) -> ClusterInfo:
         has_pytorchjob=await kube.serves("kubeflow.org/v1", "pytorchjobs"),
         has_jobset=await kube.serves(jobset.API_VERSION, "jobsets"),
         has_trainjob=has_trainjob,
+        trainer_image=trainer_image,
     )
 
 
@@ -421,17 +425,20 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         if fetch_failed:  # say why, rather than the workload's generic backoff message
             current = WorkloadState(current.phase, "InitializerFailed", f"the initializer could not fetch a source: {fetch_failed}", current.started)
         if current.phase == "Pending":
-            current = pod_problem(pods, job.spec.image) or current
+            current = pod_problem(pods, job.spec.image or config.trainer_image) or current
         pod0 = rank0_pod(pods)
         metrics_text = None
         url = metrics_url(pod0) if pod0 is not None else None
         if current.phase == "Running" and url:
             try:
-                metrics_text = await state.kube.get_text(url, timeout=config.scrape_timeout)
+                metrics_text = await scrape_metrics(url, timeout=config.scrape_timeout)
             except Exception as err:  # the trainer may not serve yet: keep the last progress
                 log.debug("scraping %s for %s/%s failed: %s", url, ns, name, err)
         now = dt.datetime.now(dt.timezone.utc)
-        changes, event = next_status(old, current, pod0, metrics_text, generation=meta.get("generation"), now=now)
+        # in a thread: parsing the pod's metrics text must not hold the shared event loop
+        changes, event = await asyncio.to_thread(
+            next_status, old, current, pod0, metrics_text, generation=meta.get("generation"), now=now
+        )
         counted = accounting(old, ref["kind"], workload, pods, phase=current.phase, output_ephemeral=not job.spec.output.source, now=now)
         changes.update(counted)
         if "restarts" in counted:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from kubetune.operator.api import API_VERSION
-from kubetune.operator.api.common import RunPolicy
+from kubetune.operator.api.common import DEFAULT_TRAINER_IMAGE, RunPolicy
 from kubetune.operator.api.finetune import FineTuneJob, FineTuneJobSpec
 from kubetune.operator.initializers import (
     CACHE_MOUNT,
@@ -60,11 +60,13 @@ _DNS_LABEL = re.compile(r"[^a-z0-9-]")
 
 @dataclass(frozen=True)
 class ClusterInfo:
-    """What the planner needs to know about the cluster (the operator discovers it)."""
+    """What the planner needs to know about the cluster (the operator discovers it) and the
+    operator's own settings that shape the children."""
 
     has_pytorchjob: bool = False  # kubeflow.org/v1 pytorchjobs served
     has_jobset: bool = False  # jobset.x-k8s.io/v1alpha2 jobsets served
     has_trainjob: bool = False  # trainer.kubeflow.org/v1alpha1 trainjobs served and kubetune's ClusterTrainingRuntime installed
+    trainer_image: str = DEFAULT_TRAINER_IMAGE  # for jobs whose spec.image is empty
 
     def serves(self, backend: str) -> bool:
         return backend == "job" or bool(getattr(self, f"has_{backend}"))
@@ -529,10 +531,18 @@ def pytorch_job(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> dic
     }
 
 
+def with_image(job: FineTuneJob, default_image: str) -> FineTuneJob:
+    """The job with spec.image filled in when the manifest names none."""
+    if job.spec.image:
+        return job
+    return job.model_copy(update={"spec": job.spec.model_copy(update={"image": default_image})})
+
+
 def plan(job: FineTuneJob, cluster: ClusterInfo) -> list[dict[str, Any]]:
     """The children of a FineTuneJob, in creation order (the workload last, once its config exists).
 
     Raises ConfigError / SourceError (KubetuneError) naming the field when the spec cannot run."""
+    job = with_image(job, cluster.trainer_image)
     names = child_names(job.metadata.name)
     paths = cluster_paths(job)
     config = cluster_trainer_config(job)
