@@ -23,6 +23,10 @@ _PLURALS = {
     "ClusterTrainingRuntime": "clustertrainingruntimes",
     "Event": "events",
     "FineTuneJob": "finetunejobs",
+    "EvalJob": "evaljobs",
+    "ModelDeployment": "modeldeployments",
+    "Deployment": "deployments",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
 }
 
 

@@ -203,8 +203,8 @@ class ClusterPaths:
 
 def cluster_paths(job: FineTuneJob) -> ClusterPaths:
     spec = job.spec
-    model = map_cluster_source(spec.model.source, "model", "spec.model.source")
-    dataset = map_cluster_source(spec.dataset.source, "dataset", "spec.dataset.source")
+    model = map_cluster_source(spec.model.source, "model", "spec.model.source", fetch=True)
+    dataset = map_cluster_source(spec.dataset.source, "dataset", "spec.dataset.source", fetch=True)
     if spec.output.source:
         output = map_cluster_source(spec.output.source, "output", "spec.output.source", read_only=False)
         return ClusterPaths(model, dataset, output, output_is_ephemeral=False)

@@ -48,20 +48,37 @@ def split_scheme(source: str) -> tuple[str, str]:
     return (scheme, rest) if sep else ("", source)
 
 
-def _remote(source: str, field: str) -> Optional["RemoteSource"]:
+def _remote(source: str, field: str, fetch: bool, *, output: bool = False) -> Optional["RemoteSource"]:
+    """The hf:// model or s3:// source the initializer fetches (None: the trainer reads `source`
+    itself). Only callers that plan the initializer pass fetch=True (FineTuneJobs for now);
+    for the others a source that would need it is refused, naming the field."""
     from kubetune.operator.initializers import remote_sources  # it imports this module
 
-    found = remote_sources({field: source})
-    return found[0] if found else None
+    if output and split_scheme(source)[0] in ("hf", "s3"):
+        raise SourceError(f"{field}: {source!r}: outputs are written to a volume or folder; use pvc://CLAIM/path (or a local folder)")
+    found = remote_sources({field: source}) if fetch else []
+    if found:
+        return found[0]
+    if not fetch and split_scheme(source)[0] == "s3":
+        raise SourceError(f"{field}: {source!r}: s3:// sources are fetched by a FineTuneJob's initializer only; "
+                          "put the files in a volume (pvc://CLAIM/path) or a local folder")
+    if not fetch and field.startswith("spec.model.source") and source.startswith("hf://"):
+        name = source[len("hf://"):]
+        raise SourceError(
+            f"{field}: {source!r}: this kind does not download models; put the model in a volume "
+            f"(e.g. `huggingface-cli download {name} --local-dir DIR`) and use pvc://CLAIM/DIR on a cluster "
+            "or a local folder with kubetune apply"
+        )
+    return None
 
 
-def map_cluster_source(source: str, role: str, field: str, read_only: bool = True) -> MappedSource:
+def map_cluster_source(source: str, role: str, field: str, read_only: bool = True, *, fetch: bool = False) -> MappedSource:
+    """Where the trainer finds `source` in its pod; fetch=True: hf:// models and s3:// sources go
+    through the initializer into the cache volume."""
     from kubetune.operator.initializers import CACHE_MOUNT
 
-    remote = _remote(source, field)
+    remote = _remote(source, field, fetch, output=not read_only)
     if remote is not None:
-        if not read_only:
-            raise SourceError(f"{field}: {source!r}: outputs go to a volume; use pvc://CLAIM/path")
         return MappedSource(remote.cache_path(CACHE_MOUNT), remote=remote)
     scheme, rest = split_scheme(source)
     if scheme == "pvc":
@@ -76,12 +93,11 @@ def map_cluster_source(source: str, role: str, field: str, read_only: bool = Tru
     return MappedSource(source)  # builtin://, hf://, or a path inside the image
 
 
-def map_local_source(source: str, field: str, base_dir: Path, cache_dir: Optional[Path] = None) -> str:
-    """The local path (hf:// models and s3:// sources: where `kubetune apply` fetches them)."""
-    remote = _remote(source, field)
+def map_local_source(source: str, field: str, base_dir: Path, cache_dir: Optional[Path] = None, *, output: bool = False) -> str:
+    """The local path; with a cache_dir, hf:// models and s3:// sources map to where `kubetune
+    apply` fetches them."""
+    remote = _remote(source, field, cache_dir is not None, output=output)
     if remote is not None:
-        if cache_dir is None:
-            raise SourceError(f"{field}: {source!r}: outputs go to a local folder")
         return remote.cache_path(str(cache_dir))
     scheme, rest = split_scheme(source)
     if scheme == "pvc":
