@@ -61,5 +61,6 @@ def test_apply_trains_a_model_fetched_from_s3(s3, tmp_path):
     checkpoint = Path(status["result"]["checkpoint"])
     assert checkpoint.is_relative_to(runs / "from-s3" / "output") and any(checkpoint.glob("*.safetensors"))
 
-    wrong = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env={**env, "AWS_SECRET_ACCESS_KEY": "wrong"}, timeout=60)
+    fresh = [sys.executable, "-m", "kubetune.cli", "apply", "-f", str(manifest), "--runs-dir", str(tmp_path / "runs-2"), "--no-progress"]
+    wrong = subprocess.run(fresh, capture_output=True, text=True, cwd=REPO, env={**env, "AWS_SECRET_ACCESS_KEY": "wrong"}, timeout=60)
     assert wrong.returncode == 2 and "error: spec.model.source: s3://models/tiny" in wrong.stderr and "spec.secrets.s3" in wrong.stderr
