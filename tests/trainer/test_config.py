@@ -58,7 +58,7 @@ def test_unknown_key_names_it_and_suggests_the_nearest_valid_key():
     assert "dataset.formatt: unknown key; did you mean 'dataset.format'?" in error_of(MINIMAL, ["dataset.formatt=chat"])
     # Nothing close: list what is valid instead of guessing.
     message = error_of({**MINIMAL, "lr_scheduler": {"zzzzzz": 1}})
-    assert "lr_scheduler.zzzzzz: unknown key; valid keys here: min_lr_ratio, name, warmup_ratio, warmup_steps" in message
+    assert "lr_scheduler.zzzzzz: unknown key; valid keys here: min_lr_ratio, name, on_resume, warmup_ratio, warmup_steps" in message
 
 
 @pytest.mark.parametrize(

@@ -120,16 +120,21 @@ def test_sigterm_sets_a_flag_inside_and_restores_the_handler_after():
         assert signal.getsignal(signal.SIGTERM) == before
 
 
-def test_progress_prints_plain_lines_without_a_terminal_and_nothing_when_disabled(capsys):
+def test_progress_prints_plain_lines_to_stderr_without_a_bar_and_nothing_when_silent(capsys):
     from kubetune.trainer.training.progress import ProgressBar
 
     bar = ProgressBar(total=4, enabled=True, text_every=2)  # pytest's stderr is not a terminal
     for step in range(1, 5):
         bar.update(step, loss=1.0 / step, lr=1e-3)
     bar.close()
-    quiet = ProgressBar(total=4, enabled=False, text_every=2)
-    quiet.update(2, loss=0.5)
-    quiet.close()
+    pod = ProgressBar(total=4, enabled=False, text_every=2)  # progress_bar: false, as in pods: plain lines too
+    pod.update(2, loss=0.5)
+    pod.close()
+    other_rank = ProgressBar(total=4, enabled=True, text_every=2, silent=True)
+    other_rank.update(2, loss=0.5)
+    other_rank.write("not shown")
+    other_rank.close()
     printed = capsys.readouterr()
-    lines = (printed.out + printed.err).splitlines()
-    assert lines == ["step 2/4 loss=0.5000 lr=1.00e-03", "step 4/4 loss=0.2500 lr=1.00e-03"]
+    assert printed.out == ""  # stdout stays free for a program's output
+    lines = printed.err.splitlines()
+    assert lines == ["step 2/4 loss=0.5000 lr=1.00e-03", "step 4/4 loss=0.2500 lr=1.00e-03", "step 2/4 loss=0.5000"]

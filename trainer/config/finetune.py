@@ -132,6 +132,11 @@ class LRSchedulerSection(StrictModel):
         default=None, ge=0.0, lt=1.0, description="Warm up over this fraction of the planned steps (instead of warmup_steps)"
     )
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    on_resume: Literal["keep", "replan"] = Field(
+        default="keep",
+        description="When max_steps/epochs change on resume: keep the schedule the run started with, "
+        "or replan it over the new number of steps",
+    )
 
     @model_validator(mode="after")
     def _one_warmup(self) -> "LRSchedulerSection":
@@ -157,6 +162,11 @@ class DistributedSection(StrictModel):
     reshard_after_forward: bool = Field(
         default=True, description="Free each layer's gathered parameters after forward (less memory, one more all-gather)"
     )
+
+
+class EarlyStoppingSection(StrictModel):
+    patience: int = Field(ge=1, description="Stop after this many evals in a row without improvement")
+    min_delta: float = Field(default=0.0, ge=0.0, description="An eval improves when it beats the best by more than this")
 
 
 class TrainingConfig(StrictModel):
@@ -188,7 +198,20 @@ class TrainingConfig(StrictModel):
     eval_max_batches: Optional[int] = Field(default=None, ge=1)
     log_every_steps: int = Field(default=1, ge=1)
     metrics_port: Optional[int] = Field(default=None, ge=0, le=65535, description="Prometheus port; None: off")
-    resume: str = Field(default="auto", description="auto | never | path of a checkpoint folder")
+    resume: str = Field(
+        default="auto",
+        description="auto: continue the run in output_dir when its settings match (refused when they differ) | "
+        "never: a fresh run | the path of a checkpoint folder",
+    )
+    overwrite_output_dir: bool = Field(
+        default=False, description="Start fresh even when output_dir holds another run: its checkpoints and outputs are removed"
+    )
+    early_stopping: Optional[EarlyStoppingSection] = Field(
+        default=None, description="Stop when the eval loss stops improving (needs eval_every_steps and held-out data)"
+    )
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers (the tracking extra): tensorboard, mlflow, wandb"
+    )
     checkpoint_on_sigterm: bool = True
     progress_bar: bool = True
     distributed: DistributedSection = DistributedSection()
@@ -199,6 +222,18 @@ class TrainingConfig(StrictModel):
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer.path or self.model.path
+
+    @model_validator(mode="after")
+    def _early_stopping_has_evals(self) -> "TrainingConfig":
+        if self.early_stopping is None:
+            return self
+        if not self.eval_every_steps:
+            raise ValueError("early_stopping needs eval_every_steps (how often the eval loss is measured); set it")
+        if not (self.dataset.eval_split or self.dataset.eval_fraction > 0):
+            raise ValueError(
+                "early_stopping needs held-out data: set dataset.eval_split or dataset.eval_fraction (e.g. 0.05)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _format_fits_the_recipe(self) -> "TrainingConfig":

@@ -37,12 +37,16 @@ from kubetune.trainer.training.checkpointing import (
 )
 from kubetune.trainer.training.loss import count_label_tokens
 from kubetune.trainer.training.metrics import MetricsLog, PrometheusExporter, peak_memory_bytes
-from kubetune.trainer.training.optim import build_lr_scheduler, build_optimizer
+from kubetune.trainer.training.optim import build_lr_scheduler, build_optimizer, reapply_schedule
 from kubetune.trainer.training.progress import ProgressBar
 from kubetune.trainer.training.rng import load_rng_state, rng_state, seed_everything
 from kubetune.trainer.training.signals import GracefulStop
 from kubetune.trainer.training.steps import batch_loss_sum, bf16_autocast, evaluate, planned_steps, real_tokens
 from kubetune.trainer.training.summary import run_summary, write_termination_log
+from kubetune.trainer.training.early_stopping import EarlyStopping
+from kubetune.trainer.training.report import configure_logging, log_end, log_start
+from kubetune.trainer.training.resume import plan_resume, start_run
+from kubetune.trainer.training.trackers import open_trackers
 
 log = logging.getLogger("kubetune.full_finetune")
 SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM: the pod was stopped, the job did not finish
@@ -50,13 +54,13 @@ SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM: the pod was stopped, the job did not f
 
 def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
     # ---- Where and how -------------------------------------------------------------------
+    configure_logging()  # INFO on stderr: the start and end summaries, resume, early stopping
     world = init_distributed(cfg.device, cfg.distributed)  # one process: a World of size 1
     device = world.device
     dtype = resolve_dtype(cfg.dtype)
     seed_everything(cfg.seed)
     output_dir = Path(cfg.output_dir)
     checkpoints = CheckpointManager(output_dir, keep_last=cfg.keep_last_checkpoints)
-    resume_dir = world.broadcast_object(checkpoints.resume_from(cfg.resume))  # rank 0's choice for all
 
     # ---- Tokenizer and data --------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.tokenizer.chat_template)
@@ -65,7 +69,14 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
     ranks = {"rank": world.rank, "world_size": world.size}  # each rank takes its slice of every global batch
     train_loader = BatchLoader(splits.train, cfg.batch_size, splits.pad_id, shuffle=cfg.dataset.shuffle, seed=cfg.seed, **ranks)
     eval_loader = BatchLoader(splits.eval, cfg.batch_size, splits.pad_id, shuffle=False, **ranks) if splits.eval else None
-    total_steps = planned_steps(cfg, train_loader.batches_per_epoch)
+    total_steps = planned_steps(cfg, train_loader.batches_per_epoch)  # max_steps, else epochs
+
+    # ---- Which run: continue the one in output_dir, or start fresh (resume.py) --------
+    # Refused before any work when output_dir holds a run with other settings, or a fresh run
+    # would land on another run's files; rank 0 decides for all.
+    plan = world.broadcast_object(plan_resume(cfg, checkpoints, total_steps))
+    checkpoints.run = plan.run
+    resume_dir = plan.checkpoint
 
     # ---- Model, then shard (FSDP2 under torchrun), then optimizer and schedule -----------
     # Every rank loads the whole model on the CPU (under torchrun) and keeps only its shards.
@@ -76,7 +87,8 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
             layer.compile()  # in place: parameter names (and checkpoints) stay the same
     shard_model(model, world, cfg.distributed, dtype)
     optimizer = build_optimizer(model.named_parameters(), cfg.optimizer, device)
-    scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, total_steps)
+    # On resume the schedule keeps the plan the run started with (lr_scheduler.on_resume).
+    scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, plan.run.schedule_steps)
 
     # ---- Resume: weights, optimizer, schedule, data position and RNG where they were -------
     # The weights and AdamW state come from the checkpoint's distcp/ shards, at any world size.
@@ -85,22 +97,31 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
         load_sharded_training_state(resume_dir, model, optimizer)
         state = load_training_state(resume_dir, world.rank)
         scheduler.load_state_dict(state["lr_scheduler"])
+        reapply_schedule(scheduler)  # the groups take this run's schedule (it may be replanned)
         train_loader.load_state_dict(state["data"])
         load_rng_state(state["rng"])
         step = state["step"]
-        log.info("resumed from %s at step %d", resume_dir, step)
 
     # ---- Reporting: metrics.jsonl, Prometheus, progress bar --------------------------------
     # Only rank 0 reports (the operator scrapes rank 0); the other ranks log with a rank prefix.
-    metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=step, enabled=world.is_main)
+    if world.is_main:
+        start_run(plan, output_dir)  # run.json (overwrite_output_dir: the old run's files go first)
+    trackers = open_trackers(cfg, output_dir, world.rank)  # loggers: tensorboard, mlflow, wandb
+    metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=step, enabled=world.is_main, fresh=plan.fresh,
+                         trackers=trackers)
     exporter = PrometheusExporter(cfg.metrics_port if world.is_main else None)
     exporter.update(step=step, total_steps=total_steps, epoch=train_loader.epoch,
                     last_checkpoint_step=step if resume_dir else None)
     progress = ProgressBar(total_steps, initial=step, enabled=cfg.progress_bar, text_every=cfg.log_every_steps,
                            silent=not world.is_main)
-    progress.write(f"global batch: {cfg.batch_size * cfg.gradient_accumulation_steps * world.size} sequences "
-                   f"(batch_size {cfg.batch_size} x gradient_accumulation_steps {cfg.gradient_accumulation_steps} "
-                   f"x {world.size} process{'es' if world.size > 1 else ''})")
+    if world.is_main:
+        log_start(log, cfg, trainable=sum(p.numel() for p in model.parameters()),
+                  total=sum(p.numel() for p in model.parameters()), train_samples=len(splits.train),
+                  eval_samples=len(splits.eval) if splits.eval else None, world_size=world.size,
+                  total_steps=total_steps, batches_per_epoch=train_loader.batches_per_epoch,
+                  resume_messages=plan.messages, step=step)
+        for message in plan.schedule_messages(total_steps, cfg.lr_scheduler.on_resume):
+            log.info(message)
     # Under FSDP2 on CUDA the mixed-precision policy computes in bf16; autocast is for one process.
     fsdp_bf16 = mixed_precision_dtypes(world, dtype, cfg.distributed)[0] is not None and world.distributed
     autocast = bf16_autocast(device, dtype, cfg.bf16_autocast and not fsdp_bf16)
@@ -129,6 +150,9 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
     result_dir: Optional[Path] = resume_dir
     stop = GracefulStop(enabled=cfg.checkpoint_on_sigterm)
     stopping = False  # a SIGTERM seen by any rank, agreed on by all at the end of a step
+    early = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta) if cfg.early_stopping else None
+    best_dir: Optional[Path] = None  # early stopping: the best checkpoint, kept through pruning
+    finished = False
     try:
         with stop:
             if eval_loader is not None and step == 0:
@@ -181,14 +205,25 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
                     eval_loss = evaluate(model, eval_loader, device, autocast, cfg.eval_max_batches)
                     metrics.write({"step": step, "eval_loss": eval_loss})
                     progress.write(f"step {step}: eval loss {eval_loss:.4f}")
-                if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps:
+                    if early is not None and early.update(step, eval_loss):
+                        best_dir = result_dir = save_checkpoint()  # each new best is checkpointed...
+                        checkpoints.protected = {step}  # ...and kept whatever keep_last_checkpoints says
+                if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps and result_dir != (
+                        checkpoints.dir / f"step_{step}"):
                     result_dir = save_checkpoint()
                 stopping = world.any(stop.requested)
+                if early is not None and early.should_stop:
+                    log.info("early stopping at step %d: eval loss did not improve by %g for %d evals; best eval loss "
+                             "%.4f at step %d (checkpoint %s)", step, early.min_delta, early.patience, early.best_loss,
+                             early.best_step, best_dir)
+                    break
 
             # ---- The end: a checkpoint on SIGTERM, else the final model -------------------
             if stopping:
                 result_dir = save_checkpoint() if step > 0 else result_dir
                 progress.write(f"SIGTERM: saved a checkpoint at step {step}; resume with resume: auto")
+                log.info("SIGTERM: saved a checkpoint at step %d (%s); run again with resume: auto to continue", step,
+                         result_dir)
             else:
                 if eval_loader is not None and not (cfg.eval_every_steps and step % cfg.eval_every_steps == 0):
                     eval_loss = evaluate(model, eval_loader, device, autocast, cfg.eval_max_batches)
@@ -200,11 +235,20 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
                     save_pretrained(model, result_dir, tokenizer_dir=tokenizer_dir, state=state)
                 del state
                 world.barrier()
+            finished = True
     finally:
         tokens_per_second = trained_tokens / train_seconds if train_seconds > 0 else 0.0
         summary = run_summary(last_loss, eval_loss, step, str(result_dir) if result_dir else None, tokens_per_second)
         if world.is_main:
             write_termination_log(summary)
+            if finished or stopping:
+                log_end(log, summary, summary["adapter"] or summary["checkpoint"], stopped=stopping)
+                if early is not None and early.best_step is not None:
+                    log.info("best eval loss %.4f at step %d: %s", early.best_loss, early.best_step, best_dir)
+        best = {"bestEvalLoss": early.best_loss, "bestStep": early.best_step,
+                "bestCheckpoint": str(best_dir) if best_dir else None} if early is not None else {}
+        trackers.summary({**summary, **best})
+        trackers.close(failed=not (finished or stopping))
         progress.close()
         metrics.close()
         exporter.close()

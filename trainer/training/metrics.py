@@ -46,25 +46,35 @@ class PrometheusExporter:
             self._server = None
 
 
+# metrics.jsonl keys -> the names experiment trackers see
+TRACKED = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+           "tokens_per_second": "train/tokens_per_second", "eval_loss": "eval/loss"}
+
+
 class MetricsLog:
     """`metrics.jsonl`: one JSON object per logged step or eval, appended and flushed.
 
     On resume, lines past the resumed step are dropped first (they were logged after the
     checkpoint the run restarts from), so the file tells one consistent story."""
 
-    def __init__(self, path: Path, resume_step: int = 0, enabled: bool = True):
-        """enabled=False (ranks other than 0 under torchrun): writes nothing, touches no file."""
+    def __init__(self, path: Path, resume_step: int = 0, enabled: bool = True, fresh: bool = False, trackers: Any = None):
+        """enabled=False (ranks other than 0 under torchrun): writes nothing, touches no file.
+        fresh=True (a new run): the file starts empty. `trackers` (trackers.Trackers) get every
+        record too, as train/loss, train/lr, train/grad_norm, train/tokens_per_second, eval/loss."""
         self.path = path
         self._file = None
+        self.trackers = trackers
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._truncate_after(resume_step)
+            self._truncate_after(-1 if fresh else resume_step)
             self._file = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
             self._file.write(json.dumps(record, sort_keys=True) + "\n")
             self._file.flush()
+        if self.trackers is not None:
+            self.trackers.log({TRACKED[k]: v for k, v in record.items() if k in TRACKED}, int(record.get("step", 0)))
 
     def close(self) -> None:
         if self._file is not None:

@@ -80,3 +80,13 @@ def warmup_steps(cfg: Any, total_steps: int) -> int:
     """lr_scheduler.warmup_steps, or warmup_ratio of the planned steps rounded up (as transformers)."""
     ratio = getattr(cfg, "warmup_ratio", None)
     return math.ceil(total_steps * ratio) if ratio is not None else cfg.warmup_steps
+
+
+def reapply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set each group's lr to the schedule's value at the scheduler's step. After loading a
+    checkpoint's optimizer and scheduler state, the groups hold the lr of the plan the checkpoint
+    was made under; a replanned schedule (lr_scheduler.on_resume: replan) must take over at once."""
+    values = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, value in zip(scheduler.optimizer.param_groups, values):
+        group["lr"] = value
+    scheduler._last_lr = values  # what get_last_lr() reports for the next step

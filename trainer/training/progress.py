@@ -1,9 +1,10 @@
 """A progress bar for local runs (tqdm). Off when disabled, and when stderr is not a terminal
-(tqdm's `disable=None`): in a pod's log a redrawn bar is noise, so an enabled bar there prints a
-plain line every `text_every` steps instead. `write()` lines (eval losses, SIGTERM) always print,
+(tqdm's `disable=None`): in a pod's log a redrawn bar is noise, so without a bar a plain line
+`step N/T loss=... lr=...` goes to stderr every `text_every` steps instead. `write()` lines (eval losses, SIGTERM) always print,
 except with `silent=True` (ranks other than 0 under torchrun: one rank reports for the run)."""
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from tqdm.auto import tqdm
@@ -16,7 +17,8 @@ class ProgressBar:
         enabled = enabled and not silent
         self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
                          disable=None if enabled else True)
-        self._text_every = text_every if enabled and self._bar.disable else 0
+        # Without a bar (no terminal, or progress_bar: false as in pods): a plain line every text_every steps.
+        self._text_every = text_every if not silent and self._bar.disable else 0
         self.total = total
 
     def update(self, step: int, loss: Optional[float] = None, lr: Optional[float] = None) -> None:
@@ -33,7 +35,7 @@ class ProgressBar:
 
     def write(self, message: str) -> None:
         if not self.silent:
-            self._bar.write(message)
+            self._bar.write(message, file=sys.stderr)  # with the logs; stdout stays free
 
     def close(self) -> None:
         self._bar.close()

@@ -37,7 +37,7 @@ NOT_MATCHED = {
     "output_dir", "epochs", "max_steps", "resume", "overwrite_output_dir", "device", "metrics_port", "progress_bar",
     "log_every_steps", "save_every_steps", "keep_last_checkpoints", "eval_every_steps", "eval_max_batches",
     "checkpoint_on_sigterm", "compile", "activation_checkpointing", "loggers", "early_stopping", "save_merged",
-    "lr_scheduler.on_resume", "optimizer.fused", "bf16_autocast",
+    "lr_scheduler.on_resume", "optimizer.fused", "bf16_autocast", "distributed",
 }
 # Files a finished or running training run leaves in output_dir (besides checkpoints/).
 RUN_OUTPUTS = ("model", "adapter", "metrics.jsonl", "tensorboard", "mlruns", "wandb", RUN_FILE)
@@ -108,12 +108,24 @@ class ResumePlan:
     checkpoint: Optional[Path]  # the checkpoint to resume from; None: a fresh start
     fresh: bool  # True: a new run (run.json to be written, metrics.jsonl started anew)
     messages: list[str] = field(default_factory=list)  # what the console should say about it
+    clear_previous: bool = False  # overwrite_output_dir: remove the previous run's files before starting
+    previous_schedule_steps: int = 0  # lr_scheduler.on_resume replan: the schedule the run had before
 
-    def schedule_steps(self, total_steps: int, on_resume: str = "keep") -> int:
-        """Steps the learning-rate schedule spans: the run's original plan unless replanning."""
-        if self.fresh or on_resume == "replan":
-            return total_steps
-        return self.run.schedule_steps
+    def schedule_messages(self, total_steps: int, on_resume: str) -> list[str]:
+        """What to say when a resumed run plans another number of steps than its schedule."""
+        if self.fresh or total_steps == self.planned_steps_at_start:
+            return []
+        old = self.planned_steps_at_start
+        if on_resume == "replan":
+            return [f"planned steps changed from {old} to {total_steps}: the learning-rate schedule is replanned over "
+                    f"{total_steps} steps (lr_scheduler.on_resume: replan)"]
+        return [f"planned steps changed from {old} to {total_steps}: the run keeps the {old}-step learning-rate schedule "
+                f"it started with (after step {old} the rate stays at its final value); set lr_scheduler.on_resume: "
+                f"replan to stretch it over {total_steps} steps"]
+
+    @property
+    def planned_steps_at_start(self) -> int:
+        return self.previous_schedule_steps or self.run.schedule_steps
 
 
 def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -157,74 +169,81 @@ def clear_run_outputs(output_dir: Path) -> None:
             target.unlink()
 
 
-def plan_resume(cfg: Any, output_dir: str | Path, total_steps: int, latest_checkpoint) -> ResumePlan:
-    """Decide fresh start or resume for `cfg` in `output_dir`; raise ResumeError when they disagree.
-
-    `latest_checkpoint(run_id) -> Optional[Path]` is the newest complete checkpoint of that run
-    (the checkpoint manager's). Nothing is written or removed here except with overwrite_output_dir
-    (the previous run's outputs are cleared); the caller writes run.json via `start_run`."""
-    output_dir = Path(output_dir)
+def plan_resume(cfg: Any, checkpoints: Any, total_steps: int) -> ResumePlan:
+    """Decide fresh start or resume for `cfg` in the checkpoint manager's output_dir; raise
+    ResumeError when they disagree. Reads only, except with overwrite_output_dir (the previous
+    run's outputs are cleared, by the main process: `is_main`). Sets `checkpoints.run`, so every
+    checkpoint carries the run record and pruning keeps to this run. The caller then writes
+    run.json with `start_run` (rank 0)."""
+    output_dir = checkpoints.dir.parent
     settings = matched_settings(cfg)
     digest = settings_hash(settings)
     current = RunRecord.read(output_dir / RUN_FILE)
-    overwrite = bool(getattr(cfg, "overwrite_output_dir", False))
     resume = cfg.resume
 
-    def fresh(note: str) -> ResumePlan:
-        run = RunRecord(uuid.uuid4().hex[:12], digest, settings, total_steps)
-        return ResumePlan(run, None, True, [note])
+    def decide() -> ResumePlan:
+        def fresh(note: str, clear: bool = False) -> ResumePlan:
+            return ResumePlan(RunRecord(uuid.uuid4().hex[:12], digest, settings, total_steps), None, True, [note], clear)
 
-    if resume not in ("auto", "never"):  # an explicit checkpoint folder
-        checkpoint = Path(resume)
-        record = RunRecord.read(checkpoint / RUN_FILE)
-        if record is not None and record.settings_hash != digest:
-            raise ResumeError(
-                f"resume: {checkpoint} belongs to a run with other settings:\n  "
-                + "\n  ".join(describe_differences(record.settings, settings))
-                + f"\nresume it with the settings it was trained with, or {_ways_out(output_dir)}"
-            )
-        if record is None:
-            record = RunRecord(uuid.uuid4().hex[:12], digest, settings, total_steps)
-            note = f"resuming from {checkpoint} (it carries no run record: settings not checked)"
-        else:
-            note = f"resuming run {record.run_id} from {checkpoint}"
-        return ResumePlan(record, checkpoint, False, [note])
+        if resume not in ("auto", "never"):  # an explicit checkpoint folder
+            checkpoint = checkpoints.resume_from(resume)  # raises unless it is a complete checkpoint
+            record = RunRecord.read(checkpoint / RUN_FILE)
+            if record is None:
+                record = RunRecord(uuid.uuid4().hex[:12], digest, settings, total_steps)
+                return ResumePlan(record, checkpoint, False,
+                                  [f"resuming from {checkpoint} (it carries no run record: settings not checked)"])
+            if record.settings_hash != digest:
+                raise ResumeError(
+                    f"resume: {checkpoint} belongs to run {record.run_id}, whose settings differ from this config:\n  "
+                    + "\n  ".join(describe_differences(record.settings, settings))
+                    + f"\nresume it with the settings it was trained with, or {_ways_out(output_dir)}"
+                )
+            return ResumePlan(record, checkpoint, False, [f"resuming run {record.run_id} from {checkpoint}"])
 
-    if overwrite:
+        if getattr(cfg, "overwrite_output_dir", False):
+            occupied = _occupants(output_dir)
+            return fresh(f"overwrite_output_dir: replacing the previous run's {', '.join(occupied)}" if occupied
+                         else f"starting a new run in {output_dir}", clear=True)
+
+        if resume == "auto" and current is not None:
+            if current.settings_hash != digest:
+                raise ResumeError(
+                    f"output_dir {output_dir} holds run {current.run_id}, whose settings differ from this config:\n  "
+                    + "\n  ".join(describe_differences(current.settings, settings))
+                    + f"\nresume: auto continues only a run with the same settings; {_ways_out(output_dir)}"
+                )
+            checkpoint = checkpoints.latest_of(current.run_id)
+            if checkpoint is not None:
+                return ResumePlan(current, checkpoint, False, [f"resuming run {current.run_id} from {checkpoint}"])
+            occupied = _occupants(output_dir)
+            if occupied:  # finished without checkpoints: a fresh start would overwrite its outputs
+                raise ResumeError(
+                    f"output_dir {output_dir} holds run {current.run_id} ({', '.join(occupied)}) with no checkpoint "
+                    f"to resume from; {_ways_out(output_dir)}"
+                )
+            return fresh(f"run {current.run_id} left no checkpoint in {output_dir}: starting it again from step 0")
+
         occupied = _occupants(output_dir)
-        clear_run_outputs(output_dir)
-        note = f"overwrite_output_dir: removed the previous run's {', '.join(occupied)}" if occupied else "starting a new run"
-        return fresh(note)
-
-    if resume == "auto" and current is not None:
-        if current.settings_hash != digest:
+        if occupied:
+            owner = f"run {current.run_id}" if current else "another run (written without a run record)"
             raise ResumeError(
-                f"output_dir {output_dir} holds run {current.run_id}, whose settings differ from this config:\n  "
-                + "\n  ".join(describe_differences(current.settings, settings))
-                + f"\nresume: auto continues only a run with the same settings; {_ways_out(output_dir)}"
+                f"output_dir {output_dir} holds {owner}: {', '.join(occupied)}; a fresh run there would mix with it. "
+                + _ways_out(output_dir)[0].upper() + _ways_out(output_dir)[1:]
             )
-        checkpoint = latest_checkpoint(current.run_id)
-        if checkpoint is not None:
-            return ResumePlan(current, checkpoint, False, [f"resuming run {current.run_id} from {checkpoint}"])
-        if _occupants(output_dir):  # finished without checkpoints: its outputs would be overwritten
-            raise ResumeError(
-                f"output_dir {output_dir} holds the finished run {current.run_id} ({', '.join(_occupants(output_dir))}) "
-                f"and no checkpoint to resume from; {_ways_out(output_dir)}"
-            )
-        return fresh(f"run {current.run_id} left no checkpoint in {output_dir}: starting it again from step 0")
+        return fresh(f"starting a new run in {output_dir}")
 
-    occupied = _occupants(output_dir)
-    if occupied:
-        owner = f"run {current.run_id}" if current else "another run"
-        raise ResumeError(
-            f"output_dir {output_dir} holds {owner}'s {', '.join(occupied)}"
-            + (" (written without a run record)" if current is None else "")
-            + f"; a fresh run there would mix with them. {_ways_out(output_dir).capitalize()}"
-        )
-    return fresh(f"starting a new run in {output_dir}")
+    plan = decide()
+    if not plan.fresh and total_steps != plan.run.schedule_steps and cfg.lr_scheduler.on_resume == "replan":
+        plan.previous_schedule_steps = plan.run.schedule_steps
+        plan.run = RunRecord(plan.run.run_id, plan.run.settings_hash, plan.run.settings, total_steps)
+    checkpoints.run = plan.run
+    return plan
 
 
 def start_run(plan: ResumePlan, output_dir: str | Path) -> None:
-    """Record a fresh run in output_dir/run.json (rank 0, before the first step)."""
-    if plan.fresh:
-        plan.run.write(Path(output_dir) / RUN_FILE)
+    """Record the run in output_dir/run.json (rank 0, before the first step); a fresh run with
+    overwrite_output_dir removes the previous run's checkpoints and outputs first."""
+    output_dir = Path(output_dir)
+    if plan.fresh and plan.clear_previous:
+        clear_run_outputs(output_dir)
+    plan.run.write(output_dir / RUN_FILE)

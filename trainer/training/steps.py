@@ -18,10 +18,12 @@ from kubetune.trainer.training.loss import causal_lm_loss_sum_from_hidden, count
 
 
 def planned_steps(cfg: TrainingConfig, batches_per_epoch: int) -> int:
-    """Optimizer steps in `epochs` passes over the data, capped by max_steps."""
+    """max_steps when set (it overrides epochs, as in transformers: the data repeats as needed),
+    else the optimizer steps in `epochs` passes over the data."""
+    if cfg.max_steps:
+        return cfg.max_steps
     per_epoch = batches_per_epoch / cfg.gradient_accumulation_steps
-    steps = max(1, math.floor(per_epoch * cfg.epochs))
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+    return max(1, math.floor(per_epoch * cfg.epochs))
 
 
 def bf16_autocast(device: torch.device, dtype: torch.dtype, enabled: bool) -> contextlib.AbstractContextManager:

@@ -184,5 +184,6 @@ def start_trackers(names: Iterable[str], output_dir: str | Path, config: dict[st
 
 
 def open_trackers(cfg: Any, output_dir: str | Path, rank: int = 0) -> Trackers:
+    # (MetricsLog(trackers=...) feeds them every metrics.jsonl record; the recipe adds the summary.)
     """The trackers a training config asks for (`cfg.loggers`), with the config logged once."""
     return start_trackers(getattr(cfg, "loggers", []) or [], output_dir, cfg.model_dump(mode="json"), enabled=rank == 0)
