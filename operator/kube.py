@@ -20,6 +20,7 @@ _PLURALS = {
     "PyTorchJob": "pytorchjobs",
     "Event": "events",
     "FineTuneJob": "finetunejobs",
+    "SubjectAccessReview": "subjectaccessreviews",
 }
 
 

@@ -9,7 +9,10 @@ from typing import Any, Optional, Sequence
 
 import kopf
 
+from kubetune.errors import KubetuneError
 from kubetune.operator.handlers import OperatorConfig, OperatorState, build_registry
+from kubetune.operator.planner import scale_quantity
+from kubetune.operator.tenancy import Policy
 
 
 def make_settings(*, peering: Optional[str], webhook: Optional[kopf.WebhookServer] = None) -> kopf.OperatorSettings:
@@ -32,7 +35,9 @@ def make_settings(*, peering: Optional[str], webhook: Optional[kopf.WebhookServe
         settings.peering.standalone = True
     if webhook is not None:
         settings.admission.server = webhook
-        settings.admission.managed = "kubetune.dev"  # kopf keeps the ValidatingWebhookConfiguration
+        # No settings.admission.managed: the ValidatingWebhookConfiguration is a static manifest
+        # (deploy/admission/, or the Helm chart) for CREATE and UPDATE only, so the operator needs
+        # no cluster-wide write on webhook configurations and can never register DELETE.
     return settings
 
 
@@ -102,7 +107,15 @@ def operator_command(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         admission=webhook is not None,
         sync_interval=float(os.environ.get("KUBETUNE_SYNC_INTERVAL", "5")),
+        tenancy=Policy.from_env(dict(os.environ)),
+        cpu_per_gpu=os.environ.get("KUBETUNE_CPU_PER_GPU", "4"),
+        memory_per_gpu=os.environ.get("KUBETUNE_MEMORY_PER_GPU", "32Gi"),
     )
+    for name in ("cpu_per_gpu", "memory_per_gpu"):
+        try:
+            scale_quantity(getattr(config, name), 1)
+        except ValueError as err:
+            raise KubetuneError(f"KUBETUNE_{name.upper()}: {err}") from None
     settings = make_settings(peering=args.peering, webhook=webhook)
     asyncio.run(
         run_operator(config, namespaces=args.namespace or (), peering=args.peering, liveness=args.liveness, settings=settings)
