@@ -24,11 +24,12 @@ import kopf
 
 from kubetune.errors import KubetuneError
 from kubetune.operator.api import API_VERSION, GROUP, VERSION, parse_object
-from kubetune.operator.api.common import TERMINAL_PHASES
+from kubetune.operator.api.common import DEFAULT_SERVER_IMAGE, DEFAULT_TRAINER_IMAGE, TERMINAL_PHASES
 from kubetune.operator.api.finetune import FineTuneJob
 from kubetune.operator.kube import ApiError, KubeClient
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.planner import JOB_LABEL, MANAGED_BY, ClusterInfo, choose_backend, plan
+from kubetune.operator.scrape import scrape_metrics
 from kubetune.operator.status import (
     WorkloadState,
     conditions_for,
@@ -40,7 +41,7 @@ from kubetune.operator.status import (
     pytorchjob_state,
     rank0_pod,
     scheduling_problem,
-    set_condition,
+    spec_applied_conditions,
     suspend_reflected,
 )
 from kubetune.operator.tenancy import Policy, TenancyCheck
@@ -52,6 +53,7 @@ from kubetune.operator.workloads import (
     adoption_problem,
     child_error_state,
     lost_state,
+    model_spec_hash,
     recorded_backend,
     spec_hash,
     stamp,
@@ -73,6 +75,8 @@ class OperatorConfig:
     metrics_port: Optional[int] = 8080  # None: no metrics server
     metrics_addr: str = "0.0.0.0"
     admission: bool = False  # register the validating webhook handler
+    trainer_image: str = DEFAULT_TRAINER_IMAGE  # for workloads whose spec.image is empty
+    server_image: str = DEFAULT_SERVER_IMAGE  # for ModelDeployments whose spec.image is empty
     retry_delay: float = 2.0
     login: Optional[Callable[..., Any]] = None  # a kopf login function; default: service account, then kubeconfig
     tenancy: Policy = field(default_factory=Policy)  # allow-lists checked at admission (operator/tenancy.py)
@@ -107,6 +111,7 @@ class OperatorState:
             if self.cluster is None:
                 self.cluster = ClusterInfo(
                     has_pytorchjob=await self.kube.serves("kubeflow.org/v1", "pytorchjobs"),
+                    trainer_image=self.config.trainer_image,
                     cpu_per_gpu=self.config.cpu_per_gpu,
                     memory_per_gpu=self.config.memory_per_gpu,
                 )
@@ -264,7 +269,7 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
     async def ensure_all(job: FineTuneJob, record: Optional[dict[str, Any]], *, started: bool) -> Ensured:
         """Plan (from the recorded backend, if any) and create-or-adopt the children; the workload
         only when workload_fate says so: a started or finished workload is never made again."""
-        digest = spec_hash(job.spec.model_dump(mode="json", by_alias=True))
+        digest = model_spec_hash(job.spec)
         if record and record.get("specHash") not in (None, digest):
             return Ensured("keep", record, [])  # spec changed under a running workload: sync reports it
         backend = recorded_backend(record) or choose_backend(job.spec, await state.cluster_info())
@@ -480,31 +485,32 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             current = pytorchjob_state(workload, name=ref["name"], queue_name=job.spec.queue_name)
         if current.phase == "Pending":
             pod_uids = {(p.get("metadata") or {}).get("uid") for p in pods}
-            current = pod_problem(pods, job.spec.image) or scheduling_problem(events, workload_uid, pod_uids) or current
+            image = job.spec.image or config.trainer_image
+            current = pod_problem(pods, image) or scheduling_problem(events, workload_uid, pod_uids) or current
         pod0 = rank0_pod(pods)
         metrics_text = None
         url = metrics_url(pod0) if pod0 is not None else None
         if current.phase == "Running" and url:
             try:
-                metrics_text = await state.kube.get_text(url, timeout=config.scrape_timeout)
+                metrics_text = await scrape_metrics(url, timeout=config.scrape_timeout)
             except Exception as err:  # the trainer may not serve yet: keep the last progress
                 log.debug("scraping %s for %s/%s failed: %s", url, ns, name, err)
         # observedGeneration tells the truth: it advances only when the workload reflects this
         # generation (the planned spec unchanged, spec.suspend applied).
-        digest = spec_hash(job.spec.model_dump(mode="json", by_alias=True))
-        spec_applied = not ref.get("specHash") or ref["specHash"] == digest
+        spec_applied = not ref.get("specHash") or ref["specHash"] == model_spec_hash(job.spec)
         generation = meta.get("generation") if spec_applied and suspend_reflected(job.spec, workload) else old.get("observedGeneration")
-        changes, event = next_status(old, current, pod0, metrics_text, generation=generation, now=dt.datetime.now(dt.timezone.utc))
-        if not spec_applied:
-            conditions = set_condition(
-                changes.get("conditions") or old.get("conditions") or [], "SpecApplied", False, "SpecChangeIgnored",
-                f"the spec changed after the run was created (generation {meta.get('generation')}); only spec.suspend is applied "
-                f"to a running job: revert the change or create a new FineTuneJob (status reflects generation {generation})",
-                now=now_iso(), generation=generation,
-            )
-            if conditions != (old.get("conditions") or []):
-                changes["conditions"] = conditions
-                event = event or ("Warning", "SpecChangeIgnored", conditions[-1]["message"] if conditions[-1]["type"] == "SpecApplied" else "spec change ignored")
+        # in a thread: parsing the pod's metrics text must not hold the shared event loop
+        changes, event = await asyncio.to_thread(
+            next_status, old, current, pod0, metrics_text, generation=generation, now=dt.datetime.now(dt.timezone.utc)
+        )
+        conditions, ignored = spec_applied_conditions(
+            changes.get("conditions") or old.get("conditions") or [], spec_applied, generation=generation,
+            current_generation=meta.get("generation"), now=now_iso(),
+        )
+        if conditions != (changes.get("conditions") or old.get("conditions") or []):
+            changes["conditions"] = conditions
+            if ignored is not None:
+                event = event or ignored
         metrics.set_phase(KIND, ns, name, current.phase)
         if changes.get("progress"):
             metrics.set_progress(ns, name, changes["progress"])

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,10 +25,12 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from kubetune.errors import KubetuneError
+from kubetune.safe_yaml import YamlLimitError, safe_load, safe_load_all
 from kubetune.operator.api import KINDS, ManifestError, kind_for, parse_object
 from kubetune.operator.api.finetune import FineTuneJob
 from kubetune.operator.crdgen import write_atomic
 from kubetune.operator.planner import render_config, trainer_config
+from kubetune.operator.scrape import scrape_local
 from kubetune.operator.sources import map_local_source
 from kubetune.operator.status import (
     WorkloadState,
@@ -48,7 +49,7 @@ STATUS_FILE = "status.yaml"
 def load_manifest(path: Path) -> list[Any]:
     """Every document of a manifest file, parsed by the API models (errors name the field)."""
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        docs = [d for d in safe_load_all(path.read_text(), str(path)) if d is not None]
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
     except yaml.YAMLError as err:
@@ -138,11 +139,7 @@ def status_document(job: FineTuneJob, status: dict[str, Any], created: str) -> d
 
 
 def scrape(port: int, timeout: float = 1.0) -> Optional[str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
-            return resp.read().decode()
-    except OSError:
-        return None  # not serving yet (model loading) or already gone
+    return scrape_local(port, timeout=timeout)  # None: not serving yet (model loading) or already gone
 
 
 class ProgressBar:
@@ -317,8 +314,8 @@ def local_runs(runs_dir: Path) -> list[dict[str, Any]]:
     docs = []
     for path in sorted(runs_dir.glob(f"*/{STATUS_FILE}")):
         try:
-            doc = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
+            doc = safe_load(path.read_text(), str(path))
+        except (OSError, yaml.YAMLError, YamlLimitError):
             continue
         if isinstance(doc, dict) and doc.get("kind") in KINDS:
             docs.append(doc)

@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 from typing import Any, Optional, Sequence
 
 import kopf
@@ -15,7 +16,18 @@ from kubetune.operator.planner import scale_quantity
 from kubetune.operator.tenancy import Policy
 
 
-def make_settings(*, peering: Optional[str], webhook: Optional[kopf.WebhookServer] = None) -> kopf.OperatorSettings:
+def peering_priority(priority: Optional[int]) -> int:
+    """kopf freezes every operator of a peering when two have the same priority, so replicas of
+    one Deployment (which cannot be told apart by their arguments) each draw a random one: the
+    highest serves, the others wait and take over when it is gone."""
+    if priority is not None:
+        return priority
+    return random.SystemRandom().randint(1, 2**31 - 1)
+
+
+def make_settings(
+    *, peering: Optional[str], webhook: Optional[kopf.WebhookServer] = None, priority: Optional[int] = None
+) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
     # kopf's bookkeeping goes to annotations: status is ours and typed (the CRD prunes unknown fields).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.dev")
@@ -31,6 +43,7 @@ def make_settings(*, peering: Optional[str], webhook: Optional[kopf.WebhookServe
         settings.peering.name = peering
         settings.peering.standalone = False
         settings.peering.mandatory = True
+        settings.peering.priority = peering_priority(priority)
     else:
         settings.peering.standalone = True
     if webhook is not None:
@@ -56,6 +69,17 @@ def webhook_from_env(env: dict[str, str]) -> Optional[kopf.WebhookServer]:
         certfile=env.get("KUBETUNE_WEBHOOK_CERT"),
         pkeyfile=env.get("KUBETUNE_WEBHOOK_KEY"),
     )
+
+
+def default_images(env: dict[str, str]) -> dict[str, str]:
+    """The images of workloads whose manifest names none: KUBETUNE_DEFAULT_TRAINER_IMAGE and
+    KUBETUNE_DEFAULT_SERVER_IMAGE (the Helm chart sets them from its values), else the built-in ones."""
+    images = {}
+    if env.get("KUBETUNE_DEFAULT_TRAINER_IMAGE"):
+        images["trainer_image"] = env["KUBETUNE_DEFAULT_TRAINER_IMAGE"]
+    if env.get("KUBETUNE_DEFAULT_SERVER_IMAGE"):
+        images["server_image"] = env["KUBETUNE_DEFAULT_SERVER_IMAGE"]
+    return images
 
 
 def exact_namespaces(namespaces: Sequence[str]) -> bool:
@@ -110,13 +134,14 @@ def operator_command(args: argparse.Namespace) -> int:
         tenancy=Policy.from_env(dict(os.environ)),
         cpu_per_gpu=os.environ.get("KUBETUNE_CPU_PER_GPU", "4"),
         memory_per_gpu=os.environ.get("KUBETUNE_MEMORY_PER_GPU", "32Gi"),
+        **default_images(dict(os.environ)),
     )
     for name in ("cpu_per_gpu", "memory_per_gpu"):
         try:
             scale_quantity(getattr(config, name), 1)
         except ValueError as err:
             raise KubetuneError(f"KUBETUNE_{name.upper()}: {err}") from None
-    settings = make_settings(peering=args.peering, webhook=webhook)
+    settings = make_settings(peering=args.peering, webhook=webhook, priority=args.priority)
     asyncio.run(
         run_operator(config, namespaces=args.namespace or (), peering=args.peering, liveness=args.liveness, settings=settings)
     )

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from kubetune.operator.api import API_VERSION
-from kubetune.operator.api.common import RunPolicy
+from kubetune.operator.api.common import DEFAULT_TRAINER_IMAGE, RunPolicy
 from kubetune.operator.api.finetune import FineTuneJob, FineTuneJobSpec
 from kubetune.operator.sources import MappedSource, PvcMount, map_cluster_source
 from kubetune.trainer.config import ConfigError, resolve_config
@@ -50,9 +50,11 @@ _DNS_LABEL = re.compile(r"[^a-z0-9-]")
 @dataclass(frozen=True)
 class ClusterInfo:
     """What the planner needs to know about the cluster (the operator discovers it) and the
-    platform team's defaults (`kubetune operator` reads them from its environment)."""
+    operator's own settings that shape the children (`kubetune operator` reads them from its
+    environment)."""
 
     has_pytorchjob: bool = False
+    trainer_image: str = DEFAULT_TRAINER_IMAGE  # for jobs whose spec.image is empty
     # Requests per GPU (per pod when it has none) unless spec.resources.requests names the key:
     # a pod with requests is Burstable, not BestEffort (evicted first, refused under quotas).
     cpu_per_gpu: str = "4"
@@ -478,12 +480,20 @@ def pytorch_job(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, cluste
     }
 
 
+def with_image(job: FineTuneJob, default_image: str) -> FineTuneJob:
+    """The job with spec.image filled in when the manifest names none."""
+    if job.spec.image:
+        return job
+    return job.model_copy(update={"spec": job.spec.model_copy(update={"image": default_image})})
+
+
 def plan(job: FineTuneJob, cluster: ClusterInfo, *, backend: Optional[str] = None) -> list[dict[str, Any]]:
     """The children of a FineTuneJob, in creation order (the workload last, once its config exists).
 
     backend: the one recorded in status when the workload was first made (the operator plans
     from it forever after); None: decide from spec.backend and the cluster.
     Raises ConfigError / SourceError (KubetuneError) naming the field when the spec cannot run."""
+    job = with_image(job, cluster.trainer_image)
     names = child_names(job.metadata.name)
     paths = cluster_paths(job)
     config = cluster_trainer_config(job)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.operator.planner import COMPLETION_INDEX, PYTORCHJOB_REPLICA_TYPE
+from kubetune.operator.scrape import pod_metrics_url
 
 # Stalled (kstatus' abnormal-true convention, as Flux and cli-utils read it): True while the pods
 # cannot make progress for a reason someone must fix (unschedulable, quota, bad image, volumes).
@@ -190,16 +191,8 @@ def rank0_pod(pods: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
 
 
 def metrics_url(pod: dict[str, Any], default_port: int = 9090) -> Optional[str]:
-    ip = (pod.get("status") or {}).get("podIP")
-    if not ip:
-        return None
-    port = default_port
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        for entry in container.get("ports") or []:
-            if entry.get("name") == "metrics":
-                port = entry["containerPort"]
-    host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}/metrics"
+    """The pod's own metrics endpoint (an IP literal and a valid port), or None: see scrape.pod_metrics_url."""
+    return pod_metrics_url(pod, default_port)
 
 
 def termination_message(pod: dict[str, Any]) -> Optional[str]:
@@ -368,6 +361,25 @@ def next_status(
     elif current.stalled and _reason_of(old.get("conditions") or [], "Stalled") != current.reason:
         event = ("Warning", current.reason, current.message)
     return changes, event
+
+
+def spec_applied_conditions(
+    conditions: list[dict[str, Any]], applied: bool, *, generation: Optional[int], current_generation: Optional[int], now: str
+) -> tuple[list[dict[str, Any]], Optional[tuple[str, str, str]]]:
+    """The SpecApplied condition: False (with a Warning event) while the spec differs from the
+    one the workload was planned from; back to True once it matches again. Absent until then."""
+    existing = next((c for c in conditions if c.get("type") == "SpecApplied"), None)
+    if applied:
+        if existing is None or existing.get("status") == "True":
+            return conditions, None
+        return set_condition(conditions, "SpecApplied", True, "SpecMatches", "the spec is the one the workload runs", now=now, generation=generation), None
+    message = (
+        f"the spec changed after the run was created (generation {current_generation}); only spec.suspend is applied to a "
+        f"running job: revert the change or create a new FineTuneJob (status reflects generation {generation})"
+    )
+    new = set_condition(conditions, "SpecApplied", False, "SpecChangeIgnored", message, now=now, generation=generation)
+    event = ("Warning", "SpecChangeIgnored", message) if existing is None or existing.get("status") != "False" else None
+    return new, event
 
 
 def _reason_of(conditions: list[dict[str, Any]], type_: str) -> Optional[str]:

@@ -36,6 +36,12 @@ def spec_hash(spec: dict[str, Any], live_fields: tuple[str, ...] = LIVE_FIELDS) 
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def model_spec_hash(spec: Any) -> str:
+    """spec_hash of a pydantic spec model, default values left out: a field a newer kubetune adds
+    (with its default) does not make every existing run look changed."""
+    return spec_hash(spec.model_dump(mode="json", by_alias=True, exclude_defaults=True))
+
+
 def stamp(children: list[dict[str, Any]], digest: str) -> list[dict[str, Any]]:
     """The children with the spec hash annotation (in place; returned for chaining)."""
     for child in children:
