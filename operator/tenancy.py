@@ -112,7 +112,8 @@ def policy_errors(job: FineTuneJob, policy: Policy) -> list[str]:
     """What the platform's allow-lists refuse, each naming the field and the list."""
     spec = job.spec
     errors = []
-    if policy.allowed_registries is not None and not any(spec.image.startswith(prefix) for prefix in policy.allowed_registries):
+    # no spec.image: the operator's default trainer image, the platform's own choice
+    if spec.image and policy.allowed_registries is not None and not any(spec.image.startswith(prefix) for prefix in policy.allowed_registries):
         errors.append(f"spec.image: {spec.image} is not from an allowed registry ({', '.join(policy.allowed_registries) or 'none'}; KUBETUNE_ALLOWED_REGISTRIES)")
     if policy.allowed_tolerations is not None:
         for index, toleration in enumerate(spec.tolerations):

@@ -85,9 +85,12 @@ async def test_a_spec_change_that_does_not_reach_the_children_leaves_observed_ge
         assert api.children(JOBS)[0]["spec"]["template"]["spec"]["containers"][0]["image"] != "ghcr.io/kubetune/trainer:9.9.9"
         assert "create a new FineTuneJob" in condition(api, "SpecApplied")["message"]
         # suspend does reach the workload: then the generation is observed
-        await api.patch(FTJ_PATH, {"spec": {"image": manifest()["spec"].get("image", "ghcr.io/kubetune/trainer:0.1.0"), "suspend": True}})
+        assert "image" not in manifest()["spec"]
+        await api.patch(FTJ_PATH, {"spec": {"image": None, "suspend": True}})  # merge patch: revert (remove) the image, suspend
         await eventually(lambda: api.children(JOBS)[0]["spec"]["suspend"] is True, what="suspended")
         await eventually(lambda: api.status("demo")["observedGeneration"] == api.ftj("demo")["metadata"]["generation"], what="generation observed")
+        await eventually(lambda: condition(api, "SpecApplied")["status"] == "True", what="SpecApplied again after the revert")
+    assert sum(1 for e in api.children("v1/events") if e.get("reason") == "SpecChangeIgnored") == 1
 
 
 async def test_the_created_job_is_burstable_with_bounded_scratch(api, operator):
