@@ -527,6 +527,11 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         except ApiError as err:  # events are best-effort, as for kubelet and controllers
             log.debug("could not post event %s: %s", reason, err)
 
+    # EvalJobs and ModelDeployments: their own watches and reconcile loop (pipeline_handlers.py).
+    from kubetune.operator.pipeline_handlers import register as register_pipeline
+
+    register_pipeline(registry, state)
+
     if config.admission:
 
         # The served paths only: the ValidatingWebhookConfiguration is a static manifest

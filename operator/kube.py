@@ -20,6 +20,10 @@ _PLURALS = {
     "PyTorchJob": "pytorchjobs",
     "Event": "events",
     "FineTuneJob": "finetunejobs",
+    "EvalJob": "evaljobs",
+    "ModelDeployment": "modeldeployments",
+    "Deployment": "deployments",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "SubjectAccessReview": "subjectaccessreviews",
 }
 

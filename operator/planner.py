@@ -240,10 +240,14 @@ def scale_quantity(quantity: str, factor: int) -> str:
     return f"{int(value) if value.is_integer() else round(value, 3)}{match.group(2)}"
 
 
-def _resources(job: FineTuneJob, cluster: ClusterInfo) -> dict[str, Any]:
+def _resources(job: Any, cluster: Optional[ClusterInfo] = None) -> dict[str, Any]:
+    """Container resources from spec.resources; with `cluster`, cpu/memory requests per GPU by
+    default (EvalJob and server pods call this without: only what their spec says)."""
     res = job.spec.resources
     units = max(res.gpus_per_node, 1)
-    defaults = {"cpu": scale_quantity(cluster.cpu_per_gpu, units), "memory": scale_quantity(cluster.memory_per_gpu, units)}
+    defaults = {} if cluster is None else {
+        "cpu": scale_quantity(cluster.cpu_per_gpu, units), "memory": scale_quantity(cluster.memory_per_gpu, units)
+    }
     # A key with a limit but no request gets the limit as its request (Kubernetes' own default),
     # never a platform default that could exceed the limit.
     requests = {k: v for k, v in defaults.items() if k not in res.limits}

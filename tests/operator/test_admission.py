@@ -160,12 +160,14 @@ def test_the_static_webhook_configuration_never_sees_deletes_or_status():
     docs = [doc for doc in yaml.safe_load_all(WEBHOOK_MANIFEST.read_text()) if doc]
     (config,) = [d for d in docs if d["kind"] == "ValidatingWebhookConfiguration"]
     kubernetes_validate.validate(config, "1.30.0", strict=True)
-    (hook,) = config["webhooks"]
-    assert hook["clientConfig"]["service"]["path"] == f"/{ADMISSION_ID}"
-    for rule in hook["rules"]:
-        assert set(rule["operations"]) == {"CREATE", "UPDATE"}
-        assert rule["resources"] == ["finetunejobs"]  # not finetunejobs/status: the operator's own writes pass
-    assert hook["sideEffects"] == "None" and hook["failurePolicy"] == "Fail"
+    hooks = {hook["rules"][0]["resources"][0]: hook for hook in config["webhooks"]}
+    assert sorted(hooks) == ["evaljobs", "finetunejobs", "modeldeployments"]  # not */status: the operator's own writes pass
+    assert hooks["finetunejobs"]["clientConfig"]["service"]["path"] == f"/{ADMISSION_ID}"
+    for plural, hook in hooks.items():
+        assert hook["clientConfig"]["service"]["path"] == f"/validate-{plural[:-1]}"
+        (rule,) = hook["rules"]
+        assert set(rule["operations"]) == {"CREATE", "UPDATE"} and rule["resources"] == [plural]
+        assert hook["sideEffects"] == "None" and hook["failurePolicy"] == "Fail"
     assert "cert-manager.io/inject-ca-from" in config["metadata"]["annotations"]
 
 
@@ -173,15 +175,3 @@ def test_the_operator_never_writes_webhook_configurations():
     settings = make_settings(peering=None, webhook=kopf.WebhookServer(addr="127.0.0.1", port=free_port(), insecure=True))
     assert settings.admission.managed is None and settings.admission.server is not None
 
-
-def test_evaljobs_and_modeldeployments_are_refused_until_their_controllers_exist():
-    """A ValidatingAdmissionPolicy (the API server evaluates it; the emulator cannot): CREATE of
-    the two kinds without a controller is denied, FineTuneJobs and deletes are untouched."""
-    docs = [doc for doc in yaml.safe_load_all((REPO / "deploy" / "admission" / "no-controller-yet.yaml").read_text()) if doc]
-    policy, binding = docs
-    for doc in docs:
-        kubernetes_validate.validate(doc, "1.30.0", strict=True)
-    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
-    assert rule["operations"] == ["CREATE"] and sorted(rule["resources"]) == ["evaljobs", "modeldeployments"]
-    assert [v["expression"] for v in policy["spec"]["validations"]] == ["false"]
-    assert binding["spec"]["policyName"] == policy["metadata"]["name"] and binding["spec"]["validationActions"] == ["Deny"]
