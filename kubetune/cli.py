@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a recipe: kubetune run RECIPE --config F [key=value ...]")
-    run.add_argument("recipe", help="full_finetune, lora_finetune, generate, eval (see `kubetune ls`)")
+    run.add_argument("recipe", help="full_finetune, lora_finetune, dpo, generate, eval (see `kubetune ls`)")
     run.add_argument("--config", "-c", help="config file or built-in config name")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4")
     run.set_defaults(handler=_run)
