@@ -44,7 +44,7 @@ def tiny_model_dir(kubetune_cache_dir):
 
 @pytest.fixture(scope="session")
 def tokenizer_dirs(tmp_path_factory):
-    """Tokenizer folders trained once per session: {"llama2_sp", "llama2_sp_legacy", "llama3", "qwen2"}."""
+    """Tokenizer folders trained once per session: {"llama2_sp", "llama2_sp_legacy", "llama3", "qwen2", "sp_default_normalizer"}."""
     import tokenizer_files
 
     root = tmp_path_factory.mktemp("tokenizers")
@@ -59,6 +59,7 @@ def tokenizer_dirs(tmp_path_factory):
         "llama2_sp_legacy": legacy,
         "llama3": tokenizer_files.make_llama3_dir(root / "llama3"),
         "qwen2": tokenizer_files.make_qwen2_dir(root / "qwen2"),
+        "sp_default_normalizer": tokenizer_files.make_sentencepiece_dir(root / "sp_nfkc", default_normalizer=True),
     }
 
 

@@ -20,12 +20,15 @@ TEXTS = [
     "don't I'm we've they're it's",
     "spaced punctuation . , ! ? do n't I 'm",
 ]
-FAMILIES = ["llama2_sp", "llama2_sp_legacy", "llama3", "qwen2"]
+# sp_default_normalizer: a sentencepiece model with spm_train's default normalizer (nmt_nfkc,
+# remove_extra_whitespaces), which transformers ignores: "\n" is a byte token, spaces are kept.
+FAMILIES = ["llama2_sp", "llama2_sp_legacy", "llama3", "qwen2", "sp_default_normalizer"]
 SPECIAL_TEXTS = {
     "llama2_sp": ["<s>hi</s> there", "a</s>b", "x <s> y", "<unk>"],
     "llama2_sp_legacy": ["<s>hi</s> there", "a\n<s>\nb", "x <s> y"],
     "llama3": ["<|begin_of_text|>hi<|eot_id|>", "a<|start_header_id|>user<|end_header_id|>\n\nb"],
     "qwen2": ["<|im_start|>user\nhi<|im_end|>\n", "x<|endoftext|>y"],
+    "sp_default_normalizer": ["a\nb", "ﬁ ligature ① and full-width ＡＢＣ", "x\u3000y  z", "<s>hi</s> there"],
 }
 
 

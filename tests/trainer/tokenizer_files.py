@@ -32,16 +32,22 @@ def corpus():
     return english_corpus(1500) + EXTRA_TEXT * 3
 
 
-def make_sentencepiece_dir(folder: Path, legacy: bool = False) -> Path:
-    """Llama 2 style: BPE with byte fallback, dummy prefix, whitespace kept; <unk>=0 <s>=1 </s>=2."""
+def make_sentencepiece_dir(folder: Path, legacy: bool = False, default_normalizer: bool = False) -> Path:
+    """Llama 2 style: BPE with byte fallback, dummy prefix, whitespace kept; <unk>=0 <s>=1 </s>=2.
+
+    `default_normalizer=True` leaves the normalizer at spm_train's defaults (`nmt_nfkc`,
+    `remove_extra_whitespaces`), as many community sentencepiece models ship it; Llama's own model
+    uses the identity rule and keeps whitespace."""
     import sentencepiece as spm
 
     folder.mkdir(parents=True, exist_ok=True)
+    normalizer = {} if default_normalizer else {
+        "remove_extra_whitespaces": False, "allow_whitespace_only_pieces": True, "normalization_rule_name": "identity",
+    }
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus()), model_prefix=str(folder / "tokenizer"), vocab_size=500, model_type="bpe",
-        byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, normalization_rule_name="identity", character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2, **normalizer,
     )
     (folder / "tokenizer.vocab").unlink()
     config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",

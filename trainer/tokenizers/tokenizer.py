@@ -189,6 +189,13 @@ class _SentencePiece(_Backend):
             raise TokenizerError(f"{file}: not a readable sentencepiece model ({err})") from None
         self.dummy_prefix = proto.normalizer_spec.add_dummy_prefix
         proto.normalizer_spec.add_dummy_prefix = False
+        # transformers' Llama tokenizer never applies the model's own normalizer: no NFKC, no
+        # collapsing of repeated spaces, only " " -> "▁". sentencepiece's defaults (`nmt_nfkc`,
+        # `remove_extra_whitespaces`, as `spm_train` writes them) would turn "\n" into "▁" and "a  b"
+        # into "a b"; switching the rule off gives transformers' ids on such models too.
+        proto.normalizer_spec.name = "identity"
+        proto.normalizer_spec.precompiled_charsmap = b""
+        proto.normalizer_spec.remove_extra_whitespaces = False
         self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self.legacy = bool(config.get("legacy", False))
         self.vocab_size = self.sp.get_piece_size()
