@@ -95,7 +95,7 @@ def main() -> None:
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     server = subprocess.Popen(
         [sys.executable, "-m", "kubetune", "serve", model_dir, "--served-model-name", "tiny", "--host", "127.0.0.1",
-         "--port", str(port), "--max-concurrency", "16", "--device", "cpu"],
+         "--port", str(port), "--max-concurrency", "16", "--device", "cpu", "--allow-ignore-eos"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"

@@ -24,11 +24,12 @@ import kopf
 
 from kubetune.errors import KubetuneError
 from kubetune.operator.api import API_VERSION, GROUP, VERSION, parse_object
-from kubetune.operator.api.common import TERMINAL_PHASES
+from kubetune.operator.api.common import DEFAULT_SERVER_IMAGE, DEFAULT_TRAINER_IMAGE, TERMINAL_PHASES
 from kubetune.operator.api.finetune import FineTuneJob
 from kubetune.operator.kube import ApiError, KubeClient
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.planner import JOB_LABEL, MANAGED_BY, ClusterInfo, child_names, plan
+from kubetune.operator.scrape import scrape_metrics
 from kubetune.operator.status import (
     WorkloadState,
     conditions_for,
@@ -55,6 +56,8 @@ class OperatorConfig:
     metrics_port: Optional[int] = 8080  # None: no metrics server
     metrics_addr: str = "0.0.0.0"
     admission: bool = False  # register the validating webhook handler
+    trainer_image: str = DEFAULT_TRAINER_IMAGE  # for workloads whose spec.image is empty
+    server_image: str = DEFAULT_SERVER_IMAGE  # for ModelDeployments whose spec.image is empty
     retry_delay: float = 2.0
     login: Optional[Callable[..., Any]] = None  # a kopf login function; default: service account, then kubeconfig
 
@@ -84,7 +87,10 @@ class OperatorState:
         self._discovery = self._discovery or asyncio.Lock()
         async with self._discovery:
             if self.cluster is None:
-                self.cluster = ClusterInfo(has_pytorchjob=await self.kube.serves("kubeflow.org/v1", "pytorchjobs"))
+                self.cluster = ClusterInfo(
+                    has_pytorchjob=await self.kube.serves("kubeflow.org/v1", "pytorchjobs"),
+                    trainer_image=self.config.trainer_image,
+                )
         return self.cluster
 
     async def close(self) -> None:
@@ -373,16 +379,19 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         else:
             current = pytorchjob_state(workload, name=ref["name"], queue_name=job.spec.queue_name)
         if current.phase == "Pending":
-            current = pod_problem(pods, job.spec.image) or current
+            current = pod_problem(pods, job.spec.image or config.trainer_image) or current
         pod0 = rank0_pod(pods)
         metrics_text = None
         url = metrics_url(pod0) if pod0 is not None else None
         if current.phase == "Running" and url:
             try:
-                metrics_text = await state.kube.get_text(url, timeout=config.scrape_timeout)
+                metrics_text = await scrape_metrics(url, timeout=config.scrape_timeout)
             except Exception as err:  # the trainer may not serve yet: keep the last progress
                 log.debug("scraping %s for %s/%s failed: %s", url, ns, name, err)
-        changes, event = next_status(old, current, pod0, metrics_text, generation=meta.get("generation"), now=dt.datetime.now(dt.timezone.utc))
+        # in a thread: parsing the pod's metrics text must not hold the shared event loop
+        changes, event = await asyncio.to_thread(
+            next_status, old, current, pod0, metrics_text, generation=meta.get("generation"), now=dt.datetime.now(dt.timezone.utc)
+        )
         metrics.set_phase(KIND, ns, name, current.phase)
         if changes.get("progress"):
             metrics.set_progress(ns, name, changes["progress"])
@@ -398,6 +407,11 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             await state.kube.create(make_event(body, type_, reason, message))
         except ApiError as err:  # events are best-effort, as for kubelet and controllers
             log.debug("could not post event %s: %s", reason, err)
+
+    # EvalJobs and ModelDeployments: their own watches and reconcile loop (pipeline_handlers.py).
+    from kubetune.operator.pipeline_handlers import register as register_pipeline
+
+    register_pipeline(registry, state)
 
     if config.admission:
 

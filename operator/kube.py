@@ -20,6 +20,10 @@ _PLURALS = {
     "PyTorchJob": "pytorchjobs",
     "Event": "events",
     "FineTuneJob": "finetunejobs",
+    "EvalJob": "evaljobs",
+    "ModelDeployment": "modeldeployments",
+    "Deployment": "deployments",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
 }
 
 
@@ -105,10 +109,3 @@ class KubeClient:
                 return False
             raise
         return any(r.get("name") == plural for r in (answer or {}).get("resources") or [])
-
-    async def get_text(self, url: str, *, timeout: float) -> str:
-        """A plain HTTP GET (rank 0's /metrics): no API credentials are sent to pods."""
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-            async with session.get(url) as resp:
-                resp.raise_for_status()
-                return await resp.text()

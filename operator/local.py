@@ -1,4 +1,5 @@
-"""The local backend: `kubetune apply -f MANIFEST` runs a FineTuneJob on this machine.
+"""The local backend: `kubetune apply -f MANIFEST` runs a FineTuneJob on this machine
+(EvalJobs and ModelDeployments: local_pipeline.py, which `apply` hands every manifest to).
 
 Same manifest, same validation, same trainer config as on a cluster; the trainer runs as a
 local process (torchrun when nodes x gpusPerNode > 1), rank 0's Prometheus metrics drive a
@@ -18,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,10 +26,12 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from kubetune.errors import KubetuneError
+from kubetune.safe_yaml import YamlLimitError, safe_load, safe_load_all
 from kubetune.operator.api import KINDS, ManifestError, kind_for, parse_object
 from kubetune.operator.api.finetune import FineTuneJob
 from kubetune.operator.crdgen import write_atomic
 from kubetune.operator.planner import render_config, trainer_config
+from kubetune.operator.scrape import scrape_local
 from kubetune.operator.sources import map_local_source
 from kubetune.operator.status import (
     WorkloadState,
@@ -48,7 +50,7 @@ STATUS_FILE = "status.yaml"
 def load_manifest(path: Path) -> list[Any]:
     """Every document of a manifest file, parsed by the API models (errors name the field)."""
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        docs = [d for d in safe_load_all(path.read_text(), str(path)) if d is not None]
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
     except yaml.YAMLError as err:
@@ -126,23 +128,27 @@ def plan_local(job: FineTuneJob, runs_dir: Path, *, base_dir: Optional[Path] = N
     return LocalRun(job, run_dir, config_path, port, argv, env)
 
 
-def status_document(job: FineTuneJob, status: dict[str, Any], created: str) -> dict[str, Any]:
-    """What `kubectl get ftj NAME -o yaml` would show."""
+def status_document(
+    job: FineTuneJob, status: dict[str, Any], created: str, uid: Optional[str] = None, annotations: Optional[dict[str, str]] = None
+) -> dict[str, Any]:
+    """What `kubectl get ftj NAME -o yaml` would show (a uid per run: EvalJobs and
+    ModelDeployments tell a re-run from the run they evaluated or serve by it)."""
+    metadata: dict[str, Any] = {"name": job.metadata.name, "creationTimestamp": created}
+    if uid:
+        metadata["uid"] = uid
+    if annotations:
+        metadata["annotations"] = dict(annotations)
     return {
         "apiVersion": job.api_version,
         "kind": job.kind,
-        "metadata": {"name": job.metadata.name, "creationTimestamp": created},
+        "metadata": metadata,
         "spec": job.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
         "status": status,
     }
 
 
 def scrape(port: int, timeout: float = 1.0) -> Optional[str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
-            return resp.read().decode()
-    except OSError:
-        return None  # not serving yet (model loading) or already gone
+    return scrape_local(port, timeout=timeout)  # None: not serving yet (model loading) or already gone
 
 
 class ProgressBar:
@@ -183,7 +189,10 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def run_local(run: LocalRun, *, progress_bar: bool = False, poll_interval: float = 0.5) -> dict[str, Any]:
+def run_local(
+    run: LocalRun, *, progress_bar: bool = False, poll_interval: float = 0.5, uid: Optional[str] = None,
+    annotations: Optional[dict[str, str]] = None,
+) -> dict[str, Any]:
     """Run the trainer to the end; returns the final status (also in runs/<name>/status.yaml)."""
     created = now_iso()
     started = dt.datetime.now(dt.timezone.utc)
@@ -192,7 +201,7 @@ def run_local(run: LocalRun, *, progress_bar: bool = False, poll_interval: float
     status["conditions"] = conditions_for([], WorkloadState("Running", "ProcessRunning", f"trainer running; log: {run.log_path}"), now=status["startTime"], generation=1)
 
     def save() -> None:
-        write_atomic(run.status_path, yaml.safe_dump(status_document(run.job, status, created), sort_keys=False))
+        write_atomic(run.status_path, yaml.safe_dump(status_document(run.job, status, created, uid, annotations), sort_keys=False))
 
     save()
     bar = ProgressBar(progress_bar, run.job.metadata.name)
@@ -249,28 +258,10 @@ def finish(run: LocalRun, status: dict[str, Any], returncode: int, interrupted: 
 
 
 def apply_command(args: argparse.Namespace) -> int:
-    path = Path(args.filename)
-    objects = load_manifest(path)
-    unsupported = [obj.kind for obj in objects if obj.kind != "FineTuneJob"]
-    if unsupported:
-        raise KubetuneError(
-            f"{path}: the local backend runs FineTuneJobs only for now; {', '.join(sorted(set(unsupported)))} "
-            "need the operator on a cluster (kubectl apply -f)"
-        )
-    runs_dir = Path(args.runs_dir)
-    failed = 0
-    for job in objects:
-        run = plan_local(job, runs_dir)
-        print(f"finetunejob.kubetune.dev/{job.metadata.name} running locally ({run.run_dir})", file=sys.stderr)
-        status = run_local(run, progress_bar=not args.no_progress)
-        summary = ", ".join(f"{k}={v}" for k, v in (status.get("result") or {}).items() if k != "metrics")
-        if status["phase"] == "Succeeded":
-            print(f"finetunejob.kubetune.dev/{job.metadata.name} {status['phase']}" + (f": {summary}" if summary else ""))
-        else:
-            failed += 1
-            message = next((c["message"] for c in status["conditions"] if c["type"] == "Failed"), "")
-            print(f"finetunejob.kubetune.dev/{job.metadata.name} {status['phase']}: {message}", file=sys.stderr)
-    return 1 if failed else 0
+    """`kubetune apply -f FILE_OR_FOLDER`: all three kinds, in dependency order (local_pipeline.py)."""
+    from kubetune.operator.local_pipeline import apply_command as apply_all
+
+    return apply_all(args)
 
 
 def _json_path(obj: Any, path: str) -> Any:
@@ -317,12 +308,23 @@ def local_runs(runs_dir: Path) -> list[dict[str, Any]]:
     docs = []
     for path in sorted(runs_dir.glob(f"*/{STATUS_FILE}")):
         try:
-            doc = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
+            doc = safe_load(path.read_text(), str(path))
+        except (OSError, yaml.YAMLError, YamlLimitError):
             continue
         if isinstance(doc, dict) and doc.get("kind") in KINDS:
-            docs.append(doc)
+            docs.append(server_seen_now(doc, path.parent.resolve()))
     return docs
+
+
+def server_seen_now(doc: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A local ModelDeployment as it is now: a server that exited (killed, machine restarted) is
+    not ready, whatever its status.yaml said when it started."""
+    from kubetune.operator.local_pipeline import pid_alive
+
+    status = doc.get("status") or {}
+    if doc["kind"] == "ModelDeployment" and status.get("pid") and not pid_alive(status["pid"], run_dir):
+        doc = {**doc, "status": {**status, "phase": "Failed", "ready": "0/1", "readyReplicas": 0}}
+    return doc
 
 
 def format_table(docs: list[dict[str, Any]], kind: str, now: Optional[dt.datetime] = None) -> str:

@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 from typing import Any, Optional, Sequence
 
 import kopf
@@ -12,7 +13,18 @@ import kopf
 from kubetune.operator.handlers import OperatorConfig, OperatorState, build_registry
 
 
-def make_settings(*, peering: Optional[str], webhook: Optional[kopf.WebhookServer] = None) -> kopf.OperatorSettings:
+def peering_priority(priority: Optional[int]) -> int:
+    """kopf freezes every operator of a peering when two have the same priority, so replicas of
+    one Deployment (which cannot be told apart by their arguments) each draw a random one: the
+    highest serves, the others wait and take over when it is gone."""
+    if priority is not None:
+        return priority
+    return random.SystemRandom().randint(1, 2**31 - 1)
+
+
+def make_settings(
+    *, peering: Optional[str], webhook: Optional[kopf.WebhookServer] = None, priority: Optional[int] = None
+) -> kopf.OperatorSettings:
     settings = kopf.OperatorSettings()
     # kopf's bookkeeping goes to annotations: status is ours and typed (the CRD prunes unknown fields).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.dev")
@@ -28,6 +40,7 @@ def make_settings(*, peering: Optional[str], webhook: Optional[kopf.WebhookServe
         settings.peering.name = peering
         settings.peering.standalone = False
         settings.peering.mandatory = True
+        settings.peering.priority = peering_priority(priority)
     else:
         settings.peering.standalone = True
     if webhook is not None:
@@ -51,6 +64,17 @@ def webhook_from_env(env: dict[str, str]) -> Optional[kopf.WebhookServer]:
         certfile=env.get("KUBETUNE_WEBHOOK_CERT"),
         pkeyfile=env.get("KUBETUNE_WEBHOOK_KEY"),
     )
+
+
+def default_images(env: dict[str, str]) -> dict[str, str]:
+    """The images of workloads whose manifest names none: KUBETUNE_DEFAULT_TRAINER_IMAGE and
+    KUBETUNE_DEFAULT_SERVER_IMAGE (the Helm chart sets them from its values), else the built-in ones."""
+    images = {}
+    if env.get("KUBETUNE_DEFAULT_TRAINER_IMAGE"):
+        images["trainer_image"] = env["KUBETUNE_DEFAULT_TRAINER_IMAGE"]
+    if env.get("KUBETUNE_DEFAULT_SERVER_IMAGE"):
+        images["server_image"] = env["KUBETUNE_DEFAULT_SERVER_IMAGE"]
+    return images
 
 
 def exact_namespaces(namespaces: Sequence[str]) -> bool:
@@ -102,8 +126,9 @@ def operator_command(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         admission=webhook is not None,
         sync_interval=float(os.environ.get("KUBETUNE_SYNC_INTERVAL", "5")),
+        **default_images(dict(os.environ)),
     )
-    settings = make_settings(peering=args.peering, webhook=webhook)
+    settings = make_settings(peering=args.peering, webhook=webhook, priority=args.priority)
     asyncio.run(
         run_operator(config, namespaces=args.namespace or (), peering=args.peering, liveness=args.liveness, settings=settings)
     )

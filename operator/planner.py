@@ -16,7 +16,7 @@ from typing import Any, Optional
 import yaml
 
 from kubetune.operator.api import API_VERSION
-from kubetune.operator.api.common import RunPolicy
+from kubetune.operator.api.common import DEFAULT_TRAINER_IMAGE, RunPolicy
 from kubetune.operator.api.finetune import FineTuneJob, FineTuneJobSpec
 from kubetune.operator.sources import MappedSource, PvcMount, map_cluster_source
 from kubetune.trainer.config import ConfigError, resolve_config
@@ -47,9 +47,11 @@ _DNS_LABEL = re.compile(r"[^a-z0-9-]")
 
 @dataclass(frozen=True)
 class ClusterInfo:
-    """What the planner needs to know about the cluster (the operator discovers it)."""
+    """What the planner needs to know about the cluster (the operator discovers it) and the
+    operator's own settings that shape the children."""
 
     has_pytorchjob: bool = False
+    trainer_image: str = DEFAULT_TRAINER_IMAGE  # for jobs whose spec.image is empty
 
 
 @dataclass(frozen=True)
@@ -422,10 +424,18 @@ def pytorch_job(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> dic
     }
 
 
+def with_image(job: FineTuneJob, default_image: str) -> FineTuneJob:
+    """The job with spec.image filled in when the manifest names none."""
+    if job.spec.image:
+        return job
+    return job.model_copy(update={"spec": job.spec.model_copy(update={"image": default_image})})
+
+
 def plan(job: FineTuneJob, cluster: ClusterInfo) -> list[dict[str, Any]]:
     """The children of a FineTuneJob, in creation order (the workload last, once its config exists).
 
     Raises ConfigError / SourceError (KubetuneError) naming the field when the spec cannot run."""
+    job = with_image(job, cluster.trainer_image)
     names = child_names(job.metadata.name)
     paths = cluster_paths(job)
     config = cluster_trainer_config(job)

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetune.operator.planner import COMPLETION_INDEX, PYTORCHJOB_REPLICA_TYPE
+from kubetune.operator.scrape import pod_metrics_url
 
 CONDITION_TYPES = ("Created", "Running", "Succeeded", "Failed", "Suspended")
 
@@ -129,16 +130,8 @@ def rank0_pod(pods: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
 
 
 def metrics_url(pod: dict[str, Any], default_port: int = 9090) -> Optional[str]:
-    ip = (pod.get("status") or {}).get("podIP")
-    if not ip:
-        return None
-    port = default_port
-    for container in (pod.get("spec") or {}).get("containers") or []:
-        for entry in container.get("ports") or []:
-            if entry.get("name") == "metrics":
-                port = entry["containerPort"]
-    host = f"[{ip}]" if ":" in ip else ip
-    return f"http://{host}:{port}/metrics"
+    """The pod's own metrics endpoint (an IP literal and a valid port), or None: see scrape.pod_metrics_url."""
+    return pod_metrics_url(pod, default_port)
 
 
 def termination_message(pod: dict[str, Any]) -> Optional[str]:

@@ -7,6 +7,8 @@ camelCase (aliases), so `model_dump(by_alias=True)` gives what `kubectl` sees.
 """
 from __future__ import annotations
 
+import fnmatch
+import os
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -16,8 +18,10 @@ GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-# One place for the trainer image the planner uses when a job names none.
+# The images a workload gets when its manifest names none, unless the operator is told otherwise
+# (`KUBETUNE_DEFAULT_TRAINER_IMAGE` / `_SERVER_IMAGE`, which the Helm chart sets from its values).
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+DEFAULT_SERVER_IMAGE = "ghcr.io/kubetune/server:0.1.0"
 
 # `builtin://tiny`, `hf://org/name`, `pvc://claim/sub/path`, `file:///abs/path`, or a plain path.
 SOURCE_PATTERN = r"^((builtin|hf|pvc|file)://[^\s]+|[^\s:]+)$"
@@ -86,6 +90,30 @@ class SecretKeyRef(ApiModel):
     key: str = Field(min_length=1, max_length=253, description="Key inside the Secret")
 
 
+# Environment variables that point the trainer's clients at another endpoint, proxy or trust store.
+# Set next to a secret (secrets.hfToken -> HF_TOKEN, cloud credentials), they would send it to any
+# host the job's author names, so spec.env may not set them unless the platform allows the name in
+# the operator's $KUBETUNE_ALLOWED_ENV (comma-separated names or glob patterns). docs/security.md.
+REDIRECTING_ENV = (
+    "HF_ENDPOINT", "HF_HUB_ENDPOINT", "HF_INFERENCE_ENDPOINT",
+    "*_PROXY",  # HTTP(S)_PROXY, ALL_PROXY, and the lowercase forms (compared upper-case)
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_*", "S3_ENDPOINT_URL", "AWS_CA_BUNDLE",
+    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "WANDB_BASE_URL", "MLFLOW_TRACKING_URI", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL",
+)
+ALLOWED_ENV_VAR = "KUBETUNE_ALLOWED_ENV"
+
+
+def redirecting_env_name(name: str, allowed: Optional[str] = None) -> bool:
+    """Whether `name` redirects credentials or endpoints and the platform has not allowed it."""
+    upper = name.upper()
+    if not any(fnmatch.fnmatchcase(upper, pattern) for pattern in REDIRECTING_ENV):
+        return False
+    allowed = os.environ.get(ALLOWED_ENV_VAR, "") if allowed is None else allowed
+    patterns = [p.strip().upper() for p in allowed.split(",") if p.strip()]
+    return not any(fnmatch.fnmatchcase(upper, pattern) for pattern in patterns)
+
+
 class EnvVar(ApiModel):
     """An environment variable of the trainer: a literal value or a key of a Secret (never inline secrets)."""
 
@@ -97,6 +125,12 @@ class EnvVar(ApiModel):
     def _one_source(self) -> "EnvVar":
         if self.value is not None and self.secret_key_ref is not None:
             raise ValueError(f"env {self.name}: set either value or secretKeyRef, not both")
+        if redirecting_env_name(self.name):
+            raise ValueError(
+                f"env {self.name}: this variable redirects the job's endpoints or credentials (e.g. the HF token "
+                f"to another host), so jobs may not set it; remove it, or ask the platform team to allow it "
+                f"in the operator's {ALLOWED_ENV_VAR}"
+            )
         return self
 
 
@@ -156,7 +190,12 @@ class RunStatus(ApiModel):
 class PodOptions(ApiModel):
     """Scheduling and identity of the trainer pods (copied to the pod template as-is)."""
 
-    image: str = Field(default=DEFAULT_TRAINER_IMAGE, min_length=1, description="Trainer image")
+    image: Optional[str] = Field(
+        default=None,
+        min_length=1,
+        description="Container image (default: the operator's default trainer or server image, "
+        "which the Helm chart sets from its values defaultImages)",
+    )
     image_pull_policy: Optional[Literal["Always", "IfNotPresent", "Never"]] = Field(
         default=None, description="Image pull policy of the trainer container (default: Kubernetes' rule)"
     )

@@ -43,6 +43,16 @@ RESOURCES: dict[str, dict[str, Any]] = {
         "kind": "FineTuneJob", "singular": "finetunejob", "namespaced": True,
         "shortnames": {"ftj"}, "categories": {"kubetune"}, "subresources": {"status"},
     },
+    "kubetune.dev/v1alpha1/evaljobs": {
+        "kind": "EvalJob", "singular": "evaljob", "namespaced": True,
+        "shortnames": {"evj"}, "categories": {"kubetune"}, "subresources": {"status"},
+    },
+    "kubetune.dev/v1alpha1/modeldeployments": {
+        "kind": "ModelDeployment", "singular": "modeldeployment", "namespaced": True,
+        "shortnames": {"mdep"}, "categories": {"kubetune"}, "subresources": {"status"},
+    },
+    "apps/v1/deployments": {"kind": "Deployment", "namespaced": True, "subresources": {"status"}},
+    "autoscaling/v2/horizontalpodautoscalers": {"kind": "HorizontalPodAutoscaler", "namespaced": True, "subresources": {"status"}},
 }
 PYTORCHJOBS = {"kubeflow.org/v1/pytorchjobs": {"kind": "PyTorchJob", "namespaced": True, "subresources": {"status"}}}
 VERBS = {"list", "watch", "patch", "get", "create", "delete", "update"}

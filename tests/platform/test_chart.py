@@ -3,6 +3,7 @@ validated against the Kubernetes schemas, every pod against the restricted Pod S
 the RBAC checked for least privilege and against what the planner really creates."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "webhook": {"enabled": True, "certManager": {"enabled": False}, "existingSecret": "my-tls", "caBundle": "Q0E="}
     },
     "monitoring": {
-        "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
+        "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+                    "grafanaDashboard": {"enabled": True}}
     },
     "ha": {"replicaCount": 3},
     "ha-namespaced-webhook": {"replicaCount": 2, "watchNamespaces": ["ml"], "webhook": {"enabled": True}},
@@ -114,6 +116,7 @@ def test_lint_reports_a_broken_template(tmp_path):
         ({"webhook": {"failurePolicy": "Sometimes"}}, "failurePolicy"),
         ({"defaultImages": {"trainer": {"repository": "r", "digest": "md5:1"}}}, "digest"),
         ({"runAsUser": 0}, "runAsUser"),
+        ({"podResources": {"memoryPerGpu": "32GB"}}, "memoryPerGpu"),
     ],
 )
 def test_values_schema_refuses_wrong_values_naming_the_key(values, key):
@@ -306,14 +309,16 @@ def test_ha_runs_kopf_peering_with_a_disruption_budget(rendered):
 @pytest.mark.parametrize("scenario", ["webhook-cert-manager", "webhook-own-cert", "ha-namespaced-webhook"])
 def test_webhook_is_static_create_update_only_and_reaches_the_operator(rendered, scenario):
     from kubetune.operator.handlers import ADMISSION_ID
+    from kubetune.operator.pipeline_handlers import DEPLOYMENT_ADMISSION_ID, EVAL_ADMISSION_ID
 
     docs = rendered[scenario]
     config = one(docs, "ValidatingWebhookConfiguration")
-    (hook,) = config["webhooks"]
-    for rule in hook["rules"]:
+    hooks = config["webhooks"]  # one per kind, each at the path of the operator's handler for it
+    assert [h["clientConfig"]["service"]["path"] for h in hooks] == [f"/{i}" for i in (ADMISSION_ID, EVAL_ADMISSION_ID, DEPLOYMENT_ADMISSION_ID)]
+    for rule in (rule for h in hooks for rule in h["rules"]):
         assert sorted(rule["operations"]) == ["CREATE", "UPDATE"]  # never DELETE
+    hook = hooks[0]
     client = hook["clientConfig"]["service"]
-    assert client["path"] == f"/{ADMISSION_ID}"
     service = next(s for s in of_kind(docs, "Service") if s["metadata"]["name"] == client["name"])
     assert service["metadata"]["namespace"] == client["namespace"] == NAMESPACE
     (port,) = [p for p in service["spec"]["ports"] if p["port"] == client["port"]]
@@ -338,6 +343,31 @@ def test_webhook_is_static_create_update_only_and_reaches_the_operator(rendered,
         assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["ml"]
 
 
+def test_webhook_tenancy_checks_get_subject_access_reviews_and_nothing_else_cluster_wide(rendered):
+    docs = rendered["ha-namespaced-webhook"]  # namespaced: the only cluster-wide right is this one
+    (role,) = of_kind(docs, "ClusterRole")
+    assert role["rules"] == [{"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}]
+    binding = next(b for b in of_kind(docs, "ClusterRoleBinding") if b["roleRef"]["name"] == role["metadata"]["name"])
+    assert binding["subjects"][0]["name"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    for hook in one(docs, "ValidatingWebhookConfiguration")["webhooks"]:
+        assert hook["matchConditions"] == [{"name": "spec-written", "expression": "request.operation == 'CREATE' || object.spec != oldObject.spec"}]
+    assert not allowed(rbac_rules(rendered["default"], "ClusterRole"), "authorization.k8s.io", "subjectaccessreviews", "create")
+
+
+def test_tenancy_allow_lists_and_pod_resources_reach_the_operator():
+    env = env_of(operator_container(render({
+        "tenancy": {"allowedRegistries": "registry.example/ml/", "allowedTolerations": "nvidia.com/gpu,spot",
+                    "allowedPriorityClasses": "team-low"},
+        "podResources": {"cpuPerGpu": "6", "memoryPerGpu": "48Gi"},
+    })))
+    assert env["KUBETUNE_ALLOWED_REGISTRIES"] == "registry.example/ml/"
+    assert env["KUBETUNE_ALLOWED_TOLERATIONS"] == "nvidia.com/gpu,spot"
+    assert env["KUBETUNE_ALLOWED_PRIORITY_CLASSES"] == "team-low"
+    assert (env["KUBETUNE_CPU_PER_GPU"], env["KUBETUNE_MEMORY_PER_GPU"]) == ("6", "48Gi")
+    defaults = env_of(operator_container(render({})))
+    assert not {"KUBETUNE_ALLOWED_REGISTRIES", "KUBETUNE_CPU_PER_GPU"} & set(defaults)  # the operator's own defaults
+
+
 def test_no_webhook_by_default(rendered):
     docs = rendered["default"]
     assert of_kind(docs, "ValidatingWebhookConfiguration") == []
@@ -359,7 +389,12 @@ def test_monitors_and_rules(rendered):
     rule = one(docs, "PrometheusRule")
     source = yaml.safe_load((REPO / "deploy" / "monitoring" / "prometheus-rules.yaml").read_text())
     assert rule["spec"] == source
+    dashboard = next(c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard"))
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["kubetune.json"]) == json.loads((REPO / "deploy" / "monitoring" / "grafana-dashboard.json").read_text())
+    assert (CHART / "files" / "grafana-dashboard.json").read_bytes() == (REPO / "deploy" / "monitoring" / "grafana-dashboard.json").read_bytes()
     assert of_kind(rendered["default"], "ServiceMonitor") == []
+    assert of_kind(rendered["default"], "ConfigMap") == []
 
 
 def test_helm_test_pod_checks_the_metrics_service(rendered):
@@ -395,3 +430,29 @@ def test_values_yaml_documents_every_top_level_key():
             undocumented.append(line.split(":")[0])
     assert len(documented) > 20
     assert undocumented == []
+
+
+def test_ha_replicas_never_tie_on_kopf_peering_priority(rendered):
+    """kopf freezes all operators of a peering whose priorities tie; the chart's replicas share
+    one set of arguments, so each must draw its own priority."""
+    from kubetune.cli import build_parser
+    from kubetune.operator.main import make_settings
+
+    args = build_parser().parse_args(operator_container(rendered["ha"])["args"])
+    replicas = [make_settings(peering=args.peering, priority=args.priority) for _ in range(3)]
+    assert all(s.peering.name == "kubetune" and not s.peering.standalone for s in replicas)
+    assert len({s.peering.priority for s in replicas}) == 3
+    assert make_settings(peering="kubetune", priority=7).peering.priority == 7
+    assert make_settings(peering=None).peering.standalone
+
+
+def test_webhook_can_cover_every_kind_at_the_operators_paths():
+    docs = render({"webhook": {"enabled": True, "resources": ["finetunejobs", "evaljobs", "modeldeployments"]}})
+    hooks = one(docs, "ValidatingWebhookConfiguration")["webhooks"]
+    paths = {h["rules"][0]["resources"][0]: h["clientConfig"]["service"]["path"] for h in hooks}
+    assert paths == {"finetunejobs": "/validate-finetunejob", "evaljobs": "/validate-evaljob",
+                     "modeldeployments": "/validate-modeldeployment"}
+    assert len({h["name"] for h in hooks}) == 3
+    for hook in hooks:
+        assert hook["rules"][0]["operations"] == ["CREATE", "UPDATE"]
+        kubernetes_validate.validate(one(docs, "ValidatingWebhookConfiguration"), K8S_VERSION, strict=True)

@@ -1,34 +1,7 @@
 """Server fixtures: the real app (builtin://tiny, two PEFT adapters) on a free 127.0.0.1 port,
 driven over HTTP by the official openai client. Only loopback traffic."""
-import socket
-import threading
-import time
-from contextlib import contextmanager
-
 import pytest
-import uvicorn
-
-
-@contextmanager
-def running_server(app):
-    """Run `app` with uvicorn on 127.0.0.1:<free port> in a thread; yields the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+from serve_helpers import running_server
 
 
 @pytest.fixture(scope="session")
@@ -60,9 +33,13 @@ def api(tiny_dir, references):
     """The server as `kubetune serve builtin://tiny --adapter alpha=... --adapter beta=...` builds it."""
     import openai
 
+    from kubetune.trainer.serve.app import ServeLimits
     from kubetune.trainer.serve.cli import build_app
 
     adapters = [(name, str(path)) for name, path in references["adapter_dirs"].items()]
-    app = build_app(str(tiny_dir), adapters, served_model_name="tiny", max_concurrency=8, max_queue=256, device="cpu")
+    app = build_app(
+        str(tiny_dir), adapters, served_model_name="tiny", max_concurrency=8, max_queue=256, device="cpu",
+        limits=ServeLimits(allow_ignore_eos=True),
+    )
     with running_server(app) as url:
         yield {"url": url, "app": app, "client": openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)}

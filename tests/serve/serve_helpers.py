@@ -1,7 +1,11 @@
-"""Tiny random transformers models and PEFT adapters for the server's parity tests."""
+"""Tiny random transformers models and PEFT adapters for the server's parity tests, and the server on loopback."""
 from __future__ import annotations
 
 import copy
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 TINY = dict(
@@ -52,3 +56,30 @@ def make_peft_adapter(base, folder: Path, seed: int, targets: list[str], rank: i
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
     model.save_pretrained(str(folder))
     return model.eval()
+
+
+@contextmanager
+def running_server(app, **config):
+    """Run `app` with uvicorn (as `kubetune serve` configures it) on 127.0.0.1:<free port> in a thread;
+    yields the base URL."""
+    import uvicorn
+
+    from kubetune.trainer.serve.cli import uvicorn_config
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(app, log_level="warning", **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

@@ -8,7 +8,9 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import running_server
+from serve_helpers import running_server
+
+from kubetune.trainer.serve.app import ServeLimits
 
 
 def metric(url: str, name: str) -> float:
@@ -31,7 +33,7 @@ def small_server(tiny_dir):
     """One running sequence and one waiting place: easy to fill."""
     from kubetune.trainer.serve.cli import build_app
 
-    with running_server(build_app(str(tiny_dir), served_model_name="tiny", max_concurrency=1, max_queue=1, device="cpu")) as url:
+    with running_server(build_app(str(tiny_dir), served_model_name="tiny", max_concurrency=1, max_queue=1, device="cpu", limits=ServeLimits(allow_ignore_eos=True))) as url:
         yield url
 
 
@@ -104,7 +106,7 @@ def test_bounded_load_loses_no_request_and_reports_latency(tiny_dir, capsys):
         finally:
             await client.close()
 
-    app = build_app(str(tiny_dir), served_model_name="tiny", max_concurrency=concurrency, max_queue=64, device="cpu")
+    app = build_app(str(tiny_dir), served_model_name="tiny", max_concurrency=concurrency, max_queue=64, device="cpu", limits=ServeLimits(allow_ignore_eos=True))
     with running_server(app) as url:
         started = time.monotonic()
         latencies = sorted(asyncio.run(drive(url)))

@@ -16,7 +16,7 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_dir):
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "kubetune", "serve", str(tiny_dir), "--served-model-name", "tiny",
-         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--allow-ignore-eos"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:

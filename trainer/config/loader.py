@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from kubetune.safe_yaml import safe_load
 from kubetune.trainer.config.base import ConfigError, format_validation_error
 
 BUILTIN_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -30,7 +31,7 @@ def load_config(path_or_name: str | Path) -> dict[str, Any]:
             )
         path = builtin
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load(path.read_text(), str(path)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -46,7 +47,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. optimizer.lr=1e-4")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = safe_load(raw, f"override {key}") if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         parsed.append((key.split("."), value))

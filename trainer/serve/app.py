@@ -1,16 +1,25 @@
 """The HTTP layer: OpenAI's /v1/models, /v1/completions and /v1/chat/completions (with SSE streaming),
 /healthz, /readyz and /metrics, on FastAPI. Errors always have OpenAI's shape
-{"error": {"message", "type", "param", "code"}}."""
+{"error": {"message", "type", "param", "code"}}.
+
+Hostile input (docs/security.md): the body is read with a size cap and a timeout; JSON parsing,
+tokenizing and chat templates run in a small worker pool, never on the event loop, and text longer
+than the context could hold is refused before it is tokenized; with API keys, /v1/* needs
+`Authorization: Bearer <key>` and each key is its own client for the engine's fairness and limits;
+500s say only "error" and a request id (the detail is in the server log), and no response names a
+file on the server."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,8 +28,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubetune.errors import KubetuneError
-from kubetune.trainer.serve.engine import Engine, Event, RequestHandle
-from kubetune.trainer.serve.errors import ServeError, ShuttingDownError, invalid_request, model_not_found
+from kubetune.trainer.serve.engine import Engine, Event, RequestHandle, engine_dead
+from kubetune.trainer.serve.errors import ServeError, ShuttingDownError, internal_error, invalid_request, model_not_found
 from kubetune.trainer.serve.metrics import ServeMetrics
 from kubetune.trainer.serve.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from kubetune.trainer.serve.sampling import SamplingParams
@@ -28,6 +37,21 @@ from kubetune.trainer.serve.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 _API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+
+# A token covers at most this many characters of text for the length check before tokenizing
+# (real vocabularies: a few; long runs of spaces or '=' can merge into one token of ~16-64).
+MAX_CHARS_PER_TOKEN = 32
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may cost the server (docs/security.md has each default and why)."""
+
+    max_request_bytes: int = 1 << 20  # request body (Content-Length and bytes actually read)
+    body_timeout: float = 30.0  # seconds to receive the whole body once the headers arrived
+    tokenizer_workers: int = 2  # threads for JSON parsing, chat templates and tokenizing
+    allow_ignore_eos: bool = False  # `ignore_eos` lets a client force max-length generations
+    api_keys: tuple[str, ...] = ()  # empty: no authentication (loopback / trusted network only)
 
 
 @dataclass(frozen=True)
@@ -43,20 +67,53 @@ class ServedModel:
 class _Server:
     """Everything a request handler needs; lives on app.state.server."""
 
-    def __init__(self, engine: Engine, tokenizer, models: list[ServedModel], metrics: ServeMetrics) -> None:
+    def __init__(self, engine: Engine, tokenizer, models: list[ServedModel], metrics: ServeMetrics, limits: ServeLimits) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.models = {model.name: model for model in models}
         self.metrics = metrics
+        self.limits = limits
         self.draining = False
         self.created = int(time.time())
+        self.pool = ThreadPoolExecutor(max_workers=limits.tokenizer_workers, thread_name_prefix="kubetune-serve-tokenize")
+        # folders on this machine, never to appear in a response
+        self.private_paths = sorted({str(m.root) for m in models} | {str(getattr(tokenizer, "path", ""))} - {""}, key=len, reverse=True)
 
     def resolve(self, name: str) -> ServedModel:
         if name not in self.models:
-            raise model_not_found(name, list(self.models))
+            raise model_not_found(name)
         return self.models[name]
 
+    def authenticate(self, request: Request) -> str:
+        """The client's name for the engine (fairness, per-client limits): "key<i>" of the API key
+        used, or "" when the server has no keys. 401 in OpenAI's shape for a missing or wrong key."""
+        if not self.limits.api_keys:
+            return ""
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and given:
+            for index, key in enumerate(self.limits.api_keys):
+                if hmac.compare_digest(given.strip().encode(), key.encode()):
+                    return f"key{index}"
+        raise ServeError(
+            "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+            status_code=401,
+            param=None,
+            code="invalid_api_key",
+        )
+
+    async def offload(self, fn: Callable, *args):
+        """Run CPU work of a request (parsing, templates, tokenizing) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def scrub(self, text: str) -> str:
+        """`text` without the server's folders (error messages of tokenizers and templates name them)."""
+        for path in self.private_paths:
+            text = text.replace(path, "<model>")
+        return text
+
     def check_accepting(self) -> None:
+        if self.engine.dead:
+            raise engine_dead()
         if self.draining or not self.engine.accepting:
             raise ShuttingDownError()
 
@@ -72,9 +129,15 @@ def begin_draining(app: FastAPI) -> None:
     app.state.server.draining = True
 
 
-def create_app(engine: Engine, tokenizer, models: list[ServedModel], metrics: Optional[ServeMetrics] = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    tokenizer,
+    models: list[ServedModel],
+    metrics: Optional[ServeMetrics] = None,
+    limits: ServeLimits = ServeLimits(),
+) -> FastAPI:
     metrics = metrics or engine.metrics or ServeMetrics()
-    server = _Server(engine, tokenizer, models, metrics)
+    server = _Server(engine, tokenizer, models, metrics, limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -83,6 +146,7 @@ def create_app(engine: Engine, tokenizer, models: list[ServedModel], metrics: Op
         # uvicorn calls this after in-flight requests finished; the engine drains what is left.
         server.draining = True
         await asyncio.to_thread(engine.shutdown)
+        server.pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kubetune serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
@@ -106,14 +170,14 @@ def create_app(engine: Engine, tokenizer, models: list[ServedModel], metrics: Op
     @app.exception_handler(KubetuneError)
     async def _request_content_error(request: Request, err: KubetuneError) -> JSONResponse:
         # e.g. a chat template that rejects the messages: a problem with this request's content
-        return await _serve_error(request, invalid_request(str(err)))
+        return await _serve_error(request, invalid_request(server.scrub(str(err))))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, err: Exception) -> JSONResponse:
-        log.exception("unhandled error in %s", request.url.path)
-        error = ServeError(f"internal error: {err}", status_code=500, type="server_error", code="internal_error")
+        request_id = f"req-{uuid.uuid4().hex}"
+        log.error("request %s to %s failed", request_id, request.url.path, exc_info=err)
         server.record(request.url.path, 500)
-        return JSONResponse(error.body(), status_code=500)
+        return JSONResponse(internal_error(request_id).body(), status_code=500)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -131,17 +195,17 @@ def create_app(engine: Engine, tokenizer, models: list[ServedModel], metrics: Op
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def list_models() -> dict:
+    async def list_models(request: Request) -> dict:
+        server.authenticate(request)
         server.record("/v1/models", 200)
         return {
             "object": "list",
             "data": [
-                {
+                {  # no `root`: the folder a model was loaded from is the server's business
                     "id": model.name,
                     "object": "model",
                     "created": server.created,
                     "owned_by": "kubetune",
-                    "root": model.root,
                     "parent": model.parent,
                     "max_model_len": engine.max_model_len,
                 }
@@ -152,16 +216,28 @@ def create_app(engine: Engine, tokenizer, models: list[ServedModel], metrics: Op
     def first_token(endpoint: str, started: float):
         return lambda: metrics.time_to_first_token.labels(endpoint=endpoint).observe(time.monotonic() - started)
 
+    async def read_request(request: Request, model_cls) -> tuple[Any, ServedModel, str]:
+        """(validated body, model, client) or an OpenAI-shaped error; the costly parts off the loop."""
+        client = server.authenticate(request)
+        raw = await _read_body(request, limits.max_request_bytes, limits.body_timeout)
+        body = await server.offload(_parse_body, model_cls, raw)
+        model = server.resolve(body.model)
+        server.check_accepting()
+        if body.ignore_eos and not limits.allow_ignore_eos:
+            raise invalid_request("`ignore_eos` is disabled on this server (start it with --allow-ignore-eos).", param="ignore_eos")
+        return body, model, client
+
+    max_chars = engine.max_model_len * MAX_CHARS_PER_TOKEN
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         started, endpoint = time.monotonic(), "/v1/completions"
-        body = parse_request(CompletionRequest, await _read_json(request))
-        model = server.resolve(body.model)
-        server.check_accepting()
-        prompts = _completion_prompts(body.prompt, tokenizer)
+        body, model, client = await read_request(request, CompletionRequest)
+        prompts = await server.offload(_completion_prompts, body.prompt, tokenizer, max_chars)
         params = _sampling_params(body, body.max_tokens, prompts, engine.max_model_len)
-        handle = engine.submit(prompts, params, adapter=model.adapter, n=body.n)
-        reply = _Reply("cmpl", "text_completion", model.name, handle, chat=False, on_first_token=first_token(endpoint, started))
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        handle = engine.submit(prompts, params, adapter=model.adapter, n=body.n, client=client, request_id=request_id)
+        reply = _Reply(request_id, "text_completion", model.name, handle, chat=False, on_first_token=first_token(endpoint, started))
         if body.stream:
             return _sse(reply, body.include_usage_in_stream, server, endpoint, started)
         return await _complete(reply, request, server, endpoint, started)
@@ -169,15 +245,14 @@ def create_app(engine: Engine, tokenizer, models: list[ServedModel], metrics: Op
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         started, endpoint = time.monotonic(), "/v1/chat/completions"
-        body = parse_request(ChatCompletionRequest, await _read_json(request))
-        model = server.resolve(body.model)
-        server.check_accepting()
-        prompt = tokenizer.apply_chat_template(
-            [message.as_template_message() for message in body.messages], add_generation_prompt=True
-        )
+        body, model, client = await read_request(request, ChatCompletionRequest)
+        messages = [message.as_template_message() for message in body.messages]
+        _check_text_length(sum(len(m["content"]) for m in messages), max_chars, engine.max_model_len, "messages")
+        prompt = await server.offload(lambda: tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         params = _sampling_params(body, body.max_new_tokens, [prompt], engine.max_model_len)
-        handle = engine.submit([prompt], params, adapter=model.adapter, n=body.n)
-        reply = _Reply("chatcmpl", "chat.completion", model.name, handle, chat=True, on_first_token=first_token(endpoint, started))
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        handle = engine.submit([prompt], params, adapter=model.adapter, n=body.n, client=client, request_id=request_id)
+        reply = _Reply(request_id, "chat.completion", model.name, handle, chat=True, on_first_token=first_token(endpoint, started))
         if body.stream:
             return _sse(reply, body.include_usage_in_stream, server, endpoint, started)
         return await _complete(reply, request, server, endpoint, started)
@@ -185,23 +260,77 @@ def create_app(engine: Engine, tokenizer, models: list[ServedModel], metrics: Op
     return app
 
 
-async def _read_json(request: Request) -> Any:
-    raw = await request.body()
+def _too_large(limit: int) -> ServeError:
+    return ServeError(
+        f"The request body is larger than this server's limit of {limit} bytes.",
+        status_code=413,
+        code="request_too_large",
+    )
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, refused (413) past `limit` bytes, by its Content-Length before reading anything, and
+    while reading for chunked bodies; a client that sends it too slowly gets 408."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise invalid_request("The Content-Length header is not a number.")
+        if int(declared) > limit:
+            raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+
+    async def receive_all() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+
     try:
-        return json.loads(raw)
+        await asyncio.wait_for(receive_all(), timeout)
+    except asyncio.TimeoutError:
+        raise ServeError(
+            f"The request body did not arrive within {timeout:g} seconds.", status_code=408, code="request_timeout"
+        ) from None
+    return b"".join(chunks)
+
+
+def _parse_body(model_cls, raw: bytes):
+    """JSON -> a validated request (runs in the worker pool: parsing a large body takes a while)."""
+    try:
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise invalid_request(f"The request body is not valid JSON: {err}.") from None
+    except RecursionError:
+        raise invalid_request("The request body is nested too deeply.") from None
+    return parse_request(model_cls, data)
 
 
-def _completion_prompts(prompt, tokenizer) -> list[list[int]]:
+def _check_text_length(chars: int, max_chars: int, max_model_len: int, param: str) -> None:
+    """Refuse text that cannot fit the context before spending time tokenizing it."""
+    if chars > max_chars:
+        raise invalid_request(
+            f"This model's maximum context length is {max_model_len} tokens; {chars} characters of text cannot "
+            "fit in it. Please shorten the prompt.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _completion_prompts(prompt, tokenizer, max_chars: int) -> list[list[int]]:
     """`prompt` as token ids per prompt: a string, strings, token ids, or lists of token ids."""
     if isinstance(prompt, str):
+        _check_text_length(len(prompt), max_chars, max_chars // MAX_CHARS_PER_TOKEN, "prompt")
         return [tokenizer.encode(prompt, add_bos=True)]
     if not prompt:
         raise invalid_request("`prompt` is empty.", param="prompt")
     if all(isinstance(item, int) for item in prompt):
         prompts = [list(prompt)]
     elif all(isinstance(item, str) for item in prompt):
+        for text in prompt:
+            _check_text_length(len(text), max_chars, max_chars // MAX_CHARS_PER_TOKEN, "prompt")
         prompts = [tokenizer.encode(text, add_bos=True) for text in prompt]
     else:
         prompts = [list(ids) for ids in prompt]
@@ -249,9 +378,9 @@ class _Reply:
     """Builds OpenAI's response objects (whole or as stream chunks) from a request's events."""
 
     def __init__(
-        self, id_prefix: str, kind: str, model: str, handle: RequestHandle, *, chat: bool, on_first_token
+        self, request_id: str, kind: str, model: str, handle: RequestHandle, *, chat: bool, on_first_token
     ) -> None:
-        self.id = f"{id_prefix}-{uuid.uuid4().hex}"
+        self.id = request_id
         self.kind = kind
         self.model = model
         self.handle = handle
@@ -277,7 +406,7 @@ class _Reply:
         async for event in self._events():
             self._mark_first()
             if event.error:
-                raise ServeError(event.error, status_code=500, type="server_error", code="generation_failed")
+                raise self._failed(event)
             texts[event.choice] += event.text
             if event.finish_reason:
                 reasons[event.choice] = event.finish_reason
@@ -300,7 +429,7 @@ class _Reply:
         async for event in self._events():
             self._mark_first()
             if event.error:
-                yield ServeError(event.error, status_code=500, type="server_error", code="generation_failed").body()
+                yield self._failed(event).body()
                 return
             if not event.text and event.finish_reason is None:
                 continue  # held-back text (a possible stop string): nothing to send yet
@@ -312,6 +441,11 @@ class _Reply:
             yield {**self._envelope([choice], chunk=True), **extra}
         if include_usage:
             yield {**self._envelope([], chunk=True), "usage": self.usage()}
+
+    def _failed(self, event: Event) -> ServeError:
+        # the engine logged the cause under this request id; the client gets no internals
+        message = f"{event.error} (request id {self.id}); the server log has the details."
+        return ServeError(message, status_code=500, type="server_error", code="generation_failed")
 
     def _mark_first(self) -> None:
         if not self.seen_first_token:

@@ -4,16 +4,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kubetune.errors import KubetuneError
-from kubetune.trainer.serve.app import ServedModel, begin_draining, create_app
+from kubetune.trainer.serve.app import ServedModel, ServeLimits, begin_draining, create_app
 from kubetune.trainer.serve.engine import Engine
 from kubetune.trainer.serve.metrics import ServeMetrics
+
+API_KEY_ENV = "KUBETUNE_SERVE_API_KEY"
+API_KEY_FILE_ENV = "KUBETUNE_SERVE_API_KEY_FILE"
 
 log = logging.getLogger("kubetune.serve")
 
@@ -29,6 +34,24 @@ def parse_adapter_args(values: list[str]) -> list[tuple[str, str]]:
             raise KubetuneError(f"--adapter {value!r}: the name {name!r} is used twice; give each adapter its own name")
         pairs.append((name, folder))
     return pairs
+
+
+def read_api_keys(keys: Sequence[str] = (), key_file: Optional[str] = None, environ=os.environ) -> tuple[str, ...]:
+    """API keys from --api-key, $KUBETUNE_SERVE_API_KEY, and a file with one key per line (--api-key-file or
+    $KUBETUNE_SERVE_API_KEY_FILE: a mounted Secret). No keys: the server needs no authentication."""
+    found = [k.strip() for k in keys]
+    if environ.get(API_KEY_ENV):
+        found.append(environ[API_KEY_ENV].strip())
+    key_file = key_file or environ.get(API_KEY_FILE_ENV)
+    if key_file:
+        try:
+            found += [line.strip() for line in Path(key_file).read_text().splitlines()]
+        except OSError as err:
+            raise KubetuneError(f"--api-key-file {key_file}: cannot read it ({err.strerror})") from None
+    found = [k for k in found if k]
+    if any(len(k) < 8 for k in found):
+        raise KubetuneError("--api-key: each key needs at least 8 characters (use a random token, e.g. `openssl rand -hex 16`)")
+    return tuple(dict.fromkeys(found))
 
 
 def resolve_max_model_len(requested: Optional[int], max_position_embeddings: int) -> int:
@@ -52,6 +75,8 @@ def build_app(
     served_model_name: Optional[str] = None,
     device: str = "auto",
     dtype: str = "fp32",
+    max_per_client: Optional[int] = None,
+    limits: ServeLimits = ServeLimits(),
 ):
     """Load the model, tokenizer and adapters and return the FastAPI app (its lifespan runs the engine)."""
     from kubetune.trainer.checkpoint.hf import load_pretrained, resolve_model_dir
@@ -62,6 +87,10 @@ def build_app(
 
     if max_concurrency < 1 or max_queue < 0:
         raise KubetuneError("--max-concurrency must be >= 1 and --max-queue >= 0")
+    if max_per_client is not None and max_per_client < 1:
+        raise KubetuneError("--max-sequences-per-client must be >= 1")
+    if limits.max_request_bytes < 1024:
+        raise KubetuneError("--max-request-bytes must be at least 1024")
     folder = resolve_model_dir(model_dir)
     model = load_pretrained(folder, device=resolve_device(device), dtype=resolve_dtype(dtype))
     tokenizer = load_tokenizer(str(folder))
@@ -78,10 +107,52 @@ def build_app(
         adapters=loaded,
     )
     metrics = ServeMetrics()
-    engine = Engine(runner, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, metrics=metrics)
+    engine = Engine(
+        runner, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, max_per_client=max_per_client, metrics=metrics
+    )
     models = [ServedModel(base_name, 0, str(folder))]
     models += [ServedModel(a.name, i, a.path, parent=base_name) for i, a in enumerate(loaded, start=1)]
-    return create_app(engine, tokenizer, models, metrics)
+    return create_app(engine, tokenizer, models, metrics, limits)
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, which also closes a connection that has not sent a whole request
+    head within `header_timeout` seconds of opening (or of its previous response). uvicorn has no
+    such timeout: half-sent requests would hold connections (and limit_concurrency places) forever."""
+
+    header_timeout = 30.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_timer = None
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._header_timeout_expired)
+
+    def _header_timeout_expired(self) -> None:
+        waiting_for_head = self.cycle is None or self.cycle.response_complete
+        if waiting_for_head and not self.transport.is_closing():
+            self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_timer()
+
+    def connection_lost(self, exc) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+
+def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, request_timeout: float = 30.0, max_connections: int = 256, **kwargs) -> uvicorn.Config:
+    """uvicorn settings with the server's connection limits (docs/security.md)."""
+    protocol = type("TimedH11Protocol", (TimedH11Protocol,), {"header_timeout": request_timeout})
+    return uvicorn.Config(
+        app, host=host, port=port, http=protocol, limit_concurrency=max_connections, timeout_keep_alive=5, **kwargs
+    )
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -95,8 +166,21 @@ def serve_command(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         device=args.device,
         dtype=args.dtype,
+        max_per_client=args.max_sequences_per_client,
+        limits=ServeLimits(
+            max_request_bytes=args.max_request_bytes,
+            body_timeout=args.request_timeout,
+            allow_ignore_eos=args.allow_ignore_eos,
+            api_keys=read_api_keys(args.api_key, args.api_key_file),
+        ),
     )
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=None)
+    if args.host not in ("127.0.0.1", "::1", "localhost") and not app.state.server.limits.api_keys:
+        log.warning("serving on %s without an API key: anyone who can reach this port can use the model "
+                    "(pass --api-key or $%s, and restrict the network)", args.host, API_KEY_ENV)
+    config = uvicorn_config(
+        app, args.host, args.port, request_timeout=args.request_timeout, max_connections=args.max_connections,
+        log_level="info", timeout_graceful_shutdown=None,
+    )
     server = DrainingServer(config, on_exit=lambda: begin_draining(app))
     log.info("serving %s on http://%s:%d/v1", ", ".join(app.state.server.models), args.host, args.port)
     server.run()

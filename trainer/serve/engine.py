@@ -6,6 +6,12 @@ prefilled into its own KV cache row), then one batched decode step advances ever
 by a token. Finished or cancelled sequences leave at once, freeing their row for the next waiting
 one. The model runs on a plain thread so the HTTP event loop stays responsive; results go back to
 each request's asyncio queue with `call_soon_threadsafe`.
+
+Shared by every client, so (docs/security.md): a request is admitted all-or-nothing; waiting
+sequences join round-robin across clients (an API key, or one anonymous client) and a client may
+hold at most `max_per_client` sequences; a row whose logits or text fail fails only its own
+request; and if the loop itself ever dies, every pending request is failed at once and the
+engine stops accepting (readiness turns false).
 """
 from __future__ import annotations
 
@@ -19,9 +25,9 @@ from typing import AsyncIterator, Optional, Protocol, Sequence
 
 import torch
 
-from kubetune.trainer.serve.errors import QueueFullError, ShuttingDownError, invalid_request
+from kubetune.trainer.serve.errors import QueueFullError, ServeError, ShuttingDownError, invalid_request
 from kubetune.trainer.serve.metrics import ServeMetrics
-from kubetune.trainer.serve.sampling import SamplingParams, TextStream, make_generator, sample_token
+from kubetune.trainer.serve.sampling import SamplingParams, TextStream, clean_logits, make_generator, sample_token
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +61,18 @@ _CANCELLED = Event(-1, "", "cancelled")
 class RequestHandle:
     """One API request's view of its sequences: an async stream of Events, and cancel()."""
 
-    def __init__(self, engine: "Engine", loop: asyncio.AbstractEventLoop, n: int, prompt_tokens: int) -> None:
+    def __init__(
+        self,
+        engine: "Engine",
+        loop: asyncio.AbstractEventLoop,
+        n: int,
+        prompt_tokens: int,
+        client: str = "",
+        request_id: str = "",
+    ) -> None:
         self._engine = engine
+        self.client = client
+        self.request_id = request_id
         self._loop = loop
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self.n = n
@@ -113,19 +129,29 @@ class Engine:
         *,
         max_concurrency: int,
         max_queue: int,
+        max_per_client: Optional[int] = None,
         metrics: Optional[ServeMetrics] = None,
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.stop_ids = frozenset(getattr(tokenizer, "stop_ids", None) or [tokenizer.eos_id])
+        # ids the tokenizer can decode; a larger embedding's extra ids are never sampled
+        self.vocab_limit: Optional[int] = getattr(tokenizer, "vocab_size", None)
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
+        self.max_per_client = max_per_client  # running + waiting sequences per client; None: no limit
         self.metrics = metrics
         self._cond = threading.Condition()
-        self._waiting: deque[_Sequence] = deque()
+        # waiting sequences per client, admitted round-robin (the dict's order is the turn order)
+        self._waiting: dict[str, deque[_Sequence]] = {}
+        self._waiting_count = 0
+        self._load: dict[str, int] = {}  # running + waiting sequences per client
+        self._last_turn: dict[str, int] = {}  # when each client last had a sequence admitted
+        self._turns = itertools.count()
         self._running: dict[int, _Sequence] = {}
         self._ids = itertools.count()
         self._stopping = False
+        self._dead: Optional[str] = None  # why the worker thread died
         self._thread: Optional[threading.Thread] = None
 
     @property
@@ -139,40 +165,60 @@ class Engine:
         self._thread.start()
 
     def submit(
-        self, prompts: list[list[int]], params: SamplingParams, *, adapter: int = 0, n: int = 1
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        adapter: int = 0,
+        n: int = 1,
+        client: str = "",
+        request_id: str = "",
     ) -> RequestHandle:
-        """Queue n sequences per prompt (choice index = prompt index * n + i) as one request.
+        """Queue n sequences per prompt (choice index = prompt index * n + i) as one request of `client`.
 
-        Raises QueueFullError (429) when they do not fit the free rows plus the waiting queue, and
+        All or nothing: every sequence is built before any is queued. Raises QueueFullError (429) when
+        they do not fit the free rows plus the waiting queue or the client's share, and
         ShuttingDownError (503) after shutdown began.
         """
         count = len(prompts) * n
-        if count > self.max_concurrency + self.max_queue:
+        limit = self.max_concurrency + self.max_queue
+        if self.max_per_client is not None:
+            limit = min(limit, self.max_per_client)
+        if count > limit:
             raise invalid_request(
-                f"{count} sequences (prompts x n) can never fit this server's {self.max_concurrency} running and "
-                f"{self.max_queue} waiting places; send fewer prompts or a smaller n.",
+                f"{count} sequences (prompts x n) can never fit this server's limit of {limit} sequences per "
+                "request; send fewer prompts or a smaller n.",
                 param="n",
             )
-        handle = RequestHandle(self, asyncio.get_running_loop(), count, sum(len(p) for p in prompts))
+        handle = RequestHandle(
+            self, asyncio.get_running_loop(), count, sum(len(p) for p in prompts), client, request_id
+        )
+        sequences = [  # built first: an error here leaves nothing behind
+            _Sequence(
+                id=next(self._ids),
+                handle=handle,
+                choice=choice,
+                prompt_ids=list(prompts[choice // n]),
+                adapter=adapter,
+                params=params,
+                stream=TextStream(self.tokenizer, params.stop),
+                generator=make_generator(params, choice),
+            )
+            for choice in range(count)
+        ]
         with self._cond:
+            if self._dead is not None:
+                raise engine_dead()
             if self._stopping:
                 raise ShuttingDownError()
             free_rows = max(self.max_concurrency - len(self._running), 0)
-            if len(self._waiting) + count > self.max_queue + free_rows:
+            if self._waiting_count + count > self.max_queue + free_rows:
                 raise QueueFullError(self.max_queue)
-            for choice in range(count):
-                self._waiting.append(
-                    _Sequence(
-                        id=next(self._ids),
-                        handle=handle,
-                        choice=choice,
-                        prompt_ids=list(prompts[choice // n]),
-                        adapter=adapter,
-                        params=params,
-                        stream=TextStream(self.tokenizer, params.stop),
-                        generator=make_generator(params, choice),
-                    )
-                )
+            if self.max_per_client is not None and self._load.get(client, 0) + count > self.max_per_client:
+                raise QueueFullError(self.max_queue, per_client=self.max_per_client)
+            self._waiting.setdefault(client, deque()).extend(sequences)
+            self._waiting_count += count
+            self._load[client] = self._load.get(client, 0) + count
             self._cond.notify()
         self._update_gauges()
         return handle
@@ -192,21 +238,62 @@ class Engine:
 
     @property
     def accepting(self) -> bool:
-        return not self._stopping and self.alive
+        return not self._stopping and self._dead is None and self.alive
 
     def _cancel_waiting(self, handle: RequestHandle) -> None:
         with self._cond:
-            kept = [seq for seq in self._waiting if seq.handle is not handle]
-            dropped = len(self._waiting) - len(kept)
-            self._waiting = deque(kept)
+            queue = self._waiting.get(handle.client)
+            kept = deque(seq for seq in queue or () if seq.handle is not handle)
+            dropped = len(queue or ()) - len(kept)
+            if queue is not None:
+                self._set_waiting(handle.client, kept)
+            self._waiting_count -= dropped
+            self._release(handle.client, dropped)
             self._cond.notify()
         if dropped and self.metrics:
             self.metrics.cancelled.inc(dropped)
         self._update_gauges()
 
+    def _set_waiting(self, client: str, queue: deque) -> None:
+        if queue:
+            self._waiting[client] = queue
+        else:
+            self._waiting.pop(client, None)
+
+    def _release(self, client: str, count: int) -> None:
+        """A client's sequences left (finished, failed or cancelled); hold the lock."""
+        left = self._load.get(client, 0) - count
+        if left > 0:
+            self._load[client] = left
+        else:
+            self._load.pop(client, None)
+
+    def _next_waiting(self) -> _Sequence:
+        """Round-robin across clients: the next sequence of the waiting client whose turn was longest ago
+        (a newcomer first), so one client's many sequences do not hold everyone else back."""
+        client = min(self._waiting, key=lambda c: self._last_turn.get(c, -1))
+        self._last_turn[client] = next(self._turns)
+        queue = self._waiting[client]
+        seq = queue.popleft()
+        self._set_waiting(client, queue)
+        self._waiting_count -= 1
+        return seq
+
+    @property
+    def dead(self) -> bool:
+        """The worker thread died of an error (as opposed to stopping after a shutdown)."""
+        return self._dead is not None
+
     # ---- the worker thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as err:  # noqa: BLE001 - nothing may leave requests hanging
+            log.exception("the generation engine stopped")
+            self._die(err)
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not (self._waiting or self._running or self._stopping):
@@ -215,7 +302,7 @@ class Engine:
                     return
                 admitted = []
                 while self._waiting and len(self._running) < self.max_concurrency:
-                    seq = self._waiting.popleft()
+                    seq = self._next_waiting()
                     self._running[seq.id] = seq
                     admitted.append(seq)
             self._update_gauges()
@@ -225,16 +312,29 @@ class Engine:
             if self._running:
                 self._decode()
 
+    def _die(self, err: BaseException) -> None:
+        """The loop cannot go on: fail every waiting and running request now (nobody would ever answer them)."""
+        with self._cond:
+            self._dead = f"{type(err).__name__}"
+            pending = [seq for queue in self._waiting.values() for seq in queue] + list(self._running.values())
+            self._waiting.clear()
+            self._waiting_count = 0
+            self._running.clear()
+            self._load.clear()
+        for seq in pending:
+            seq.handle._put(Event(seq.choice, "", "error", error="generation failed"))
+        self._update_gauges()
+
     def _prefill(self, seq: _Sequence) -> None:
         if seq.handle.cancelled:
             self._leave(seq)
             return
         try:
-            logits = self.runner.add(seq.id, seq.prompt_ids, seq.adapter)
+            logits = clean_logits(self.runner.add(seq.id, seq.prompt_ids, seq.adapter), self.vocab_limit)
             token = sample_token(logits, seq.params, seq.generator)
-        except Exception as err:  # noqa: BLE001 - one bad request must not stop the server
-            log.exception("prefill failed")
-            self._fail([seq], err)
+        except Exception:  # noqa: BLE001 - one bad request must not stop the server
+            log.exception("request %s: prefill failed", seq.handle.request_id)
+            self._fail([seq])
             return
         if self.metrics:
             self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
@@ -243,21 +343,31 @@ class Engine:
     def _decode(self) -> None:
         batch = [self._running[seq_id] for seq_id in self.runner.seq_ids]
         try:
-            logits = self.runner.step([seq.last_token for seq in batch])
+            logits = clean_logits(self.runner.step([seq.last_token for seq in batch]), self.vocab_limit)
             greedy = logits.argmax(-1).tolist()  # one call for all greedy rows
-            tokens = [
-                greedy[row] if seq.params.greedy else sample_token(logits[row], seq.params, seq.generator)
-                for row, seq in enumerate(batch)
-            ]
-        except Exception as err:  # noqa: BLE001
-            log.exception("decode step failed")
-            self._fail(batch, err)
+        except Exception:  # noqa: BLE001 - the batch's forward failed: those requests fail, the server goes on
+            log.exception("decode step failed for requests %s", sorted({s.handle.request_id for s in batch}))
+            self._fail(batch)
             return
-        for seq, token in zip(batch, tokens):
+        for row, seq in enumerate(batch):
+            try:  # per row: one request's bad logits must not fail the others in its batch
+                token = greedy[row] if seq.params.greedy else sample_token(logits[row], seq.params, seq.generator)
+            except Exception:  # noqa: BLE001
+                log.exception("request %s: sampling failed", seq.handle.request_id)
+                self._fail([seq])
+                continue
             self._advance(seq, token)
 
     def _advance(self, seq: _Sequence, token: int) -> None:
-        """Record one generated token: emit its text, and finish the sequence when it is done."""
+        """Record one generated token; a failure here (e.g. the tokenizer cannot decode) fails this sequence only."""
+        try:
+            self._record_token(seq, token)
+        except Exception:  # noqa: BLE001
+            log.exception("request %s: a generated token could not be turned into text", seq.handle.request_id)
+            self._fail([seq])
+
+    def _record_token(self, seq: _Sequence, token: int) -> None:
+        """Emit one generated token's text, and finish the sequence when it is done."""
         seq.generated += 1
         seq.last_token = token
         seq.handle.completion_tokens += 1
@@ -282,19 +392,26 @@ class Engine:
                 self.metrics.cancelled.inc()
             self._leave(seq)
 
-    def _fail(self, seqs: list[_Sequence], err: Exception) -> None:
+    def _fail(self, seqs: list[_Sequence]) -> None:
+        """The detail went to the server log; the client learns only that generation failed."""
         for seq in seqs:
-            seq.handle._put(Event(seq.choice, "", "error", error=f"generation failed: {err}"))
-            self._leave(seq)
+            if seq.id in self._running:
+                seq.handle._put(Event(seq.choice, "", "error", error="generation failed"))
+                self._leave(seq)
 
     def _leave(self, seq: _Sequence) -> None:
         if seq.id in self.runner.seq_ids:
             self.runner.remove(seq.id)
         with self._cond:
-            self._running.pop(seq.id, None)
+            if self._running.pop(seq.id, None) is not None:
+                self._release(seq.handle.client, 1)
         self._update_gauges()
 
     def _update_gauges(self) -> None:
         if self.metrics:
             self.metrics.running.set(len(self._running))
-            self.metrics.waiting.set(len(self._waiting))
+            self.metrics.waiting.set(self._waiting_count)
+
+
+def engine_dead() -> ServeError:
+    return ServeError("The generation engine stopped; the server must be restarted.", status_code=503, type="server_error", code="engine_dead")

@@ -33,23 +33,34 @@ def invalid_request(message: str, param: Optional[str] = None, code: Optional[st
     return ServeError(message, status_code=400, param=param, code=code)
 
 
-def model_not_found(name: str, available: list[str]) -> ServeError:
+def model_not_found(name: str) -> ServeError:
+    # Does not list what is served: adapter names may be private to other clients (GET /v1/models
+    # lists them to whoever may call the server).
     return ServeError(
-        f"The model `{name}` does not exist. Served models: {', '.join(available)}.",
+        f"The model `{name[:256]}` does not exist or you do not have access to it.",
         status_code=404,
         param="model",
         code="model_not_found",
     )
 
 
+def internal_error(request_id: str) -> ServeError:
+    """A 500 that tells nothing of the server's internals; the detail is in the server log under request_id."""
+    return ServeError(
+        f"The server had an error while processing your request (request id {request_id}).",
+        status_code=500,
+        type="server_error",
+        code="internal_error",
+    )
+
+
 class QueueFullError(ServeError):
-    def __init__(self, max_queue: int) -> None:
-        super().__init__(
-            f"The server is busy: {max_queue} requests are already waiting. Retry later.",
-            status_code=429,
-            type="rate_limit_exceeded",
-            code="rate_limit_exceeded",
-        )
+    def __init__(self, max_queue: int, per_client: Optional[int] = None) -> None:
+        if per_client is not None:
+            message = f"Too many requests: each client may have at most {per_client} sequences running or waiting. Retry later."
+        else:
+            message = f"The server is busy: {max_queue} requests are already waiting. Retry later."
+        super().__init__(message, status_code=429, type="rate_limit_exceeded", code="rate_limit_exceeded")
 
 
 class ShuttingDownError(ServeError):

@@ -3,6 +3,9 @@
 Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`, ...). Fields the
 server knows but does not implement (logprobs, echo, penalties, ...) are rejected with a 400 rather
 than silently giving different results.
+
+Every field that sizes work is bounded here (docs/security.md lists the limits): a request must
+never make the shared engine thread do unbounded work or fail for others.
 """
 from __future__ import annotations
 
@@ -12,25 +15,36 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kubetune.trainer.serve.errors import ServeError, invalid_request
 
+# Request limits (docs/security.md). Generous for real clients, small enough that no single request
+# can hold the engine thread or the memory of the server.
+MAX_N = 16  # choices per request (OpenAI allows 128; each one is a running sequence here)
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_PROMPTS = 64  # prompts in one completion request
+MAX_MESSAGES = 1024  # chat messages
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+MAX_SEED = 2**63  # seeds are in [0, 2**63): torch generators take signed 64-bit seeds
+MAX_JSON_DEPTH = 32  # nesting of the request body
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
-    model: str
+    model: str = Field(max_length=256)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=64)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: Optional[dict[str, Any]] = None
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=0, lt=MAX_SEED)
     # Extensions vLLM also accepts (pass them with the openai client's extra_body).
     top_k: Optional[int] = Field(default=None, ge=1)
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # refused unless the server runs with --allow-ignore-eos
     # Known but not implemented: must stay at their "off" value.
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
+    logit_bias: Optional[dict[str, float]] = Field(default=None, max_length=MAX_LOGIT_BIAS)
 
     @model_validator(mode="before")
     @classmethod
@@ -41,8 +55,11 @@ class _Request(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value):
-        if isinstance(value, list) and len(value) > 16:
-            raise ValueError("at most 16 stop sequences")
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters")
         return value
 
     @property
@@ -63,6 +80,14 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: Union[str, list[str], list[int], list[list[int]]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_count(cls, value):
+        if isinstance(value, list) and value and not isinstance(value[0], int) and len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
+        return value
+
     max_tokens: Optional[int] = Field(default=16, ge=1)
     logprobs: Optional[int] = None
     echo: bool = False
@@ -103,7 +128,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: Optional[bool] = False
@@ -122,10 +147,31 @@ class ChatCompletionRequest(_Request):
         return found
 
 
+def check_json_shape(body: Any) -> None:
+    """Refuse what breaks code further on: nesting deeper than MAX_JSON_DEPTH (recursion in
+    validators) and strings with lone surrogates ("\\ud800" is valid JSON but not text: tokenizers
+    raise on it)."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise invalid_request(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise invalid_request("The request has a string that is not valid Unicode (a lone surrogate).") from None
+        elif isinstance(value, dict):
+            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+
+
 def parse_request(model_cls: type[_Request], body: Any) -> _Request:
     """Validate a JSON body into `model_cls`; problems become 400s naming the field (OpenAI's `param`)."""
     if not isinstance(body, dict):
         raise invalid_request("The request body must be a JSON object.")
+    check_json_shape(body)
     try:
         request = model_cls.model_validate(body)
     except ValidationError as err:

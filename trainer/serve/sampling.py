@@ -19,7 +19,18 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below MIN_TEMPERATURE the scaled logits overflow and the distribution is the argmax anyway.
+        return self.temperature < MIN_TEMPERATURE
+
+
+# Temperatures below this are greedy (vLLM's convention): dividing logits by a tiny temperature
+# overflows to inf/NaN, and the distribution is the argmax anyway (docs/security.md).
+MIN_TEMPERATURE = 1e-5
+_SEED_SPACE = 2**63  # torch generators take signed 64-bit seeds
+
+
+class SamplingError(RuntimeError):
+    """A row's logits cannot be sampled (no finite value): fails that sequence only."""
 
 
 def make_generator(params: SamplingParams, choice: int) -> Optional[torch.Generator]:
@@ -29,13 +40,30 @@ def make_generator(params: SamplingParams, choice: int) -> Optional[torch.Genera
     generator = torch.Generator()
     if params.seed is None:
         generator.seed()
-    else:
-        generator.manual_seed(params.seed + choice)
+    else:  # wraps within the seed space, so no seed the API accepts can overflow part-way through n
+        generator.manual_seed((params.seed + choice) % _SEED_SPACE)
     return generator
 
 
+def clean_logits(logits: torch.Tensor, vocab_limit: Optional[int] = None) -> torch.Tensor:
+    """Logits [..., vocab] with NaN/inf and ids >= vocab_limit (ids the tokenizer cannot decode) at -inf.
+
+    A model whose embedding is larger than its tokenizer, or a numerically broken row, must not
+    produce a token nobody can decode nor make sampling raise for the whole batch."""
+    logits = logits.float()
+    bad = ~torch.isfinite(logits)
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        bad[..., vocab_limit:] = True
+    return logits.masked_fill(bad, float("-inf")) if bool(bad.any()) else logits
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
-    """Next token from float32 logits [vocab]: argmax when greedy, else temperature / top-k / top-p sampling."""
+    """Next token from float32 logits [vocab]: argmax when greedy, else temperature / top-k / top-p sampling.
+
+    Non-finite logits should be masked first (clean_logits); a row without any finite value raises
+    SamplingError."""
+    if not bool(torch.isfinite(logits).any()):
+        raise SamplingError("the model produced no finite logits for this sequence")
     if params.greedy:
         return int(logits.argmax())
     logits = logits.float().cpu() / params.temperature
@@ -84,16 +112,25 @@ class TextStream:
         return self._emit(len(self.text))
 
     def _first_stop(self) -> Optional[int]:
+        # Only the tail can hold a new match: text before `emitted` was checked on earlier pushes.
         hits = [self.text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stop]
         found = [h for h in hits if h >= 0]
         return min(found) if found else None
 
     def _safe_end(self) -> int:
+        """Where the text may be released: before an unfinished character or a tail that is the start
+        of a stop string. Looks only at the last len(stop) - 1 characters (the tail), and only at
+        lengths whose last character fits, so the work per token is bounded by the stop lengths."""
         complete = len(self.text.rstrip("\ufffd"))
         end = complete
+        if complete == 0:
+            return 0
+        last = self.text[complete - 1]
         for stop in self.stop:
-            for k in range(min(len(stop) - 1, complete), 0, -1):
-                if self.text[:complete].endswith(stop[:k]):
+            tail = self.text[max(0, complete - len(stop) + 1) : complete]
+            # candidate prefix lengths k (longest first): stop[k - 1] must equal the text's last character
+            for k in range(min(len(stop) - 1, len(tail)), 0, -1):
+                if stop[k - 1] == last and tail.endswith(stop[:k]):
                     end = min(end, complete - k)
                     break
         return end
