@@ -111,3 +111,26 @@ def test_bad_preference_data_fails_naming_the_record(tmp_path):
                     + json.dumps({"prompt": "Q?", "chosen": "same", "rejected": "same"}) + "\n")
     with pytest.raises(DatasetError, match=r"pairs.jsonl record 2 \(line 2\): fields 'chosen' and 'rejected' are identical"):
         run(tmp_path, "run", "max_steps=1", f"dataset.source={data}")
+
+
+def test_lora_dpo_from_a_previous_lora_run_merges_its_adapter_into_the_base_once(tmp_path):
+    """Pipeline: instruction LoRA -> LoRA-DPO with model.path = the LoRA run's output folder (adapter only)."""
+    from kubetune.trainer.checkpoint import load_pretrained
+    from kubetune.trainer.peft import load_adapter
+    from kubetune.trainer.recipes.lora_finetune import recipe_main as lora_main
+
+    lora_main(resolve_config("lora_finetune", "tiny_lora", [
+        "progress_bar=false", "max_steps=3", "batch_size=4", "eval_every_steps=null", "save_every_steps=null",
+        "save_merged=false", "optimizer.lr=5e-2", "resume=never", f"output_dir={tmp_path / 'sft'}"]))
+    assert not (tmp_path / "sft" / "model").exists()
+    summary = run(tmp_path, "dpo", "max_steps=2", f"model.path={tmp_path / 'sft'}", config="tiny_dpo_lora")
+    base = tmp_path / "dpo" / "base"
+    first = next(r for r in read_metrics(tmp_path / "dpo" / "metrics.jsonl") if r.get("step") == 1)
+    assert abs(first["loss"] - math.log(2)) <= 1e-6  # the reference is base + the SFT adapter
+    config = json.loads((tmp_path / "dpo" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base) and summary["adapter"] == str(tmp_path / "dpo" / "adapter")
+    ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sft = load_adapter(load_pretrained("builtin://tiny"), tmp_path / "sft" / "adapter")(ids)
+        merged = load_pretrained(base)(ids)
+    assert (sft - merged).abs().max().item() <= 1e-5

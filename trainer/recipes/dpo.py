@@ -11,8 +11,9 @@ A copy of full_finetune.py / lora_finetune.py with the preference changes, so it
   frozen copy of model.path, loaded once, in eval mode. SimPO needs none;
 - beside the loss, every logged step and every evaluation report rewards/chosen,
   rewards/rejected, rewards/margin and rewards/accuracy (metrics.jsonl, progress bar, Prometheus);
-- `model.path` may also be a previous run's output folder (its `model/` is used), so a pipeline
-  stage can align what the one before it trained.
+- `model.path` may also be a previous run's output folder (its `model/`, or its LoRA `adapter/`
+  merged into that adapter's base once, into `output_dir/base/`), so a pipeline stage can align
+  what the one before it trained.
 The set-up order is the other recipes' (model, then [shard], then optimizer), so FSDP2 drops in.
 
 Guarantees (tested): with the policy equal to the reference the first step's DPO loss is ln 2; on
@@ -22,6 +23,7 @@ uninterrupted one (CPU, fp32, same seed); SIGTERM saves a checkpoint and exits w
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -29,6 +31,7 @@ from typing import Any, Optional
 
 import torch
 
+from kubetune.errors import KubetuneError
 from kubetune.trainer.checkpoint import load_model_args, load_pretrained, resolve_local_dir
 from kubetune.trainer.checkpoint.hf import save_pretrained, write_model_dir
 from kubetune.trainer.config.dpo import DPOConfig
@@ -62,7 +65,7 @@ def recipe_main(cfg: DPOConfig) -> dict[str, Any]:
     resume_dir = checkpoints.resume_from(cfg.resume)
     use_lora = cfg.lora is not None
     needs_reference = cfg.loss not in REFERENCE_FREE
-    model_path = model_folder(cfg.model.path)  # a previous run's output folder -> its model/
+    model_path = model_folder(cfg.model.path, output_dir)  # a previous run's output folder -> its model
     tokenizer_path = cfg.tokenizer.path or model_path
 
     # ---- Tokenizer and preference pairs --------------------------------------------------
@@ -279,12 +282,28 @@ class RewardTotals:
         return dict(zip(names, values))
 
 
-def model_folder(path: str) -> str:
-    """model.path as given, or, for a previous kubetune run's output folder (no config.json, a
-    `model/` inside), that run's final model: pipelines chain stages by output folder."""
+def model_folder(path: str, output_dir: Path) -> str:
+    """The HF model folder model.path names. Besides a model folder or builtin://, a previous kubetune
+    run's output folder: its final `model/` when it has one; else, when it holds only a LoRA
+    `adapter/` (or is an adapter folder), that adapter merged into its base, written once to
+    `output_dir/base/` (reused on resume) so the policy, the reference, checkpoints, the adapter's
+    base_model_name_or_path and save_merged all refer to one model on disk."""
     if path.startswith("builtin://"):
         return path
     folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file() and (folder / "model" / "config.json").is_file():
+    if (folder / "config.json").is_file():
+        return path
+    if (folder / "model" / "config.json").is_file():
         return str(folder / "model")
-    return path
+    adapter = folder if (folder / "adapter_config.json").is_file() else folder / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        return path  # not a run folder: load_pretrained names what is missing
+    merged = output_dir / "base"
+    if not (merged / "config.json").is_file():
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise KubetuneError(f"model.path {path}: {adapter}/adapter_config.json names no base_model_name_or_path; "
+                                "set model.path to the base model folder and merge the adapter first (kubetune merge)")
+        log.info("model.path %s: merging the adapter %s into its base %s -> %s", path, adapter, base, merged)
+        merge_to_dir(base, adapter, merged)
+    return str(merged)
