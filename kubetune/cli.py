@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Already inside torchrun (WORLD_SIZE set), `kubetune run RECIPE` is one rank of the run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("recipe", help="full_finetune, lora_finetune, generate, eval (see `kubetune ls`)")
+    run.add_argument("recipe", help="full_finetune, lora_finetune, dpo, generate, eval (see `kubetune ls`)")
     run.add_argument("--config", "-c", help="config file or built-in config name")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4")
     run.add_argument("--nproc-per-node", type=_positive_int, default=None, metavar="G",

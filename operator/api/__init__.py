@@ -80,7 +80,7 @@ FINETUNEJOB = KindInfo(
     singular="finetunejob",
     short_names=("ftj",),
     model=FineTuneJob,
-    description="Fine-tune an LLM with a kubetune recipe (full_finetune, lora_finetune, ...).",
+    description="Fine-tune an LLM with a kubetune recipe (full_finetune, lora_finetune, dpo, ...).",
     columns=(
         PrinterColumn("Recipe", "string", ".spec.recipe"),
         PrinterColumn("Phase", "string", ".status.phase"),

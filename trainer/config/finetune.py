@@ -22,7 +22,7 @@ class TokenizerSection(StrictModel):
 class DatasetSection(StrictModel):
     source: str = Field(
         description="Local .json/.jsonl/.parquet file or folder (folder: <split>.<ext> inside), "
-        "hf://org/name (the optional `datasets` library), or builtin://tiny_instruct (the synthetic task)"
+        "hf://org/name (the optional `datasets` library), or builtin://tiny_instruct / builtin://tiny_preference (the synthetic tasks)"
     )
     format: Literal["alpaca", "chat", "text", "preference"] = "alpaca"
     split: str = "train"
