@@ -317,3 +317,19 @@ def test_launcher_argv_is_torchrun():
                                       "--nproc-per-node", "8", "lora_finetune"])
     argv = torchrun_argv(args)
     assert "--standalone" not in argv and {"--nnodes=2", "--node-rank=1", "--master-addr=h0"} <= set(argv)
+
+
+@pytest.mark.slow
+def test_sigterm_of_the_launcher_checkpoints_every_rank_at_one_step(tmp_path):
+    out_dir = tmp_path / "run"
+    process = start("full_finetune", "tiny_full", out_dir, 2, "save_every_steps=null", "max_steps=400")
+    wait_for(lambda: (out_dir / "metrics.jsonl").is_file() and any("loss" in r for r in read_metrics(out_dir / "metrics.jsonl")),
+             process, what="a first step")
+    process.send_signal(signal.SIGTERM)  # what the kubelet sends the pod (torchrun forwards it)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode != 0  # torchrun reports the ranks' 143 as a failure
+    steps = checkpoint_steps(out_dir)
+    assert len(steps) == 1 and 0 < steps[0] < 400, out[-3000:]
+    folder = out_dir / "checkpoints" / f"step_{steps[0]}"
+    assert (folder / SHARDED_STATE / ".metadata").is_file() and (folder / "rng_rank_1.pt").is_file()
+    assert "exitcode  : 143" in out or "exitcode: 143" in out.replace("  ", " "), out[-3000:]
