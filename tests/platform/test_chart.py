@@ -309,14 +309,16 @@ def test_ha_runs_kopf_peering_with_a_disruption_budget(rendered):
 @pytest.mark.parametrize("scenario", ["webhook-cert-manager", "webhook-own-cert", "ha-namespaced-webhook"])
 def test_webhook_is_static_create_update_only_and_reaches_the_operator(rendered, scenario):
     from kubetune.operator.handlers import ADMISSION_ID
+    from kubetune.operator.pipeline_handlers import DEPLOYMENT_ADMISSION_ID, EVAL_ADMISSION_ID
 
     docs = rendered[scenario]
     config = one(docs, "ValidatingWebhookConfiguration")
-    (hook,) = config["webhooks"]
-    for rule in hook["rules"]:
+    hooks = config["webhooks"]  # one per kind, each at the path of the operator's handler for it
+    assert [h["clientConfig"]["service"]["path"] for h in hooks] == [f"/{i}" for i in (ADMISSION_ID, EVAL_ADMISSION_ID, DEPLOYMENT_ADMISSION_ID)]
+    for rule in (rule for h in hooks for rule in h["rules"]):
         assert sorted(rule["operations"]) == ["CREATE", "UPDATE"]  # never DELETE
+    hook = hooks[0]
     client = hook["clientConfig"]["service"]
-    assert client["path"] == f"/{ADMISSION_ID}"
     service = next(s for s in of_kind(docs, "Service") if s["metadata"]["name"] == client["name"])
     assert service["metadata"]["namespace"] == client["namespace"] == NAMESPACE
     (port,) = [p for p in service["spec"]["ports"] if p["port"] == client["port"]]
@@ -347,8 +349,8 @@ def test_webhook_tenancy_checks_get_subject_access_reviews_and_nothing_else_clus
     assert role["rules"] == [{"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}]
     binding = next(b for b in of_kind(docs, "ClusterRoleBinding") if b["roleRef"]["name"] == role["metadata"]["name"])
     assert binding["subjects"][0]["name"] == one(docs, "ServiceAccount")["metadata"]["name"]
-    (hook,) = one(docs, "ValidatingWebhookConfiguration")["webhooks"]
-    assert hook["matchConditions"] == [{"name": "spec-written", "expression": "request.operation == 'CREATE' || object.spec != oldObject.spec"}]
+    for hook in one(docs, "ValidatingWebhookConfiguration")["webhooks"]:
+        assert hook["matchConditions"] == [{"name": "spec-written", "expression": "request.operation == 'CREATE' || object.spec != oldObject.spec"}]
     assert not allowed(rbac_rules(rendered["default"], "ClusterRole"), "authorization.k8s.io", "subjectaccessreviews", "create")
 
 
