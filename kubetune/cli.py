@@ -217,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="open connections before new requests get 503 (uvicorn's limit_concurrency; default 256)")
     serve.set_defaults(handler=_lazy("kubetune.trainer.serve.cli:serve_command"))
 
+    download = sub.add_parser("download", help="download a model from the Hugging Face Hub (like `tune download`)")
+    download.add_argument("repo_id", help="org/name, optionally @revision")
+    download.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    download.add_argument("--output-dir", default=None,
+                          help="copy the files into this folder (default: the Hugging Face cache, which model.path=org/name reads)")
+    download.add_argument("--ignore-patterns", action="append", default=None, metavar="GLOB",
+                          help="files to skip (repeatable; default: original/*)")
+    download.add_argument("--all-files", action="store_true",
+                          help="every file of the repository (default: config, safetensors, tokenizer files)")
+    download.set_defaults(handler=_lazy("kubetune.trainer.hub:download_command"))
+
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     merge.add_argument("--base", required=True)
     merge.add_argument("--adapter", required=True)
