@@ -1,7 +1,7 @@
 """Config of the preference-alignment recipe `dpo` (DPO, IPO, SimPO), full or LoRA. Torch-free."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -27,6 +27,14 @@ class DPOConfig(TrainingConfig):
     lora: Optional[LoRASection] = Field(default=None, description="Train LoRA/DoRA adapters instead of every parameter")
     save_merged: bool = Field(default=False, description="LoRA: also write the merged model (HF format) to output_dir/model")
 
+    accepted_formats: ClassVar[tuple[str, ...]] = ("preference",)
+
+    @model_validator(mode="after")
+    def _format_fits_the_recipe(self) -> "DPOConfig":  # overrides TrainingConfig's: DPO names its own fix
+        if self.dataset.format not in self.accepted_formats:
+            raise ValueError("dataset.format: the dpo recipe trains on preference pairs; set dataset.format: preference")
+        return self
+
     @model_validator(mode="after")
     def _settings_fit_together(self) -> "DPOConfig":
         if self.model.quantize_base is not None and self.lora is None:
@@ -38,8 +46,6 @@ class DPOConfig(TrainingConfig):
             raise ValueError("save_merged: only for LoRA-DPO (full DPO always writes output_dir/model); remove it")
         if self.label_smoothing and self.loss == "ipo":
             raise ValueError("label_smoothing: not defined for loss ipo; set it to 0 or use loss dpo or simpo")
-        if self.dataset.format != "preference":
-            raise ValueError("dataset.format: the dpo recipe trains on preference pairs; set dataset.format: preference")
         if self.dataset.packed:
             raise ValueError("dataset.packed: preference pairs are not packed; set dataset.packed: false")
         return self
