@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--detach", "-d", action="store_true", help="return once the ModelDeployments' servers are up")
     apply.set_defaults(handler=_lazy("kubetune.operator.local:apply_command"))
 
+    plan = sub.add_parser("plan", help="print the Kubernetes objects the operator would create for a manifest (YAML)")
+    plan.add_argument("-f", "--filename", required=True, help="manifest file (FineTuneJob)")
+    plan.add_argument("--backend", choices=("auto", "job", "pytorchjob", "jobset", "trainjob"), help="plan for this backend instead of spec.backend")
+    plan.set_defaults(handler=_lazy("kubetune.operator.dryrun:plan_command"))
+
+    initialize = sub.add_parser("initialize", help="fetch a job's hf:// and s3:// sources into the cache (the init container's command)")
+    initialize.add_argument("--plan", required=True, help="the initializer plan (sources.yaml of the job's ConfigMap)")
+    initialize.set_defaults(handler=_lazy("kubetune.operator.fetch:initialize_command"))
     delete = sub.add_parser("delete", help="stop local servers and remove local runs: -f FILE_OR_FOLDER, or KIND NAME...")
     delete.add_argument("kind", nargs="?", help="finetunejobs|ftj|evaljobs|evj|modeldeployments|mdep")
     delete.add_argument("names", nargs="*", help="names of that kind")

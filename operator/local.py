@@ -94,9 +94,10 @@ def plan_local(job: FineTuneJob, runs_dir: Path, *, base_dir: Optional[Path] = N
     name = job.metadata.name
     run_dir = (runs_dir / name).resolve()
     spec = job.spec
-    model = map_local_source(spec.model.source, "spec.model.source", base_dir)
-    dataset = map_local_source(spec.dataset.source, "spec.dataset.source", base_dir)
-    output = map_local_source(spec.output.source, "spec.output.source", base_dir) if spec.output.source else str(run_dir / "output")
+    cache_dir = local_cache_dir(runs_dir)
+    model = map_local_source(spec.model.source, "spec.model.source", base_dir, cache_dir)
+    dataset = map_local_source(spec.dataset.source, "spec.dataset.source", base_dir, cache_dir)
+    output = map_local_source(spec.output.source, "spec.output.source", base_dir, output=True) if spec.output.source else str(run_dir / "output")
     port = free_port()
     config = trainer_config(
         job,
@@ -126,6 +127,28 @@ def plan_local(job: FineTuneJob, runs_dir: Path, *, base_dir: Optional[Path] = N
             )
         env[var.name] = var.value or ""
     return LocalRun(job, run_dir, config_path, port, argv, env)
+
+
+def local_cache_dir(runs_dir: Path) -> Path:
+    """Where `kubetune apply` fetches hf:// models and s3:// sources (shared by all runs)."""
+    return runs_dir.resolve() / ".cache"
+
+
+def fetch_local_sources(job: FineTuneJob, runs_dir: Path) -> list[Any]:
+    """Fetch the job's hf:// and s3:// sources as the init container does on a cluster, with the
+    credentials of this shell (HF_TOKEN, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): spec.secrets
+    names cluster Secrets. Skips what an earlier run fetched and has not changed."""
+    from kubetune.operator.fetch import fetch
+    from kubetune.operator.initializers import remote_sources
+
+    spec = job.spec
+    cache = local_cache_dir(runs_dir)
+    done = []
+    for source in remote_sources({"spec.model.source": spec.model.source, "spec.dataset.source": spec.dataset.source}):
+        fetched = fetch(source, Path(source.cache_path(str(cache))), endpoint=spec.s3.endpoint, region=spec.s3.region)
+        print(f"{source.field}: {source.uri} {'up to date' if fetched.skipped else 'fetched'} in {fetched.path}", file=sys.stderr)
+        done.append(fetched)
+    return done
 
 
 def status_document(

@@ -391,7 +391,7 @@ def deploy(mdep: Any, runs_dir: Path, base_dir: Path) -> Deployed:
 
 
 def apply_command(args: argparse.Namespace) -> int:
-    from kubetune.operator.local import plan_local, run_local
+    from kubetune.operator.local import fetch_local_sources, plan_local, run_local
 
     runs_dir = Path(args.runs_dir)
     objects = load_objects(args.filename)
@@ -406,7 +406,8 @@ def apply_command(args: argparse.Namespace) -> int:
             if done and done["status"].get("phase") == "Succeeded" and done["metadata"].get("annotations", {}).get(SPEC_HASH) == spec_hash(obj):
                 print(f"{ident} unchanged (Succeeded in {runs_dir / name})")
                 continue
-            run = plan_local(obj, runs_dir)
+            run = plan_local(obj, runs_dir)  # validates the spec before anything is downloaded
+            fetch_local_sources(obj, runs_dir)  # hf:// models, s3:// sources: as the initializer does on a cluster
             print(f"{ident} running locally ({run.run_dir})", file=sys.stderr)
             status = run_local(run, progress_bar=not args.no_progress, uid=str(uuid.uuid4()), annotations={SPEC_HASH: spec_hash(obj)})
             summary = ", ".join(f"{k}={v}" for k, v in (status.get("result") or {}).items() if k != "metrics")

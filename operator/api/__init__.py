@@ -72,6 +72,7 @@ FINETUNEJOB = KindInfo(
         PrinterColumn("Phase", "string", ".status.phase"),
         PrinterColumn("Progress", "number", ".status.progress.percent", "Percent of total steps done"),
         PrinterColumn("Loss", "number", ".status.progress.loss", "Latest training loss"),
+        PrinterColumn("GPU-Hours", "number", ".status.gpuHours", "GPU hours used: the pods' running time x their GPUs", priority=1),
         AGE,
     ),
     rules=(

@@ -55,6 +55,11 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "autoscaling/v2/horizontalpodautoscalers": {"kind": "HorizontalPodAutoscaler", "namespaced": True, "subresources": {"status"}},
 }
 PYTORCHJOBS = {"kubeflow.org/v1/pytorchjobs": {"kind": "PyTorchJob", "namespaced": True, "subresources": {"status"}}}
+JOBSETS = {"jobset.x-k8s.io/v1alpha2/jobsets": {"kind": "JobSet", "namespaced": True, "subresources": {"status"}}}
+TRAINJOBS = {
+    "trainer.kubeflow.org/v1alpha1/trainjobs": {"kind": "TrainJob", "namespaced": True, "subresources": {"status"}},
+    "trainer.kubeflow.org/v1alpha1/clustertrainingruntimes": {"kind": "ClusterTrainingRuntime", "namespaced": False},
+}
 VERBS = {"list", "watch", "patch", "get", "create", "delete", "update"}
 
 

@@ -132,7 +132,7 @@ def test_webhook_without_certificates_fails_with_what_to_set():
 
 def test_chart_crds_are_the_repository_crds_byte_for_byte():
     for crd in sorted((REPO / "crds").glob("*.yaml")):
-        assert (CHART / "crds" / crd.name).read_bytes() == crd.read_bytes(), f"charts/kubetune/crds/{crd.name} drifted: copy crds/{crd.name}"
+        assert (CHART / "crds" / crd.name).read_bytes() == crd.read_bytes(), f"charts/kubetune/crds/{crd.name} drifted from crds/: run `make crds`"
     extra = {p.name for p in (CHART / "crds").glob("*.yaml")} - {p.name for p in (REPO / "crds").glob("*.yaml")}
     assert extra == {"kopf-peering.yaml"}  # kopf's peering CRDs, for replicaCount > 1
 
@@ -244,9 +244,11 @@ def plural(kind: str) -> str:
 @pytest.mark.parametrize("scenario", ["default", "namespaced"])
 def test_rbac_allows_every_create_the_planner_makes(rendered, scenario):
     rules = rbac_rules(rendered[scenario], "ClusterRole") + rbac_rules(rendered[scenario], "Role")
-    children = planned_children()
+    from pipeline_objects import pipeline_objects
+
+    children = planned_children() + pipeline_objects()
     kinds = {(c["apiVersion"].rpartition("/")[0], c["kind"]) for c in children}
-    assert ("batch", "Job") in kinds and ("kubeflow.org", "PyTorchJob") in kinds
+    assert {("batch", "Job"), ("kubeflow.org", "PyTorchJob"), ("apps", "Deployment"), ("autoscaling", "HorizontalPodAutoscaler")} <= kinds
     for group, kind in kinds:
         for verb in ("create", "get", "patch"):
             assert allowed(rules, group, plural(kind), verb), f"the operator cannot {verb} {plural(kind)}.{group}"
@@ -385,7 +387,7 @@ def test_monitors_and_rules(rendered):
     assert service_monitor["spec"]["endpoints"][0]["honorLabels"] is True
     pod_monitor = one(docs, "PodMonitor")
     assert pod_monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "kubetune"}
-    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert [e["port"] for e in pod_monitor["spec"]["podMetricsEndpoints"]] == ["metrics", "http"]  # trainer, server
     rule = one(docs, "PrometheusRule")
     source = yaml.safe_load((REPO / "deploy" / "monitoring" / "prometheus-rules.yaml").read_text())
     assert rule["spec"] == source
