@@ -8,15 +8,52 @@ from typing import Callable
 
 
 def _run(args: argparse.Namespace) -> int:
+    import os
+
     from kubetune.trainer.config import resolve_config
     from kubetune.trainer.config.loader import import_object
-    from kubetune.trainer.registry import get_recipe
+    from kubetune.trainer.registry import get_recipe, refuse_unless_distributed
 
     info = get_recipe(args.recipe)
+    if args.nproc_per_node is not None or args.nnodes > 1:
+        refuse_unless_distributed(info, args.nnodes * (args.nproc_per_node or 1))
+        resolve_config(args.recipe, args.config, args.overrides)  # a bad config fails here, not N times
+        return _launch(args)
+    refuse_unless_distributed(info, int(os.environ.get("WORLD_SIZE", "1")))
     cfg = resolve_config(args.recipe, args.config, args.overrides)
     recipe_main = import_object(f"{info.module}:recipe_main")
     recipe_main(cfg)
     return 0
+
+
+def torchrun_argv(args: argparse.Namespace) -> list[str]:
+    """`python -m torch.distributed.run ... -m kubetune.cli run RECIPE ...`: torch's own launcher
+    (torchrun) starts nnodes x nproc_per_node ranks of this same command. One node: a standalone
+    rendezvous on a free local port. Several: static rendezvous at --master-addr:--master-port."""
+    import sys
+
+    nproc = args.nproc_per_node or 1
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={args.nnodes}", f"--nproc-per-node={nproc}"]
+    if args.nnodes == 1:
+        argv.append("--standalone")
+    else:
+        argv += [f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}", f"--master-port={args.master_port}"]
+    argv += ["-m", "kubetune.cli", "run", args.recipe]
+    if args.config:
+        argv += ["--config", args.config]
+    return argv + list(args.overrides)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Replace this process with torchrun: its exit status (non-zero when any rank fails, with that
+    rank named in its error report) and signals (SIGTERM reaches every rank) are the run's own."""
+    import os
+
+    argv = torchrun_argv(args)
+    print(f"kubetune: launching {args.nnodes * (args.nproc_per_node or 1)} processes: {' '.join(argv[1:])}", file=sys.stderr)
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
+    return 0  # not reached
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -58,6 +95,13 @@ def _lazy(dotted: str) -> Callable[[argparse.Namespace], int]:
     return handler
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kubetune import __version__
 
@@ -67,10 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kubetune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a recipe: kubetune run RECIPE --config F [key=value ...]")
+    run = sub.add_parser(
+        "run",
+        help="run a recipe: kubetune run [--nproc-per-node G] RECIPE --config F [key=value ...]",
+        description="Run a recipe in this process, or with --nproc-per-node G (and --nnodes N) as N x G "
+        "processes through torch's launcher (torch.distributed.run, i.e. torchrun): full_finetune and "
+        "lora_finetune then train with FSDP2 (NCCL on GPUs, gloo on CPUs; config key distributed.*). "
+        "Recipes that run in one process only (eval, generate) refuse to start with several.",
+        epilog="examples:\n"
+        "  kubetune run full_finetune --config tiny_full\n"
+        "  kubetune run --nproc-per-node 8 full_finetune --config llama3_1_8b_full_fsdp\n"
+        "  kubetune run --nnodes 2 --node-rank 0 --master-addr host0 --nproc-per-node 8 lora_finetune -c my.yaml\n"
+        "Already inside torchrun (WORLD_SIZE set), `kubetune run RECIPE` is one rank of the run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("recipe", help="full_finetune, lora_finetune, generate, eval (see `kubetune ls`)")
     run.add_argument("--config", "-c", help="config file or built-in config name")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4")
+    run.add_argument("--nproc-per-node", type=_positive_int, default=None, metavar="G",
+                     help="processes per machine (one per GPU); runs the recipe under torchrun")
+    run.add_argument("--nnodes", type=_positive_int, default=1, metavar="N", help="machines taking part (default 1)")
+    run.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..N-1 (with --nnodes > 1)")
+    run.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (with --nnodes > 1)")
+    run.add_argument("--master-port", type=int, default=29500, help="port on node 0 (with --nnodes > 1)")
     run.set_defaults(handler=_run)
 
     ls = sub.add_parser("ls", help="list recipes and built-in configs")
@@ -149,9 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from kubetune.errors import KubetuneError
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse hands `key=value` overrides that follow `--config F` back as unknown arguments
@@ -160,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kubetune.errors import KubetuneError
+
+    args = parse_args(argv)
     try:
         return args.handler(args)
     except KubetuneError as err:

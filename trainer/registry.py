@@ -14,6 +14,7 @@ class RecipeInfo:
     config_model: str  # "module:Class", a torch-free pydantic model
     description: str
     trains: bool  # produces a model/adapter (FineTuneJob recipes)
+    distributed: bool = False  # runs under torchrun with WORLD_SIZE > 1 (FSDP2); others refuse it
 
 
 RECIPES: dict[str, RecipeInfo] = {
@@ -23,15 +24,17 @@ RECIPES: dict[str, RecipeInfo] = {
             "full_finetune",
             "kubetune.trainer.recipes.full_finetune",
             "kubetune.trainer.config.finetune:FullFinetuneConfig",
-            "Full-parameter fine-tuning on one device (FSDP2 under torchrun later).",
+            "Full-parameter fine-tuning on one device, or FSDP2 under torchrun (--nproc-per-node).",
             trains=True,
+            distributed=True,
         ),
         RecipeInfo(
             "lora_finetune",
             "kubetune.trainer.recipes.lora_finetune",
             "kubetune.trainer.config.lora:LoRAFinetuneConfig",
-            "LoRA / DoRA fine-tuning; QLoRA with model.quantize_base: nf4. Adapters in PEFT format.",
+            "LoRA / DoRA fine-tuning; QLoRA with model.quantize_base: nf4. Adapters in PEFT format. FSDP2 under torchrun.",
             trains=True,
+            distributed=True,
         ),
         RecipeInfo(
             "generate",
@@ -58,3 +61,15 @@ def get_recipe(name: str) -> RecipeInfo:
         nearest = difflib.get_close_matches(name, list(RECIPES), n=1)
         hint = f"did you mean '{nearest[0]}'? " if nearest else ""
         raise ConfigError(f"unknown recipe '{name}'; {hint}known recipes: {', '.join(RECIPES)}") from None
+
+
+def refuse_unless_distributed(info: RecipeInfo, world_size: int) -> None:
+    """Under torchrun with WORLD_SIZE > 1, a recipe that runs in one process only (eval, generate)
+    fails at once: N uncoordinated copies would race on one output folder."""
+    if world_size > 1 and not info.distributed:
+        able = ", ".join(name for name, recipe in RECIPES.items() if recipe.distributed)
+        raise ConfigError(
+            f"recipe {info.name} runs in one process only, but WORLD_SIZE={world_size} (torchrun, "
+            f"`kubetune run --nproc-per-node`, or a job with nodes x gpusPerNode > 1); run it as one process "
+            f"(no --nproc-per-node; gpusPerNode: 1). Recipes that run distributed: {able}"
+        )

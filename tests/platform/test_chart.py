@@ -3,6 +3,7 @@ validated against the Kubernetes schemas, every pod against the restricted Pod S
 the RBAC checked for least privilege and against what the planner really creates."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "webhook": {"enabled": True, "certManager": {"enabled": False}, "existingSecret": "my-tls", "caBundle": "Q0E="}
     },
     "monitoring": {
-        "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
+        "metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+                    "grafanaDashboard": {"enabled": True}}
     },
     "ha": {"replicaCount": 3},
     "ha-namespaced-webhook": {"replicaCount": 2, "watchNamespaces": ["ml"], "webhook": {"enabled": True}},
@@ -385,7 +387,12 @@ def test_monitors_and_rules(rendered):
     rule = one(docs, "PrometheusRule")
     source = yaml.safe_load((REPO / "deploy" / "monitoring" / "prometheus-rules.yaml").read_text())
     assert rule["spec"] == source
+    dashboard = next(c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard"))
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["kubetune.json"]) == json.loads((REPO / "deploy" / "monitoring" / "grafana-dashboard.json").read_text())
+    assert (CHART / "files" / "grafana-dashboard.json").read_bytes() == (REPO / "deploy" / "monitoring" / "grafana-dashboard.json").read_bytes()
     assert of_kind(rendered["default"], "ServiceMonitor") == []
+    assert of_kind(rendered["default"], "ConfigMap") == []
 
 
 def test_helm_test_pod_checks_the_metrics_service(rendered):
@@ -435,3 +442,15 @@ def test_ha_replicas_never_tie_on_kopf_peering_priority(rendered):
     assert len({s.peering.priority for s in replicas}) == 3
     assert make_settings(peering="kubetune", priority=7).peering.priority == 7
     assert make_settings(peering=None).peering.standalone
+
+
+def test_webhook_can_cover_every_kind_at_the_operators_paths():
+    docs = render({"webhook": {"enabled": True, "resources": ["finetunejobs", "evaljobs", "modeldeployments"]}})
+    hooks = one(docs, "ValidatingWebhookConfiguration")["webhooks"]
+    paths = {h["rules"][0]["resources"][0]: h["clientConfig"]["service"]["path"] for h in hooks}
+    assert paths == {"finetunejobs": "/validate-finetunejob", "evaljobs": "/validate-evaljob",
+                     "modeldeployments": "/validate-modeldeployment"}
+    assert len({h["name"] for h in hooks}) == 3
+    for hook in hooks:
+        assert hook["rules"][0]["operations"] == ["CREATE", "UPDATE"]
+        kubernetes_validate.validate(one(docs, "ValidatingWebhookConfiguration"), K8S_VERSION, strict=True)

@@ -68,10 +68,16 @@ def test_lora_recipe_resumes_exactly(tmp_path):
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
     # only the adapter is optimized and checkpointed: no base weights in the checkpoint folder
-    state = torch.load(tmp_path / "resumed" / "checkpoints" / "step_6" / "training_state.pt", weights_only=True)
-    assert sum(len(group["params"]) for group in state["optimizer"]["param_groups"]) == len(straight)
-    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints" / "step_6").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "training_state.pt",
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = tmp_path / "resumed" / "checkpoints" / "step_6"
+    saved = FileSystemReader(str(folder / "distcp")).read_metadata().state_dict_metadata
+    weights = [k.removeprefix("model.") for k in saved if k.startswith("model.")]
+    assert sorted("base_model.model." + k for k in weights) == sorted(straight)
+    assert {k.split(".")[1] for k in saved if k.startswith("optimizer.")} == {"state", "param_groups"}
+    assert len({k for k in saved if k.startswith("optimizer.state.") and k.endswith(".exp_avg")}) == len(straight)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "distcp", "training_state.pt",
     ]
 
 

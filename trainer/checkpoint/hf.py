@@ -11,7 +11,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -157,13 +157,17 @@ def save_pretrained(
     out_dir: str | os.PathLike,
     tokenizer_dir: str | os.PathLike | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    state: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
-    """Write `model` as a HF folder (replacing `out_dir` atomically); returns `out_dir`."""
+    """Write `model` as a HF folder (replacing `out_dir` atomically); returns `out_dir`.
+
+    `state`: the tensors to write instead of `model.state_dict()` (a sharded model's full state
+    dict, gathered by `kubetune.trainer.distributed.full_state_dict`)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f"{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        write_model_dir(model, tmp, tokenizer_dir, max_shard_size)
+        write_model_dir(model, tmp, tokenizer_dir, max_shard_size, state=state)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -187,10 +191,12 @@ def write_model_dir(
     folder: Path,
     tokenizer_dir: str | os.PathLike | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    state: Optional[dict[str, torch.Tensor]] = None,
 ) -> None:
-    """Write the HF files into a new folder (not atomic on its own: save_pretrained is)."""
+    """Write the HF files into a new folder (not atomic on its own: save_pretrained is).
+    `state`: as in save_pretrained."""
     folder.mkdir(parents=True)
-    state = {name: tensor for name, tensor in model.state_dict().items()}
+    state = dict(model.state_dict() if state is None else state)
     if model.args.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
     shards = _plan_shards(state, max_shard_size)

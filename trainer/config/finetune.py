@@ -49,6 +49,23 @@ class LRSchedulerSection(StrictModel):
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
+class DistributedSection(StrictModel):
+    """How a run under torchrun (`kubetune run --nproc-per-node G`) shards and communicates.
+    Ignored with one process."""
+
+    backend: Literal["auto", "nccl", "gloo"] = Field(default="auto", description="auto: nccl on CUDA, gloo on CPU")
+    timeout_seconds: float = Field(
+        default=600, gt=0, description="Collective timeout: a rank that waits longer for the others fails the run"
+    )
+    mixed_precision: Literal["auto", "bf16", "off"] = Field(
+        default="auto", description="FSDP2 compute dtype: auto = bf16 compute with fp32 gradient reduction on CUDA, off on CPU"
+    )
+    cpu_offload: bool = Field(default=False, description="Keep sharded parameters, gradients and optimizer state in CPU memory")
+    reshard_after_forward: bool = Field(
+        default=True, description="Free each layer's gathered parameters after forward (less memory, one more all-gather)"
+    )
+
+
 class TrainingConfig(StrictModel):
     """Keys every training recipe understands."""
 
@@ -81,6 +98,7 @@ class TrainingConfig(StrictModel):
     resume: str = Field(default="auto", description="auto | never | path of a checkpoint folder")
     checkpoint_on_sigterm: bool = True
     progress_bar: bool = True
+    distributed: DistributedSection = DistributedSection()
 
     @property
     def tokenizer_path(self) -> str:

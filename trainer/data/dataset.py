@@ -135,13 +135,19 @@ class BatchLoader:
         return self._order
 
     def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "num_samples": len(self.samples), "batch_size": self.batch_size}
+        return {"position": self.position, "num_samples": len(self.samples), "batch_size": self.batch_size,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if (state["num_samples"], state["batch_size"]) != (len(self.samples), self.batch_size):
+        """The position counts global batches, so a run may resume with another number of ranks as
+        long as the global batch (batch_size x world_size) is the same (e.g. 2 x 2 -> 4 x 1)."""
+        saved_global = state["batch_size"] * state.get("world_size", 1)
+        if (state["num_samples"], saved_global) != (len(self.samples), self.batch_size * self.world_size):
             raise DatasetError(
-                f"cannot resume: the checkpoint was taken with {state['num_samples']} samples in batches of "
-                f"{state['batch_size']}, this run has {len(self.samples)} in batches of {self.batch_size}; "
-                "resume with the same dataset and batch_size, or set resume: never"
+                f"cannot resume: the checkpoint was taken with {state['num_samples']} samples in global batches of "
+                f"{saved_global} (batch_size {state['batch_size']} x {state.get('world_size', 1)} processes), this run "
+                f"has {len(self.samples)} in global batches of {self.batch_size * self.world_size} (batch_size "
+                f"{self.batch_size} x {self.world_size}); resume with the same dataset and batch_size x processes, "
+                "or set resume: never"
             )
         self.position = state["position"]

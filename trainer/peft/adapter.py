@@ -106,16 +106,28 @@ def adapter_config(
 # ---------------------------------------------------------------------------------------- save
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model_name_or_path: Optional[str] = None) -> Path:
-    """Write the model's LoRA adapters as a PEFT adapter folder (atomically: temp folder, then rename)."""
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    base_model_name_or_path: Optional[str] = None,
+    state: Optional[dict[str, torch.Tensor]] = None,
+) -> Path:
+    """Write the model's LoRA adapters as a PEFT adapter folder (atomically: temp folder, then rename).
+    `state`: the adapter tensors by the model's names, instead of the modules' own (a sharded
+    model's, gathered by `kubetune.trainer.distributed.full_state_dict`)."""
     with atomic_dir(out_dir) as tmp:
-        write_adapter_files(model, tmp, base_model_name_or_path)
+        write_adapter_files(model, tmp, base_model_name_or_path, state=state)
     return Path(out_dir)
 
 
-def write_adapter_files(model: nn.Module, folder: str | Path, base_model_name_or_path: Optional[str] = None) -> None:
+def write_adapter_files(
+    model: nn.Module,
+    folder: str | Path,
+    base_model_name_or_path: Optional[str] = None,
+    state: Optional[dict[str, torch.Tensor]] = None,
+) -> None:
     """adapter_config.json + adapter_model.safetensors into `folder` (created if needed; not atomic on
-    its own: save_adapter and the checkpoint manager make it so)."""
+    its own: save_adapter and the checkpoint manager make it so). `state`: as in save_adapter."""
     layers = list(lora_layers(model))
     if not layers:
         raise AdapterError("save_adapter: the model has no LoRA layers; call apply_lora or load_adapter first")
@@ -131,10 +143,10 @@ def write_adapter_files(model: nn.Module, folder: str | Path, base_model_name_or
     )
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers:
-        tensors[PEFT_PREFIX + name + _SUFFIXES["lora_A"]] = layer.lora_A.weight
-        tensors[PEFT_PREFIX + name + _SUFFIXES["lora_B"]] = layer.lora_B.weight
-        if layer.lora_magnitude_vector is not None:
-            tensors[PEFT_PREFIX + name + _SUFFIXES["magnitude"]] = layer.lora_magnitude_vector
+        own = {"lora_A": layer.lora_A.weight, "lora_B": layer.lora_B.weight, "magnitude": layer.lora_magnitude_vector}
+        for kind, tensor in own.items():
+            if tensor is not None:
+                tensors[PEFT_PREFIX + name + _SUFFIXES[kind]] = tensor if state is None else state[name + _SUFFIXES[kind]]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -56,31 +56,40 @@ def is_nf4(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "NF4Tensor"
 
 
-def scaler_block_size(numel: int, block_size: int = BLOCK_SIZE) -> int:
+def scaler_block_size(numel: int, block_size: int = BLOCK_SIZE, shards: int = 1) -> int:
     """The largest double-quantization group (<= 256 absmaxes) that divides the number of blocks.
 
     Real models (every dimension a multiple of 128) get 256; tiny test models get a smaller group.
+    `shards` > 1 (FSDP2 over that many ranks): the number of groups must split evenly too, since
+    torchao's NF4Tensor shards its blocks, absmaxes and groups alike; real models are unaffected.
     """
     n_blocks = numel // block_size
     for size in range(min(MAX_SCALER_BLOCK_SIZE, n_blocks), 0, -1):
-        if n_blocks % size == 0:
+        if n_blocks % size == 0 and (n_blocks // size) % shards == 0:
             return size
     return 1
 
 
-def to_nf4(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
-    """A plain weight -> torchao NF4Tensor (same shape and nominal dtype, ~0.27x the bf16 bytes)."""
+def to_nf4(weight: torch.Tensor, name: str = "weight", shards: int = 1) -> torch.Tensor:
+    """A plain weight -> torchao NF4Tensor (same shape and nominal dtype, ~0.27x the bf16 bytes).
+    `shards`: FSDP2 will shard it over that many ranks (see scaler_block_size)."""
     _, torchao_to_nf4 = _torchao_nf4()
     if weight.numel() % BLOCK_SIZE != 0:
         raise KubetuneError(
             f"model.quantize_base: {name} has {weight.numel()} weights, not a multiple of the NF4 block "
             f"size {BLOCK_SIZE}; NF4 cannot quantize it (remove model.quantize_base)"
         )
-    return torchao_to_nf4(weight.detach().contiguous(), BLOCK_SIZE, scaler_block_size(weight.numel()))
+    if shards > 1 and (weight.shape[0] % shards or (weight.numel() // BLOCK_SIZE) % shards):
+        raise KubetuneError(
+            f"model.quantize_base: {name} ({list(weight.shape)}) cannot be split evenly over {shards} ranks in NF4 "
+            f"blocks of {BLOCK_SIZE}; run QLoRA with a number of processes that divides its rows, or without quantize_base"
+        )
+    return torchao_to_nf4(weight.detach().contiguous(), BLOCK_SIZE, scaler_block_size(weight.numel(), shards=shards))
 
 
-def quantize_base(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> nn.Module:
+def quantize_base(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP, shards: int = 1) -> nn.Module:
     """Store every frozen linear weight (plain nn.Linear or LoRALinear base) as NF4, in place.
+    `shards`: the FSDP2 world size the model will be sharded over (QLoRA under torchrun).
 
     Modules whose last name is in `skip` (lm_head by default) keep their dtype. Cast the model to
     its training dtype *before* this: `model.to(dtype)` afterwards would dequantize the weights.
@@ -90,7 +99,7 @@ def quantize_base(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> nn.Mo
         weight = getattr(module, "weight", None)
         if name.rsplit(".", 1)[-1] in skip or not _is_linear_like(module) or weight is None or is_nf4(weight):
             continue
-        quantized = nn.Parameter(to_nf4(weight, f"{name}.weight"), requires_grad=False)
+        quantized = nn.Parameter(to_nf4(weight, f"{name}.weight", shards=shards), requires_grad=False)
         tied = [m for m in model.modules() if m is not module and getattr(m, "weight", None) is weight]
         if tied:
             raise KubetuneError(f"model.quantize_base: {name}.weight is shared with another module; cannot quantize it")

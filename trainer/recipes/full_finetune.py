@@ -1,13 +1,18 @@
-"""Full-parameter fine-tuning on one device: `kubetune run full_finetune --config tiny_full`.
+"""Full-parameter fine-tuning on one device, or on several under torchrun with FSDP2:
+`kubetune run [--nproc-per-node G] full_finetune --config tiny_full`.
 
 Read it top to bottom: set-up, resume, the training loop, the end. Every parameter trains.
-The order of set-up (model built, then [sharded], then the optimizer) is the order FSDP2
-needs: the distributed version wraps each decoder layer between the two.
+The order of set-up is model, then shard (FSDP2 on each decoder layer and the root; nothing with
+one process), then the optimizer over the (sharded) parameters. Each rank trains on its slice of
+every global batch; the loss is divided by the label tokens of the whole global step and the
+gradients are summed across ranks, so N processes make the same update as one. Rank 0 alone
+serves metrics, writes metrics.jsonl, the progress bar, the final model and the termination log.
 
 Guarantees (tested): the held-out loss falls on the synthetic task; the saved model loads in
 transformers; a run killed at any moment and resumed from its newest checkpoint ends with the
 same weights and loss curve as an uninterrupted one (CPU, fp32, same seed); SIGTERM saves a
-checkpoint and exits with 143.
+checkpoint and exits with 143; 2 processes give the losses and weights of 1 (fp32, 1e-5), and
+resume at another world size continues the same run.
 """
 from __future__ import annotations
 
@@ -22,9 +27,14 @@ from kubetune.trainer.checkpoint import load_model_args, load_pretrained, resolv
 from kubetune.trainer.checkpoint.hf import save_pretrained, write_model_dir
 from kubetune.trainer.config.finetune import FullFinetuneConfig
 from kubetune.trainer.data.dataset import BatchLoader, build_datasets
-from kubetune.trainer.device import resolve_device, resolve_dtype
+from kubetune.trainer.device import resolve_dtype
+from kubetune.trainer.distributed import (
+    clip_grad_norm, close_distributed, full_state_dict, init_distributed, mixed_precision_dtypes, shard_model,
+)
 from kubetune.trainer.tokenizers import check_vocab_matches, load_tokenizer
-from kubetune.trainer.training.checkpointing import CheckpointManager, load_training_state
+from kubetune.trainer.training.checkpointing import (
+    CheckpointManager, load_sharded_training_state, load_training_state, sharded_training_state,
+)
 from kubetune.trainer.training.loss import count_label_tokens
 from kubetune.trainer.training.metrics import MetricsLog, PrometheusExporter, peak_memory_bytes
 from kubetune.trainer.training.optim import build_lr_scheduler, build_optimizer
@@ -40,36 +50,40 @@ SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM: the pod was stopped, the job did not f
 
 def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
     # ---- Where and how -------------------------------------------------------------------
-    device = resolve_device(cfg.device)
+    world = init_distributed(cfg.device, cfg.distributed)  # one process: a World of size 1
+    device = world.device
     dtype = resolve_dtype(cfg.dtype)
     seed_everything(cfg.seed)
     output_dir = Path(cfg.output_dir)
     checkpoints = CheckpointManager(output_dir, keep_last=cfg.keep_last_checkpoints)
-    resume_dir = checkpoints.resume_from(cfg.resume)
+    resume_dir = world.broadcast_object(checkpoints.resume_from(cfg.resume))  # rank 0's choice for all
 
     # ---- Tokenizer and data --------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     check_vocab_matches(tokenizer, load_model_args(cfg.model.path).vocab_size, cfg.model.path)  # before any work
     splits = build_datasets(cfg.dataset, tokenizer, cfg.max_seq_len, cfg.seed)
-    train_loader = BatchLoader(splits.train, cfg.batch_size, splits.pad_id, shuffle=cfg.dataset.shuffle, seed=cfg.seed)
-    eval_loader = BatchLoader(splits.eval, cfg.batch_size, splits.pad_id, shuffle=False) if splits.eval else None
+    ranks = {"rank": world.rank, "world_size": world.size}  # each rank takes its slice of every global batch
+    train_loader = BatchLoader(splits.train, cfg.batch_size, splits.pad_id, shuffle=cfg.dataset.shuffle, seed=cfg.seed, **ranks)
+    eval_loader = BatchLoader(splits.eval, cfg.batch_size, splits.pad_id, shuffle=False, **ranks) if splits.eval else None
     total_steps = planned_steps(cfg, train_loader.batches_per_epoch)
 
-    # ---- Model, then (FSDP2: shard here), then optimizer and schedule --------------------
-    # Resuming loads the weights from the checkpoint, which is an ordinary HF model folder.
-    model = load_pretrained(resume_dir or cfg.model.path, device=device, dtype=dtype)
+    # ---- Model, then shard (FSDP2 under torchrun), then optimizer and schedule -----------
+    # Every rank loads the whole model on the CPU (under torchrun) and keeps only its shards.
+    model = load_pretrained(cfg.model.path, device=world.load_device, dtype=dtype)
     model.enable_activation_checkpointing(cfg.activation_checkpointing)
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()  # in place: parameter names (and checkpoints) stay the same
+    shard_model(model, world, cfg.distributed, dtype)
     optimizer = build_optimizer(model.named_parameters(), cfg.optimizer, device)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, total_steps)
 
-    # ---- Resume: optimizer, schedule, data position and RNG exactly where they were -------
+    # ---- Resume: weights, optimizer, schedule, data position and RNG where they were -------
+    # The weights and AdamW state come from the checkpoint's distcp/ shards, at any world size.
     step = 0
     if resume_dir is not None:
-        state = load_training_state(resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
+        load_sharded_training_state(resume_dir, model, optimizer)
+        state = load_training_state(resume_dir, world.rank)
         scheduler.load_state_dict(state["lr_scheduler"])
         train_loader.load_state_dict(state["data"])
         load_rng_state(state["rng"])
@@ -77,23 +91,35 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
         log.info("resumed from %s at step %d", resume_dir, step)
 
     # ---- Reporting: metrics.jsonl, Prometheus, progress bar --------------------------------
-    metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=step)
-    exporter = PrometheusExporter(cfg.metrics_port)
+    # Only rank 0 reports (the operator scrapes rank 0); the other ranks log with a rank prefix.
+    metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=step, enabled=world.is_main)
+    exporter = PrometheusExporter(cfg.metrics_port if world.is_main else None)
     exporter.update(step=step, total_steps=total_steps, epoch=train_loader.epoch,
                     last_checkpoint_step=step if resume_dir else None)
-    progress = ProgressBar(total_steps, initial=step, enabled=cfg.progress_bar, text_every=cfg.log_every_steps)
-    autocast = bf16_autocast(device, dtype, cfg.bf16_autocast)
+    progress = ProgressBar(total_steps, initial=step, enabled=cfg.progress_bar, text_every=cfg.log_every_steps,
+                           silent=not world.is_main)
+    progress.write(f"global batch: {cfg.batch_size * cfg.gradient_accumulation_steps * world.size} sequences "
+                   f"(batch_size {cfg.batch_size} x gradient_accumulation_steps {cfg.gradient_accumulation_steps} "
+                   f"x {world.size} process{'es' if world.size > 1 else ''})")
+    # Under FSDP2 on CUDA the mixed-precision policy computes in bf16; autocast is for one process.
+    fsdp_bf16 = mixed_precision_dtypes(world, dtype, cfg.distributed)[0] is not None and world.distributed
+    autocast = bf16_autocast(device, dtype, cfg.bf16_autocast and not fsdp_bf16)
     tokenizer_dir = resolve_local_dir(cfg.tokenizer_path)  # copied next to every saved model
+
+    def write_model(folder: Path) -> None:  # every rank gathers, rank 0 writes
+        state = full_state_dict(model, world)
+        if world.is_main:
+            write_model_dir(model, folder, tokenizer_dir, state=state)
 
     def save_checkpoint() -> Path:
         training_state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict(),
             "data": train_loader.state_dict(),
             "rng": rng_state(),
         }
-        folder = checkpoints.save(step, lambda tmp: write_model_dir(model, tmp, tokenizer_dir), training_state)
+        folder = checkpoints.save(step, write_model, training_state, world=world,
+                                  sharded_state=sharded_training_state(model, optimizer), rank_state={"rng": rng_state()})
         exporter.update(last_checkpoint_step=step)
         return folder
 
@@ -102,6 +128,7 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
     trained_tokens, train_seconds = 0, 0.0
     result_dir: Optional[Path] = resume_dir
     stop = GracefulStop(enabled=cfg.checkpoint_on_sigterm)
+    stopping = False  # a SIGTERM seen by any rank, agreed on by all at the end of a step
     try:
         with stop:
             if eval_loader is not None and step == 0:
@@ -109,13 +136,13 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
                 metrics.write({"step": 0, "eval_loss": eval_loss})
 
             # ---- The training loop: one optimizer step per iteration -----------------------
-            while step < total_steps and not stop.requested:
+            while step < total_steps and not stopping:
                 started = time.perf_counter()
                 model.train()
                 micro_batches = [train_loader.next_batch() for _ in range(cfg.gradient_accumulation_steps)]
-                # The loss is averaged over every target token of the whole step, however the
-                # step is split into micro-batches (and however much padding they carry).
-                step_tokens = max(1, sum(count_label_tokens(b["labels"]) for b in micro_batches))
+                # The loss is averaged over every target token of the whole global step, however
+                # the step is split into ranks and micro-batches (and however much padding they carry).
+                step_tokens = max(1, world.sum_int(sum(count_label_tokens(b["labels"]) for b in micro_batches)))
                 step_loss = torch.zeros((), device=device)
                 input_tokens = 0
                 for batch in micro_batches:
@@ -128,14 +155,15 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
                     del loss
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    grad_norm = clip_grad_norm(model.parameters(), cfg.max_grad_norm)  # the global norm
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
 
-                last_loss = float(step_loss)  # syncs with the device once per step
+                last_loss = float(world.sum_tensor(step_loss))  # syncs with the device once per step
+                input_tokens = world.sum_int(input_tokens)  # tokens/s of the whole run, not of one rank
                 elapsed = time.perf_counter() - started
                 trained_tokens += input_tokens
                 train_seconds += elapsed
@@ -155,9 +183,10 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
                     progress.write(f"step {step}: eval loss {eval_loss:.4f}")
                 if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps:
                     result_dir = save_checkpoint()
+                stopping = world.any(stop.requested)
 
             # ---- The end: a checkpoint on SIGTERM, else the final model -------------------
-            if stop.requested:
+            if stopping:
                 result_dir = save_checkpoint() if step > 0 else result_dir
                 progress.write(f"SIGTERM: saved a checkpoint at step {step}; resume with resume: auto")
             else:
@@ -165,15 +194,22 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
                     eval_loss = evaluate(model, eval_loader, device, autocast, cfg.eval_max_batches)
                     metrics.write({"step": step, "eval_loss": eval_loss})
                 result_dir = save_checkpoint() if cfg.save_every_steps else result_dir
-                result_dir = save_pretrained(model, output_dir / "model", tokenizer_dir=tokenizer_dir)
+                state = full_state_dict(model, world)  # gathered tensor by tensor; {} on ranks > 0
+                result_dir = output_dir / "model"
+                if world.is_main:
+                    save_pretrained(model, result_dir, tokenizer_dir=tokenizer_dir, state=state)
+                del state
+                world.barrier()
     finally:
         tokens_per_second = trained_tokens / train_seconds if train_seconds > 0 else 0.0
         summary = run_summary(last_loss, eval_loss, step, str(result_dir) if result_dir else None, tokens_per_second)
-        write_termination_log(summary)
+        if world.is_main:
+            write_termination_log(summary)
         progress.close()
         metrics.close()
         exporter.close()
-    if stop.requested:
+    close_distributed()
+    if stopping:
         raise SystemExit(SIGTERM_EXIT_CODE)
     return summary
 

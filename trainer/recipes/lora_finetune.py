@@ -1,4 +1,5 @@
-"""LoRA / DoRA / QLoRA fine-tuning on one device: `kubetune run lora_finetune --config tiny_lora`.
+"""LoRA / DoRA / QLoRA fine-tuning on one device, or on several under torchrun with FSDP2:
+`kubetune run [--nproc-per-node G] lora_finetune --config tiny_lora`.
 
 A copy of full_finetune.py with the LoRA changes, so it reads top to bottom on its own:
 - the base model is loaded, optionally quantized to NF4 (`model.quantize_base: nf4`, QLoRA),
@@ -8,7 +9,10 @@ A copy of full_finetune.py with the LoRA changes, so it reads top to bottom on i
   `adapter_model.safetensors`), `output_dir/adapter/` at the end; `save_merged: true` also
   writes the merged model (HF format) to `output_dir/model/`, merged from the base on disk
   (never from its NF4 copy);
-- resuming reloads the base from `model.path` and the adapter from the checkpoint.
+- resuming reloads the base from `model.path` and the adapter and its optimizer state from the
+  checkpoint's distcp/ shards (at any world size);
+- under torchrun the model is sharded as in full_finetune.py (base and adapters alike), and the
+  adapter is gathered to rank 0, which alone writes it and reports.
 
 Guarantees (tested): the held-out loss falls on the synthetic task; the adapter loads in
 peft.PeftModel; a run stopped and resumed ends with the same adapter as an uninterrupted one.
@@ -25,12 +29,18 @@ import torch
 from kubetune.trainer.checkpoint import load_pretrained, resolve_local_dir
 from kubetune.trainer.config.lora import LoRAFinetuneConfig
 from kubetune.trainer.data.dataset import BatchLoader, build_datasets
-from kubetune.trainer.device import resolve_device, resolve_dtype
-from kubetune.trainer.peft import apply_lora, restore_adapter_weights, save_adapter, trainable_parameters
+from kubetune.trainer.device import resolve_dtype
+from kubetune.trainer.distributed import (
+    clip_grad_norm, close_distributed, full_state_dict, init_distributed, mixed_precision_dtypes, shard_model,
+)
+from kubetune.trainer.peft import apply_lora, save_adapter, trainable_parameters
+from kubetune.trainer.peft.lora import is_adapter_key
 from kubetune.trainer.peft.adapter import write_adapter_files
 from kubetune.trainer.peft.merge import merge_to_dir
 from kubetune.trainer.tokenizers import load_tokenizer
-from kubetune.trainer.training.checkpointing import CheckpointManager, load_training_state
+from kubetune.trainer.training.checkpointing import (
+    CheckpointManager, load_sharded_training_state, load_training_state, sharded_training_state,
+)
 from kubetune.trainer.training.loss import count_label_tokens
 from kubetune.trainer.training.metrics import MetricsLog, PrometheusExporter, peak_memory_bytes
 from kubetune.trainer.training.optim import build_lr_scheduler, build_optimizer
@@ -46,45 +56,46 @@ SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM: the pod was stopped, the job did not f
 
 def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
     # ---- Where and how -------------------------------------------------------------------
-    device = resolve_device(cfg.device)
+    world = init_distributed(cfg.device, cfg.distributed)  # one process: a World of size 1
+    device = world.device
     dtype = resolve_dtype(cfg.dtype)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same seed on every rank: the same adapter initialisation
     output_dir = Path(cfg.output_dir)
     checkpoints = CheckpointManager(output_dir, keep_last=cfg.keep_last_checkpoints)
-    resume_dir = checkpoints.resume_from(cfg.resume)
+    resume_dir = world.broadcast_object(checkpoints.resume_from(cfg.resume))  # rank 0's choice for all
 
     # ---- Tokenizer and data --------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     splits = build_datasets(cfg.dataset, tokenizer, cfg.max_seq_len, cfg.seed)
-    train_loader = BatchLoader(splits.train, cfg.batch_size, splits.pad_id, shuffle=cfg.dataset.shuffle, seed=cfg.seed)
-    eval_loader = BatchLoader(splits.eval, cfg.batch_size, splits.pad_id, shuffle=False) if splits.eval else None
+    ranks = {"rank": world.rank, "world_size": world.size}  # each rank takes its slice of every global batch
+    train_loader = BatchLoader(splits.train, cfg.batch_size, splits.pad_id, shuffle=cfg.dataset.shuffle, seed=cfg.seed, **ranks)
+    eval_loader = BatchLoader(splits.eval, cfg.batch_size, splits.pad_id, shuffle=False, **ranks) if splits.eval else None
     total_steps = planned_steps(cfg, train_loader.batches_per_epoch)
 
-    # ---- Model: base (NF4 for QLoRA), adapters, then (FSDP2: shard here), then optimizer --
+    # ---- Model: base (NF4 for QLoRA), adapters, then shard (FSDP2), then optimizer ------
     # The base always comes from model.path; a checkpoint holds only the adapter.
-    model = load_pretrained(cfg.model.path, device=device, dtype=dtype)
+    model = load_pretrained(cfg.model.path, device=world.load_device, dtype=dtype)
     if cfg.model.quantize_base == "nf4":
         from kubetune.trainer.quant import quantize_base
 
-        quantize_base(model)  # decoder projections -> NF4 on the device; lm_head stays in dtype
+        quantize_base(model, shards=world.size)  # decoder projections -> NF4; lm_head stays in dtype
     apply_lora(model, cfg.lora)  # freezes every base parameter
-    if resume_dir is not None:
-        restore_adapter_weights(model, resume_dir)
     model.enable_activation_checkpointing(cfg.activation_checkpointing)
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()  # in place: parameter names (and checkpoints) stay the same
+    shard_model(model, world, cfg.distributed, dtype)
     adapter_params = trainable_parameters(model)  # only these are optimized, clipped and saved
     optimizer = build_optimizer(
         ((n, p) for n, p in model.named_parameters() if p.requires_grad), cfg.optimizer, device
     )
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, total_steps)
 
-    # ---- Resume: optimizer, schedule, data position and RNG exactly where they were -------
+    # ---- Resume: adapter, optimizer, schedule, data position and RNG where they were -------
     step = 0
     if resume_dir is not None:
-        state = load_training_state(resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
+        load_sharded_training_state(resume_dir, model, optimizer)  # the trainable weights + AdamW state
+        state = load_training_state(resume_dir, world.rank)
         scheduler.load_state_dict(state["lr_scheduler"])
         train_loader.load_state_dict(state["data"])
         load_rng_state(state["rng"])
@@ -92,23 +103,37 @@ def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
         log.info("resumed from %s at step %d", resume_dir, step)
 
     # ---- Reporting: metrics.jsonl, Prometheus, progress bar --------------------------------
-    metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=step)
-    exporter = PrometheusExporter(cfg.metrics_port)
+    # Only rank 0 reports (the operator scrapes rank 0); the other ranks log with a rank prefix.
+    metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=step, enabled=world.is_main)
+    exporter = PrometheusExporter(cfg.metrics_port if world.is_main else None)
     exporter.update(step=step, total_steps=total_steps, epoch=train_loader.epoch,
                     last_checkpoint_step=step if resume_dir else None)
-    progress = ProgressBar(total_steps, initial=step, enabled=cfg.progress_bar)
-    autocast = bf16_autocast(device, dtype, cfg.bf16_autocast)
+    progress = ProgressBar(total_steps, initial=step, enabled=cfg.progress_bar, silent=not world.is_main)
+    progress.write(f"global batch: {cfg.batch_size * cfg.gradient_accumulation_steps * world.size} sequences "
+                   f"(batch_size {cfg.batch_size} x gradient_accumulation_steps {cfg.gradient_accumulation_steps} "
+                   f"x {world.size} process{'es' if world.size > 1 else ''})")
+    # Under FSDP2 on CUDA the mixed-precision policy computes in bf16; autocast is for one process.
+    fsdp_bf16 = mixed_precision_dtypes(world, dtype, cfg.distributed)[0] is not None and world.distributed
+    autocast = bf16_autocast(device, dtype, cfg.bf16_autocast and not fsdp_bf16)
     tokenizer_dir = resolve_local_dir(cfg.tokenizer_path)  # copied next to every saved model
+
+    def gathered_adapter() -> dict[str, torch.Tensor]:  # every rank takes part; {} on ranks > 0
+        return full_state_dict(model, world, keep=is_adapter_key)
+
+    def write_adapter(folder: Path) -> None:
+        state = gathered_adapter()
+        if world.is_main:
+            write_adapter_files(model, folder, cfg.model.path, state=state)
 
     def save_checkpoint() -> Path:
         training_state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
             "lr_scheduler": scheduler.state_dict(),
             "data": train_loader.state_dict(),
             "rng": rng_state(),
         }
-        folder = checkpoints.save(step, lambda tmp: write_adapter_files(model, tmp, cfg.model.path), training_state)
+        folder = checkpoints.save(step, write_adapter, training_state, world=world,
+                                  sharded_state=sharded_training_state(model, optimizer), rank_state={"rng": rng_state()})
         exporter.update(last_checkpoint_step=step)
         return folder
 
@@ -118,6 +143,7 @@ def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
     result_dir: Optional[Path] = resume_dir
     adapter_dir: Optional[Path] = None
     stop = GracefulStop(enabled=cfg.checkpoint_on_sigterm)
+    stopping = False  # a SIGTERM seen by any rank, agreed on by all at the end of a step
     try:
         with stop:
             if eval_loader is not None and step == 0:
@@ -125,13 +151,13 @@ def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
                 metrics.write({"step": 0, "eval_loss": eval_loss})
 
             # ---- The training loop: one optimizer step per iteration -----------------------
-            while step < total_steps and not stop.requested:
+            while step < total_steps and not stopping:
                 started = time.perf_counter()
                 model.train()
                 micro_batches = [train_loader.next_batch() for _ in range(cfg.gradient_accumulation_steps)]
-                # The loss is averaged over every target token of the whole step, however the
-                # step is split into micro-batches (and however much padding they carry).
-                step_tokens = max(1, sum(count_label_tokens(b["labels"]) for b in micro_batches))
+                # The loss is averaged over every target token of the whole global step, however
+                # the step is split into ranks and micro-batches (and however much padding they carry).
+                step_tokens = max(1, world.sum_int(sum(count_label_tokens(b["labels"]) for b in micro_batches)))
                 step_loss = torch.zeros((), device=device)
                 input_tokens = 0
                 for batch in micro_batches:
@@ -144,14 +170,15 @@ def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
                     del loss
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(adapter_params, cfg.max_grad_norm)
+                    grad_norm = clip_grad_norm(adapter_params, cfg.max_grad_norm)  # the global norm
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
 
-                last_loss = float(step_loss)  # syncs with the device once per step
+                last_loss = float(world.sum_tensor(step_loss))  # syncs with the device once per step
+                input_tokens = world.sum_int(input_tokens)  # tokens/s of the whole run, not of one rank
                 elapsed = time.perf_counter() - started
                 trained_tokens += input_tokens
                 train_seconds += elapsed
@@ -171,9 +198,10 @@ def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
                     progress.write(f"step {step}: eval loss {eval_loss:.4f}")
                 if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps:
                     result_dir = save_checkpoint()
+                stopping = world.any(stop.requested)
 
             # ---- The end: a checkpoint on SIGTERM, else the final model -------------------
-            if stop.requested:
+            if stopping:
                 result_dir = save_checkpoint() if step > 0 else result_dir
                 progress.write(f"SIGTERM: saved a checkpoint at step {step}; resume with resume: auto")
             else:
@@ -181,19 +209,26 @@ def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
                     eval_loss = evaluate(model, eval_loader, device, autocast, cfg.eval_max_batches)
                     metrics.write({"step": step, "eval_loss": eval_loss})
                 result_dir = save_checkpoint() if cfg.save_every_steps else result_dir
-                adapter_dir = save_adapter(model, output_dir / "adapter", base_model_name_or_path=cfg.model.path)
-                result_dir = adapter_dir
-                if cfg.save_merged:  # from the base on disk, in its dtype, on the CPU
-                    result_dir = merge_to_dir(cfg.model.path, adapter_dir, output_dir / "model", tokenizer_dir=tokenizer_dir)
+                state = gathered_adapter()
+                adapter_dir = result_dir = output_dir / "adapter"
+                if cfg.save_merged:
+                    result_dir = output_dir / "model"
+                if world.is_main:
+                    save_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.path, state=state)
+                    if cfg.save_merged:  # from the base on disk, in its dtype, on the CPU
+                        merge_to_dir(cfg.model.path, adapter_dir, result_dir, tokenizer_dir=tokenizer_dir)
+                world.barrier()
     finally:
         tokens_per_second = trained_tokens / train_seconds if train_seconds > 0 else 0.0
         summary = run_summary(last_loss, eval_loss, step, str(result_dir) if result_dir else None, tokens_per_second,
                               adapter=str(adapter_dir) if adapter_dir else None)
-        write_termination_log(summary)
+        if world.is_main:
+            write_termination_log(summary)
         progress.close()
         metrics.close()
         exporter.close()
-    if stop.requested:
+    close_distributed()
+    if stopping:
         raise SystemExit(SIGTERM_EXIT_CODE)
     return summary
 

@@ -1,24 +1,35 @@
 """Checkpoints under `output_dir/checkpoints/step_<N>/`: the model (HF folder, or a PEFT
-adapter for LoRA) plus `training_state.pt` (optimizer, scheduler, data position, RNG states).
+adapter for LoRA), `training_state.pt` (step, scheduler, data position, rank 0's RNG states),
+`distcp/` (the trainable model weights and the optimizer state, written with
+torch.distributed.checkpoint: with N processes every rank writes its own shards, and any other
+number of processes can load them) and `rng_rank_<r>.pt` for the other ranks' RNG states.
 
-Each checkpoint is written into `step_<N>.tmp-*` and renamed into place only when complete,
-so a crash at any moment leaves either the whole checkpoint or none; anything named
+Each checkpoint is written into `step_<N>.tmp-*` and renamed into place only when complete
+(under torchrun: by rank 0, after a barrier that every rank reaches only once its shards are
+written), so a crash at any moment leaves either the whole checkpoint or none; anything named
 `step_<N>` is complete. Old checkpoints are pruned only after the new one is in place.
+Several nodes must share output_dir (one ReadWriteMany volume), since every rank writes into it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 
 from kubetune.errors import KubetuneError
 
+if TYPE_CHECKING:
+    from kubetune.trainer.distributed import World
+
 TRAINING_STATE = "training_state.pt"
+SHARDED_STATE = "distcp"  # torch.distributed.checkpoint folder: {"model": ..., "optimizer": ...}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -61,27 +72,57 @@ class CheckpointManager:
             )
         return path
 
-    def save(self, step: int, write_model: Callable[[Path], None], training_state: dict[str, Any]) -> Path:
+    def save(
+        self,
+        step: int,
+        write_model: Callable[[Path], None],
+        training_state: dict[str, Any],
+        world: Optional["World"] = None,
+        sharded_state: Optional[dict[str, Any]] = None,
+        rank_state: Optional[dict[str, Any]] = None,
+    ) -> Path:
         """Write a checkpoint atomically and prune old ones; returns its folder.
 
         `write_model(folder)` creates `folder` and writes the model into it (save_pretrained's
-        writer, or the LoRA adapter writer)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        writer, or the LoRA adapter writer). Under torchrun every rank calls save(): write_model
+        runs on every rank (it may gather shards collectively; rank 0 writes the files),
+        `sharded_state` (from `sharded_training_state`) is written by all ranks with
+        torch.distributed.checkpoint, `rank_state` (RNG) by each rank for itself, and rank 0 writes
+        `training_state` and renames the folder into place once every rank is done."""
+        from kubetune.trainer.distributed import World
+
+        world = world or World()
         final = self.dir / f"step_{step}"
-        tmp = self.dir / f"step_{step}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = None
+        if world.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / f"step_{step}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = world.broadcast_object(tmp)
         try:
             write_model(tmp)
-            tmp.mkdir(exist_ok=True)
-            state_path = tmp / TRAINING_STATE
-            torch.save(training_state, state_path)
-            _fsync_file(state_path)
-            if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.dir)
+            if world.is_main:
+                tmp.mkdir(exist_ok=True)
+            world.barrier()  # the folder exists before the other ranks write into it
+            if sharded_state is not None:
+                import torch.distributed.checkpoint as dcp
+
+                with _single_process_is_intended():
+                    dcp.save(sharded_state, checkpoint_id=str(tmp / SHARDED_STATE), no_dist=not world.distributed)
+            if rank_state is not None and not world.is_main:
+                _save_fsynced(rank_state, tmp / rank_state_name(world.rank))
+            world.barrier()  # every rank's shards are on disk
+            if world.is_main:
+                _save_fsynced(training_state, tmp / TRAINING_STATE)
+                if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                _fsync_dir(self.dir)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.prune()
+            if world.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if world.is_main:
+            self.prune()
+        world.barrier()  # no rank runs ahead (and may be killed) before the checkpoint is in place
         return final
 
     def prune(self) -> None:
@@ -93,9 +134,71 @@ class CheckpointManager:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def load_training_state(checkpoint: Path) -> dict[str, Any]:
-    # Our own file: it holds RNG states (Python tuples), which weights_only loading allows.
-    return torch.load(checkpoint / TRAINING_STATE, map_location="cpu", weights_only=True)
+def load_training_state(checkpoint: Path, rank: int = 0) -> dict[str, Any]:
+    """training_state.pt; for rank > 0, `rng` is that rank's own when the checkpoint has it (same
+    world size), else rank 0's (the run was resumed with more processes than it was saved with)."""
+    # Our own files: they hold RNG states (Python tuples), which weights_only loading allows.
+    state = torch.load(checkpoint / TRAINING_STATE, map_location="cpu", weights_only=True)
+    own = checkpoint / rank_state_name(rank)
+    if rank > 0 and own.is_file():
+        state.update(torch.load(own, map_location="cpu", weights_only=True))
+    return state
+
+
+def rank_state_name(rank: int) -> str:
+    return f"rng_rank_{rank}.pt"
+
+
+def _state_dict_options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Frozen parameters (a LoRA base, an NF4 base) come from model.path again on resume.
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def sharded_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """{"model": trainable weights, "optimizer": AdamW state}, keyed by parameter name, each
+    tensor this rank's shard (a DTensor under FSDP2, a plain tensor with one process): what
+    torch.distributed.checkpoint writes, and can load back at any world size."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_dict_options())
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def load_sharded_training_state(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load `distcp/` into the (sharded or not) model and optimizer, resharding as needed: a
+    checkpoint written by N processes resumes with M. Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    folder = checkpoint / SHARDED_STATE
+    if not folder.is_dir():
+        raise ResumeError(
+            f"{checkpoint}: no {SHARDED_STATE}/ (model and optimizer state); it was written by an older kubetune "
+            "or is damaged; resume from another checkpoint, or set resume: never"
+        )
+    state = sharded_training_state(model, optimizer)
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(folder), no_dist=not torch.distributed.is_initialized())
+    # strict=False: the frozen base is left out on purpose (dcp.load has already checked that every
+    # trainable tensor and its optimizer state was in the checkpoint).
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_state_dict_options(strict=False))
+
+
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """torch.distributed.checkpoint warns on every save/load without a process group; one process is
+    a normal run here, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _save_fsynced(obj: Any, path: Path) -> None:
+    torch.save(obj, path)
+    _fsync_file(path)
 
 
 def _fsync_file(path: Path) -> None:

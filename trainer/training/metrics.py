@@ -52,18 +52,23 @@ class MetricsLog:
     On resume, lines past the resumed step are dropped first (they were logged after the
     checkpoint the run restarts from), so the file tells one consistent story."""
 
-    def __init__(self, path: Path, resume_step: int = 0):
+    def __init__(self, path: Path, resume_step: int = 0, enabled: bool = True):
+        """enabled=False (ranks other than 0 under torchrun): writes nothing, touches no file."""
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(resume_step)
-        self._file = path.open("a", encoding="utf-8")
+        self._file = None
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._truncate_after(resume_step)
+            self._file = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, sort_keys=True) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record, sort_keys=True) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():

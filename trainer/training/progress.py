@@ -1,6 +1,7 @@
 """A progress bar for local runs (tqdm). Off when disabled, and when stderr is not a terminal
 (tqdm's `disable=None`): in a pod's log a redrawn bar is noise, so an enabled bar there prints a
-plain line every `text_every` steps instead. `write()` lines (eval losses, SIGTERM) always print."""
+plain line every `text_every` steps instead. `write()` lines (eval losses, SIGTERM) always print,
+except with `silent=True` (ranks other than 0 under torchrun: one rank reports for the run)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,7 +10,10 @@ from tqdm.auto import tqdm
 
 
 class ProgressBar:
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train", text_every: int = 10):
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train", text_every: int = 10,
+                 silent: bool = False):
+        self.silent = silent
+        enabled = enabled and not silent
         self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
                          disable=None if enabled else True)
         self._text_every = text_every if enabled and self._bar.disable else 0
@@ -28,7 +32,8 @@ class ProgressBar:
             self.write(f"step {step}/{self.total} " + " ".join(f"{k}={v}" for k, v in postfix.items()))
 
     def write(self, message: str) -> None:
-        self._bar.write(message)
+        if not self.silent:
+            self._bar.write(message)
 
     def close(self) -> None:
         self._bar.close()

@@ -49,7 +49,9 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: BatchLoader, device: torch.device, autocast, max_batches: Optional[int]) -> float:
-    """Mean loss per target token over the held-out set."""
+    """Mean loss per target token over the held-out set. Under torchrun every rank scores its slice
+    of each eval batch (the loader's rank/world_size) and the sums are all-reduced, so every rank
+    returns the same number."""
     model.eval()
     total, tokens = 0.0, 0
     for batch in loader.epoch_batches(max_batches):
@@ -58,4 +60,8 @@ def evaluate(model: torch.nn.Module, loader: BatchLoader, device: torch.device, 
             total += float(batch_loss_sum(model, batch))
         tokens += count_label_tokens(batch["labels"])
     model.train()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sums = torch.tensor([total, float(tokens)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total, tokens = float(sums[0]), int(sums[1])
     return total / max(1, tokens)
