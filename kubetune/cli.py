@@ -150,11 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--recipe", help="recipe to validate against (default: the config's `recipe:` key)")
     validate.set_defaults(handler=_validate)
 
-    apply = sub.add_parser("apply", help="run a kubetune manifest locally (the embedded backend)")
-    apply.add_argument("-f", "--filename", required=True, help="manifest file (FineTuneJob, ...)")
+    apply = sub.add_parser("apply", help="run kubetune manifests locally (the embedded backend)")
+    apply.add_argument("-f", "--filename", required=True, action="append",
+                       help="manifest file or folder of them (FineTuneJob, EvalJob, ModelDeployment); repeatable")
     apply.add_argument("--runs-dir", default="runs", help="where local runs keep status and outputs")
     apply.add_argument("--no-progress", action="store_true", help="no progress bar")
+    apply.add_argument("--detach", "-d", action="store_true", help="return once the ModelDeployments' servers are up")
     apply.set_defaults(handler=_lazy("kubetune.operator.local:apply_command"))
+
+    plan = sub.add_parser("plan", help="print the Kubernetes objects the operator would create for a manifest (YAML)")
+    plan.add_argument("-f", "--filename", required=True, help="manifest file (FineTuneJob)")
+    plan.add_argument("--backend", choices=("auto", "job", "pytorchjob", "jobset", "trainjob"), help="plan for this backend instead of spec.backend")
+    plan.set_defaults(handler=_lazy("kubetune.operator.dryrun:plan_command"))
+
+    initialize = sub.add_parser("initialize", help="fetch a job's hf:// and s3:// sources into the cache (the init container's command)")
+    initialize.add_argument("--plan", required=True, help="the initializer plan (sources.yaml of the job's ConfigMap)")
+    initialize.set_defaults(handler=_lazy("kubetune.operator.fetch:initialize_command"))
+    delete = sub.add_parser("delete", help="stop local servers and remove local runs: -f FILE_OR_FOLDER, or KIND NAME...")
+    delete.add_argument("kind", nargs="?", help="finetunejobs|ftj|evaljobs|evj|modeldeployments|mdep")
+    delete.add_argument("names", nargs="*", help="names of that kind")
+    delete.add_argument("-f", "--filename", action="append", help="manifest file or folder (repeatable)")
+    delete.add_argument("--runs-dir", default="runs")
+    delete.set_defaults(handler=_lazy("kubetune.operator.local_pipeline:delete_command"))
 
     get = sub.add_parser("get", help="list local runs, like `kubectl get`")
     get.add_argument("kind", nargs="?", default="all", help="finetunejobs|ftj|evaljobs|evj|modeldeployments|mdep|all")

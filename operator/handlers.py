@@ -24,8 +24,11 @@ import kopf
 
 from kubetune.errors import KubetuneError
 from kubetune.operator.api import API_VERSION, GROUP, VERSION, parse_object
+from kubetune.operator.accounting import accounting, ephemeral_output_condition
 from kubetune.operator.api.common import DEFAULT_SERVER_IMAGE, DEFAULT_TRAINER_IMAGE, TERMINAL_PHASES
 from kubetune.operator.api.finetune import FineTuneJob
+from kubetune.operator.backends import jobset, trainjob
+from kubetune.operator.initializers import initializer_failure
 from kubetune.operator.kube import ApiError, KubeClient
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.planner import JOB_LABEL, MANAGED_BY, ClusterInfo, child_names, plan
@@ -40,6 +43,7 @@ from kubetune.operator.status import (
     pod_problem,
     pytorchjob_state,
     rank0_pod,
+    set_condition,
 )
 
 FTJ = (GROUP, VERSION, "finetunejobs")
@@ -87,10 +91,7 @@ class OperatorState:
         self._discovery = self._discovery or asyncio.Lock()
         async with self._discovery:
             if self.cluster is None:
-                self.cluster = ClusterInfo(
-                    has_pytorchjob=await self.kube.serves("kubeflow.org/v1", "pytorchjobs"),
-                    trainer_image=self.config.trainer_image,
-                )
+                self.cluster = await discover(self.kube, trainer_image=self.config.trainer_image)
         return self.cluster
 
     async def close(self) -> None:
@@ -103,6 +104,48 @@ class OperatorState:
             await self._kube.close()
             self._kube = None
         self.metrics.stop()
+
+
+async def discover(kube: KubeClient, *, trainer_image: str = DEFAULT_TRAINER_IMAGE) -> ClusterInfo:
+    """Which optional backends the API serves (for `backend: auto`). A TrainJob also needs
+    kubetune's ClusterTrainingRuntime: without it (or without the right to read it) the Trainer
+    would refuse the TrainJob, so auto passes to the next backend."""
+    has_trainjob = await kube.serves(trainjob.API_VERSION, "trainjobs")
+    if has_trainjob:
+        try:
+            runtime = await kube.get(trainjob.API_VERSION, trainjob.RUNTIME_KIND, None, trainjob.RUNTIME)
+        except ApiError as err:
+            if err.retriable:
+                raise
+            runtime = None  # 403: the operator may not read runtimes; do not guess
+        has_trainjob = runtime is not None
+    return ClusterInfo(
+        has_pytorchjob=await kube.serves("kubeflow.org/v1", "pytorchjobs"),
+        has_jobset=await kube.serves(jobset.API_VERSION, "jobsets"),
+        has_trainjob=has_trainjob,
+        trainer_image=trainer_image,
+    )
+
+
+def workload_state(kind: str, workload: dict[str, Any], *, base: str, queue_name: Optional[str]) -> WorkloadState:
+    if kind == "Job":
+        return job_state(workload, name=base, queue_name=queue_name)
+    if kind == jobset.KIND:
+        return jobset.jobset_state(workload, queue_name=queue_name)
+    if kind == trainjob.KIND:
+        return trainjob.trainjob_state(workload, queue_name=queue_name)
+    return pytorchjob_state(workload, name=workload["metadata"]["name"], queue_name=queue_name)
+
+
+def workload_pods(kind: str, workload: dict[str, Any], pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Only pods the workload's controllers made: a look-alike pod with our labels must not
+    steer the operator's scrape to another address."""
+    if kind == jobset.KIND:
+        return [p for p in pods if jobset.owns_pod(workload, p)]
+    if kind == trainjob.KIND:
+        return [p for p in pods if trainjob.owns_pod(workload, p)]
+    workload_uid = (workload.get("metadata") or {}).get("uid")
+    return [p for p in pods if any(o.get("uid") == workload_uid for o in (p.get("metadata") or {}).get("ownerReferences") or [])]
 
 
 class NameConflict(KubetuneError):
@@ -274,6 +317,12 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             kinds = ", ".join(f"{c['kind']} {c['metadata']['name']}" for c in children)
             kopf.info(body, reason="Created", message=f"created {kinds}")
             set_conditions(body, patch, current, created=True)
+            if not job.spec.output.source:  # a restart there starts from scratch: say so where people look
+                type_, ok, reason, message = ephemeral_output_condition()
+                patch.status["conditions"] = set_condition(
+                    patch.status["conditions"], type_, ok, reason, message, now=now_iso(), generation=body.metadata.get("generation")
+                )
+                kopf.warn(body, reason=reason, message=message)
             patch.status["workload"] = ref
             metrics.set_phase(KIND, ns, name, current.phase)
 
@@ -285,7 +334,7 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             return
         with timed("suspend"):
             ns = body.metadata.namespace
-            if workload["kind"] == "Job":
+            if workload["kind"] in ("Job", jobset.KIND, trainjob.KIND):
                 suspend_patch = {"spec": {"suspend": bool(new)}}
             else:
                 suspend_patch = {"spec": {"runPolicy": {"suspend": bool(new)}}}
@@ -370,14 +419,11 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
                 await post_event(body, "Warning", "Recreated", f"{ref['kind']} {ref['name']} was missing and has been recreated")
             return
         base = child_names(name).base
-        # Only pods the workload's controller made: a look-alike pod with our labels must not
-        # steer the operator's scrape to another address.
-        workload_uid = (workload.get("metadata") or {}).get("uid")
-        pods = [p for p in pods if any(o.get("uid") == workload_uid for o in (p.get("metadata") or {}).get("ownerReferences") or [])]
-        if ref["kind"] == "Job":
-            current = job_state(workload, name=base, queue_name=job.spec.queue_name)
-        else:
-            current = pytorchjob_state(workload, name=ref["name"], queue_name=job.spec.queue_name)
+        pods = workload_pods(ref["kind"], workload, pods)
+        current = workload_state(ref["kind"], workload, base=base, queue_name=job.spec.queue_name)
+        fetch_failed = initializer_failure(pods) if current.phase in ("Pending", "Failed") else None
+        if fetch_failed:  # say why, rather than the workload's generic backoff message
+            current = WorkloadState(current.phase, "InitializerFailed", f"the initializer could not fetch a source: {fetch_failed}", current.started)
         if current.phase == "Pending":
             current = pod_problem(pods, job.spec.image or config.trainer_image) or current
         pod0 = rank0_pod(pods)
@@ -388,10 +434,17 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
                 metrics_text = await scrape_metrics(url, timeout=config.scrape_timeout)
             except Exception as err:  # the trainer may not serve yet: keep the last progress
                 log.debug("scraping %s for %s/%s failed: %s", url, ns, name, err)
+        now = dt.datetime.now(dt.timezone.utc)
         # in a thread: parsing the pod's metrics text must not hold the shared event loop
         changes, event = await asyncio.to_thread(
-            next_status, old, current, pod0, metrics_text, generation=meta.get("generation"), now=dt.datetime.now(dt.timezone.utc)
+            next_status, old, current, pod0, metrics_text, generation=meta.get("generation"), now=now
         )
+        counted = accounting(old, ref["kind"], workload, pods, phase=current.phase, output_ephemeral=not job.spec.output.source, now=now)
+        changes.update(counted)
+        if "restarts" in counted:
+            restarted = ("Warning", "Restarted", f"{ref['kind']} {ref['name']} restarted the trainer after a failure "
+                         f"(restart {counted['restarts']}); it resumes from step {counted['resumedFromStep']}")
+            await post_event(body, *restarted)
         metrics.set_phase(KIND, ns, name, current.phase)
         if changes.get("progress"):
             metrics.set_progress(ns, name, changes["progress"])
@@ -407,6 +460,11 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             await state.kube.create(make_event(body, type_, reason, message))
         except ApiError as err:  # events are best-effort, as for kubelet and controllers
             log.debug("could not post event %s: %s", reason, err)
+
+    # EvalJobs and ModelDeployments: their own watches and reconcile loop (pipeline_handlers.py).
+    from kubetune.operator.pipeline_handlers import register as register_pipeline
+
+    register_pipeline(registry, state)
 
     if config.admission:
 

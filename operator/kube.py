@@ -18,8 +18,15 @@ _PLURALS = {
     "Pod": "pods",
     "Job": "jobs",
     "PyTorchJob": "pytorchjobs",
+    "JobSet": "jobsets",
+    "TrainJob": "trainjobs",
+    "ClusterTrainingRuntime": "clustertrainingruntimes",
     "Event": "events",
     "FineTuneJob": "finetunejobs",
+    "EvalJob": "evaljobs",
+    "ModelDeployment": "modeldeployments",
+    "Deployment": "deployments",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
 }
 
 

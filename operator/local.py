@@ -1,4 +1,5 @@
-"""The local backend: `kubetune apply -f MANIFEST` runs a FineTuneJob on this machine.
+"""The local backend: `kubetune apply -f MANIFEST` runs a FineTuneJob on this machine
+(EvalJobs and ModelDeployments: local_pipeline.py, which `apply` hands every manifest to).
 
 Same manifest, same validation, same trainer config as on a cluster; the trainer runs as a
 local process (torchrun when nodes x gpusPerNode > 1), rank 0's Prometheus metrics drive a
@@ -93,9 +94,10 @@ def plan_local(job: FineTuneJob, runs_dir: Path, *, base_dir: Optional[Path] = N
     name = job.metadata.name
     run_dir = (runs_dir / name).resolve()
     spec = job.spec
-    model = map_local_source(spec.model.source, "spec.model.source", base_dir)
-    dataset = map_local_source(spec.dataset.source, "spec.dataset.source", base_dir)
-    output = map_local_source(spec.output.source, "spec.output.source", base_dir) if spec.output.source else str(run_dir / "output")
+    cache_dir = local_cache_dir(runs_dir)
+    model = map_local_source(spec.model.source, "spec.model.source", base_dir, cache_dir)
+    dataset = map_local_source(spec.dataset.source, "spec.dataset.source", base_dir, cache_dir)
+    output = map_local_source(spec.output.source, "spec.output.source", base_dir, output=True) if spec.output.source else str(run_dir / "output")
     port = free_port()
     config = trainer_config(
         job,
@@ -127,12 +129,42 @@ def plan_local(job: FineTuneJob, runs_dir: Path, *, base_dir: Optional[Path] = N
     return LocalRun(job, run_dir, config_path, port, argv, env)
 
 
-def status_document(job: FineTuneJob, status: dict[str, Any], created: str) -> dict[str, Any]:
-    """What `kubectl get ftj NAME -o yaml` would show."""
+def local_cache_dir(runs_dir: Path) -> Path:
+    """Where `kubetune apply` fetches hf:// models and s3:// sources (shared by all runs)."""
+    return runs_dir.resolve() / ".cache"
+
+
+def fetch_local_sources(job: FineTuneJob, runs_dir: Path) -> list[Any]:
+    """Fetch the job's hf:// and s3:// sources as the init container does on a cluster, with the
+    credentials of this shell (HF_TOKEN, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): spec.secrets
+    names cluster Secrets. Skips what an earlier run fetched and has not changed."""
+    from kubetune.operator.fetch import fetch
+    from kubetune.operator.initializers import remote_sources
+
+    spec = job.spec
+    cache = local_cache_dir(runs_dir)
+    done = []
+    for source in remote_sources({"spec.model.source": spec.model.source, "spec.dataset.source": spec.dataset.source}):
+        fetched = fetch(source, Path(source.cache_path(str(cache))), endpoint=spec.s3.endpoint, region=spec.s3.region)
+        print(f"{source.field}: {source.uri} {'up to date' if fetched.skipped else 'fetched'} in {fetched.path}", file=sys.stderr)
+        done.append(fetched)
+    return done
+
+
+def status_document(
+    job: FineTuneJob, status: dict[str, Any], created: str, uid: Optional[str] = None, annotations: Optional[dict[str, str]] = None
+) -> dict[str, Any]:
+    """What `kubectl get ftj NAME -o yaml` would show (a uid per run: EvalJobs and
+    ModelDeployments tell a re-run from the run they evaluated or serve by it)."""
+    metadata: dict[str, Any] = {"name": job.metadata.name, "creationTimestamp": created}
+    if uid:
+        metadata["uid"] = uid
+    if annotations:
+        metadata["annotations"] = dict(annotations)
     return {
         "apiVersion": job.api_version,
         "kind": job.kind,
-        "metadata": {"name": job.metadata.name, "creationTimestamp": created},
+        "metadata": metadata,
         "spec": job.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
         "status": status,
     }
@@ -180,7 +212,10 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def run_local(run: LocalRun, *, progress_bar: bool = False, poll_interval: float = 0.5) -> dict[str, Any]:
+def run_local(
+    run: LocalRun, *, progress_bar: bool = False, poll_interval: float = 0.5, uid: Optional[str] = None,
+    annotations: Optional[dict[str, str]] = None,
+) -> dict[str, Any]:
     """Run the trainer to the end; returns the final status (also in runs/<name>/status.yaml)."""
     created = now_iso()
     started = dt.datetime.now(dt.timezone.utc)
@@ -189,7 +224,7 @@ def run_local(run: LocalRun, *, progress_bar: bool = False, poll_interval: float
     status["conditions"] = conditions_for([], WorkloadState("Running", "ProcessRunning", f"trainer running; log: {run.log_path}"), now=status["startTime"], generation=1)
 
     def save() -> None:
-        write_atomic(run.status_path, yaml.safe_dump(status_document(run.job, status, created), sort_keys=False))
+        write_atomic(run.status_path, yaml.safe_dump(status_document(run.job, status, created, uid, annotations), sort_keys=False))
 
     save()
     bar = ProgressBar(progress_bar, run.job.metadata.name)
@@ -246,28 +281,10 @@ def finish(run: LocalRun, status: dict[str, Any], returncode: int, interrupted: 
 
 
 def apply_command(args: argparse.Namespace) -> int:
-    path = Path(args.filename)
-    objects = load_manifest(path)
-    unsupported = [obj.kind for obj in objects if obj.kind != "FineTuneJob"]
-    if unsupported:
-        raise KubetuneError(
-            f"{path}: the local backend runs FineTuneJobs only for now; {', '.join(sorted(set(unsupported)))} "
-            "need the operator on a cluster (kubectl apply -f)"
-        )
-    runs_dir = Path(args.runs_dir)
-    failed = 0
-    for job in objects:
-        run = plan_local(job, runs_dir)
-        print(f"finetunejob.kubetune.dev/{job.metadata.name} running locally ({run.run_dir})", file=sys.stderr)
-        status = run_local(run, progress_bar=not args.no_progress)
-        summary = ", ".join(f"{k}={v}" for k, v in (status.get("result") or {}).items() if k != "metrics")
-        if status["phase"] == "Succeeded":
-            print(f"finetunejob.kubetune.dev/{job.metadata.name} {status['phase']}" + (f": {summary}" if summary else ""))
-        else:
-            failed += 1
-            message = next((c["message"] for c in status["conditions"] if c["type"] == "Failed"), "")
-            print(f"finetunejob.kubetune.dev/{job.metadata.name} {status['phase']}: {message}", file=sys.stderr)
-    return 1 if failed else 0
+    """`kubetune apply -f FILE_OR_FOLDER`: all three kinds, in dependency order (local_pipeline.py)."""
+    from kubetune.operator.local_pipeline import apply_command as apply_all
+
+    return apply_all(args)
 
 
 def _json_path(obj: Any, path: str) -> Any:
@@ -318,8 +335,19 @@ def local_runs(runs_dir: Path) -> list[dict[str, Any]]:
         except (OSError, yaml.YAMLError, YamlLimitError):
             continue
         if isinstance(doc, dict) and doc.get("kind") in KINDS:
-            docs.append(doc)
+            docs.append(server_seen_now(doc, path.parent.resolve()))
     return docs
+
+
+def server_seen_now(doc: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A local ModelDeployment as it is now: a server that exited (killed, machine restarted) is
+    not ready, whatever its status.yaml said when it started."""
+    from kubetune.operator.local_pipeline import pid_alive
+
+    status = doc.get("status") or {}
+    if doc["kind"] == "ModelDeployment" and status.get("pid") and not pid_alive(status["pid"], run_dir):
+        doc = {**doc, "status": {**status, "phase": "Failed", "ready": "0/1", "readyReplicas": 0}}
+    return doc
 
 
 def format_table(docs: list[dict[str, Any]], kind: str, now: Optional[dt.datetime] = None) -> str:

@@ -1,9 +1,11 @@
 """The planner: a FineTuneJob -> the Kubernetes objects that run it. A pure function.
 
 plan(job, cluster) returns, in creation order, a ConfigMap with the fully resolved recipe
-config, then either a headless Service + an indexed batch/v1 Job whose pods run torchrun, or
-a Kubeflow PyTorchJob. Same input, same output: names are deterministic, so the operator can
-create-or-adopt without ever making duplicates.
+config, then the workload of the chosen backend: a headless Service + an indexed batch/v1 Job
+whose pods run torchrun, a Kubeflow PyTorchJob, a JobSet or a Kubeflow Trainer v2 TrainJob
+(the last two in kubetune.operator.backends). Every backend carries the same pod template
+(trainer_pod_template); they differ only in the wrapper. Same input, same output: names are
+deterministic, so the operator can create-or-adopt without ever making duplicates.
 """
 from __future__ import annotations
 
@@ -18,6 +20,17 @@ import yaml
 from kubetune.operator.api import API_VERSION
 from kubetune.operator.api.common import DEFAULT_TRAINER_IMAGE, RunPolicy
 from kubetune.operator.api.finetune import FineTuneJob, FineTuneJobSpec
+from kubetune.operator.initializers import (
+    CACHE_MOUNT,
+    CACHE_VOLUME,
+    INIT_ARGV,
+    INIT_CONTAINER,
+    S3_SECRET_KEYS,
+    SOURCES_KEY,
+    RemoteSource,
+    render_sources,
+    sources_document,
+)
 from kubetune.operator.sources import MappedSource, PvcMount, map_cluster_source
 from kubetune.trainer.config import ConfigError, resolve_config
 
@@ -50,8 +63,13 @@ class ClusterInfo:
     """What the planner needs to know about the cluster (the operator discovers it) and the
     operator's own settings that shape the children."""
 
-    has_pytorchjob: bool = False
+    has_pytorchjob: bool = False  # kubeflow.org/v1 pytorchjobs served
+    has_jobset: bool = False  # jobset.x-k8s.io/v1alpha2 jobsets served
+    has_trainjob: bool = False  # trainer.kubeflow.org/v1alpha1 trainjobs served and kubetune's ClusterTrainingRuntime installed
     trainer_image: str = DEFAULT_TRAINER_IMAGE  # for jobs whose spec.image is empty
+
+    def serves(self, backend: str) -> bool:
+        return backend == "job" or bool(getattr(self, f"has_{backend}"))
 
 
 @dataclass(frozen=True)
@@ -67,18 +85,18 @@ class ChildNames:
         return f"{self.workload}-0.{self.service}"
 
 
-def base_name(name: str) -> str:
-    """A DNS-1035 label of at most MAX_BASE_NAME chars, stable for a given CR name.
+def base_name(name: str, limit: int = MAX_BASE_NAME) -> str:
+    """A DNS-1035 label of at most `limit` chars, stable for a given CR name.
 
     Short, well-formed names are kept; others are cut and suffixed with a hash of the full
     name, so two long names with a common prefix still get different children."""
     clean = _DNS_LABEL.sub("-", name.lower()).strip("-")
-    if clean and clean[0].isalpha() and clean == name and len(clean) <= MAX_BASE_NAME:
+    if clean and clean[0].isalpha() and clean == name and len(clean) <= limit:
         return clean
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    head = clean[: MAX_BASE_NAME - 9].rstrip("-")
+    head = clean[: limit - 9].rstrip("-")
     if not head or not head[0].isalpha():
-        head = ("j-" + head)[: MAX_BASE_NAME - 9].rstrip("-")
+        head = ("j-" + head)[: limit - 9].rstrip("-")
     return f"{head}-{digest}"
 
 
@@ -87,10 +105,18 @@ def child_names(name: str) -> ChildNames:
     return ChildNames(base=base, config_map=f"{base}-config", service=base, workload=base)
 
 
+# `backend: auto` takes the first of these that the cluster serves and that can carry the spec
+# (docs/operator.md): Kubeflow Trainer v2 first (what platform teams run and watch), then the
+# JobSet it is built on, then the older PyTorchJob, and the plain indexed Job everywhere else.
+AUTO_ORDER = ("trainjob", "jobset", "pytorchjob", "job")
+
+
 def choose_backend(spec: FineTuneJobSpec, cluster: ClusterInfo) -> str:
-    if spec.backend == "auto":
-        return "pytorchjob" if cluster.has_pytorchjob else "job"
-    return spec.backend
+    if spec.backend != "auto":
+        return spec.backend
+    from kubetune.operator.backends import unsupported_fields  # backends import this module
+
+    return next(b for b in AUTO_ORDER if cluster.serves(b) and not unsupported_fields(b, spec))
 
 
 def labels(job: FineTuneJob) -> dict[str, str]:
@@ -169,11 +195,16 @@ class ClusterPaths:
     output: MappedSource
     output_is_ephemeral: bool
 
+    @property
+    def remote(self) -> list[RemoteSource]:
+        """The hf:// and s3:// sources the initializer fetches into the cache volume."""
+        return [m.remote for m in (self.model, self.dataset) if m.remote is not None]
+
 
 def cluster_paths(job: FineTuneJob) -> ClusterPaths:
     spec = job.spec
-    model = map_cluster_source(spec.model.source, "model", "spec.model.source")
-    dataset = map_cluster_source(spec.dataset.source, "dataset", "spec.dataset.source")
+    model = map_cluster_source(spec.model.source, "model", "spec.model.source", fetch=True)
+    dataset = map_cluster_source(spec.dataset.source, "dataset", "spec.dataset.source", fetch=True)
     if spec.output.source:
         output = map_cluster_source(spec.output.source, "output", "spec.output.source", read_only=False)
         return ClusterPaths(model, dataset, output, output_is_ephemeral=False)
@@ -252,7 +283,66 @@ def _volumes(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> tuple[
     if paths.output_is_ephemeral:
         volumes.append({"name": "output", "emptyDir": {}})
         mounts.append({"name": "output", "mountPath": paths.output.path})
+    if paths.remote:
+        volumes.append(_cache_volume(job))
+        mounts.append({"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT, "readOnly": True})  # the initializer writes it
     return volumes, mounts
+
+
+def _cache_volume(job: FineTuneJob) -> dict[str, Any]:
+    cache = job.spec.cache
+    if cache.claim_name:
+        return {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache.claim_name}}
+    return {"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": str(cache.size_limit)} if cache.size_limit is not None else {}}
+
+
+def _security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def initializer_container(job: FineTuneJob, paths: ClusterPaths) -> dict[str, Any]:
+    """The init container that fetches hf:// and s3:// sources into the cache volume: the
+    trainer image running `kubetune initialize` on the plan in the ConfigMap. It gets the Hub
+    token and the S3 keys from their Secrets, and no other secret of the trainer."""
+    spec = job.spec
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": "/tmp/hf-home"},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    env += [{"name": var.name, "value": var.value or ""} for var in spec.env if var.secret_key_ref is None]  # e.g. HF_ENDPOINT
+    if spec.secrets.hf_token:
+        ref = spec.secrets.hf_token
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if spec.secrets.s3:
+        for key in S3_SECRET_KEYS:
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": spec.secrets.s3.name, "key": key}}})
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if paths.remote:
+        mounts.append({"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT})
+    container: dict[str, Any] = {
+        "name": INIT_CONTAINER,
+        "image": spec.image,
+        "command": list(INIT_ARGV),
+        "env": env,
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _security_context(),
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    return container
 
 
 def _container(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, *, name: str, argv: list[str], env_extra: list[dict]) -> dict[str, Any]:
@@ -266,13 +356,7 @@ def _container(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, *, name
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": _security_context(),
     }
     if job.spec.image_pull_policy:
         container["imagePullPolicy"] = job.spec.image_pull_policy
@@ -297,6 +381,8 @@ def _pod_spec(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, containe
         "containers": [container],
         "volumes": volumes,
     }
+    if paths.remote:
+        pod["initContainers"] = [initializer_container(job, paths)]
     if spec.service_account_name:
         pod["serviceAccountName"] = spec.service_account_name
     else:
@@ -310,6 +396,18 @@ def _pod_spec(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, containe
     if spec.priority_class_name:
         pod["priorityClassName"] = spec.priority_class_name
     return pod
+
+
+def trainer_pod_template(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, *, container_name: str, argv: list[str], env_extra: list[dict]) -> dict[str, Any]:
+    """The pod template every backend runs: only the container's name, the rendezvous flags
+    and env differ between backends (the wrappers add those)."""
+    container = _container(job, names, paths, name=container_name, argv=argv, env_extra=env_extra)
+    return {"metadata": {"labels": labels(job)}, "spec": _pod_spec(job, names, paths, container)}
+
+
+def workload_metadata(job: FineTuneJob, name: str) -> dict[str, Any]:
+    """The workload's metadata: the children's, plus the Kueue queue label when queued."""
+    return _metadata(job, name, _workload_labels(job))
 
 
 def _workload_labels(job: FineTuneJob) -> dict[str, str]:
@@ -330,12 +428,21 @@ def render_config(recipe: str, config: dict[str, Any]) -> str:
     return f"recipe: {recipe}\n" + yaml.dump(config, Dumper=_YAML_DUMPER, sort_keys=True)
 
 
-def config_map(job: FineTuneJob, names: ChildNames, config: dict[str, Any]) -> dict[str, Any]:
+def initializer_plan(job: FineTuneJob, paths: ClusterPaths) -> str:
+    """The initializer's plan (the ConfigMap's sources.yaml): each remote source and its place in the cache."""
+    s3 = job.spec.s3
+    return render_sources(sources_document(paths.remote, CACHE_MOUNT, endpoint=s3.endpoint, region=s3.region))
+
+
+def config_map(job: FineTuneJob, names: ChildNames, config: dict[str, Any], paths: Optional[ClusterPaths] = None) -> dict[str, Any]:
+    data = {"config.yaml": render_config(job.spec.recipe, config)}
+    if paths is not None:
+        data[SOURCES_KEY] = initializer_plan(job, paths)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, names.config_map),
-        "data": {"config.yaml": render_config(job.spec.recipe, config)},
+        "data": data,
     }
 
 
@@ -439,8 +546,13 @@ def plan(job: FineTuneJob, cluster: ClusterInfo) -> list[dict[str, Any]]:
     names = child_names(job.metadata.name)
     paths = cluster_paths(job)
     config = cluster_trainer_config(job)
-    children = [config_map(job, names, config)]
-    if choose_backend(job.spec, cluster) == "pytorchjob":
+    children = [config_map(job, names, config, paths)]
+    backend = choose_backend(job.spec, cluster)
+    if backend in ("jobset", "trainjob"):
+        from kubetune.operator.backends import workload  # backends import this module
+
+        children.append(workload(backend, job, names, paths))
+    elif backend == "pytorchjob":
         children.append(pytorch_job(job, names, paths))
     else:
         children += [headless_service(job, names), indexed_job(job, names, paths)]

@@ -3,8 +3,9 @@
 | source                | on a cluster (planner)                          | locally (kubetune apply)        |
 |-----------------------|-------------------------------------------------|---------------------------------|
 | builtin://tiny        | passed to the trainer as-is                     | same                            |
-| hf://org/name         | datasets: passed as-is (the Hub, HF_TOKEN);      | same                            |
-|                       | models: refused (the trainer does not download)  |                                 |
+| hf://org/name[@rev]   | models: fetched by the initializer into the      | fetched into runs/.cache        |
+|                       | cache volume; datasets: passed as-is (HF_TOKEN)  | (datasets: as-is)               |
+| s3://bucket/prefix    | fetched by the initializer into the cache volume | fetched into runs/.cache        |
 | pvc://claim/sub/path  | the claim mounted at /mnt/<role>, path inside it | an error: there is no cluster   |
 | file:///abs/path      | /abs/path inside the trainer image              | /abs/path on this machine       |
 | plain/path            | inside the image, from its working directory     | resolved against the current dir|
@@ -13,9 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from kubetune.errors import KubetuneError
+
+if TYPE_CHECKING:
+    from kubetune.operator.initializers import RemoteSource
 
 MOUNT_ROOT = "/mnt"
 
@@ -36,6 +40,7 @@ class PvcMount:
 class MappedSource:
     path: str  # what the trainer config gets
     mount: Optional[PvcMount] = None
+    remote: Optional["RemoteSource"] = None  # hf:// or s3://: the initializer fetches it to `path`
 
 
 def split_scheme(source: str) -> tuple[str, str]:
@@ -43,18 +48,38 @@ def split_scheme(source: str) -> tuple[str, str]:
     return (scheme, rest) if sep else ("", source)
 
 
-def _no_hub_models(source: str, field: str) -> None:
-    if field == "spec.model.source" and source.startswith("hf://"):
+def _remote(source: str, field: str, fetch: bool, *, output: bool = False) -> Optional["RemoteSource"]:
+    """The hf:// model or s3:// source the initializer fetches (None: the trainer reads `source`
+    itself). Only callers that plan the initializer pass fetch=True (FineTuneJobs for now);
+    for the others a source that would need it is refused, naming the field."""
+    from kubetune.operator.initializers import remote_sources  # it imports this module
+
+    if output and split_scheme(source)[0] in ("hf", "s3"):
+        raise SourceError(f"{field}: {source!r}: outputs are written to a volume or folder; use pvc://CLAIM/path (or a local folder)")
+    found = remote_sources({field: source}) if fetch else []
+    if found:
+        return found[0]
+    if not fetch and split_scheme(source)[0] == "s3":
+        raise SourceError(f"{field}: {source!r}: s3:// sources are fetched by a FineTuneJob's initializer only; "
+                          "put the files in a volume (pvc://CLAIM/path) or a local folder")
+    if not fetch and field.startswith("spec.model.source") and source.startswith("hf://"):
         name = source[len("hf://"):]
         raise SourceError(
-            f"{field}: {source!r}: the trainer does not download models; put the model in a volume "
+            f"{field}: {source!r}: this kind does not download models; put the model in a volume "
             f"(e.g. `huggingface-cli download {name} --local-dir DIR`) and use pvc://CLAIM/DIR on a cluster "
             "or a local folder with kubetune apply"
         )
+    return None
 
 
-def map_cluster_source(source: str, role: str, field: str, read_only: bool = True) -> MappedSource:
-    _no_hub_models(source, field)
+def map_cluster_source(source: str, role: str, field: str, read_only: bool = True, *, fetch: bool = False) -> MappedSource:
+    """Where the trainer finds `source` in its pod; fetch=True: hf:// models and s3:// sources go
+    through the initializer into the cache volume."""
+    from kubetune.operator.initializers import CACHE_MOUNT
+
+    remote = _remote(source, field, fetch, output=not read_only)
+    if remote is not None:
+        return MappedSource(remote.cache_path(CACHE_MOUNT), remote=remote)
     scheme, rest = split_scheme(source)
     if scheme == "pvc":
         claim, _, sub = rest.partition("/")
@@ -68,8 +93,12 @@ def map_cluster_source(source: str, role: str, field: str, read_only: bool = Tru
     return MappedSource(source)  # builtin://, hf://, or a path inside the image
 
 
-def map_local_source(source: str, field: str, base_dir: Path) -> str:
-    _no_hub_models(source, field)
+def map_local_source(source: str, field: str, base_dir: Path, cache_dir: Optional[Path] = None, *, output: bool = False) -> str:
+    """The local path; with a cache_dir, hf:// models and s3:// sources map to where `kubetune
+    apply` fetches them."""
+    remote = _remote(source, field, cache_dir is not None, output=output)
+    if remote is not None:
+        return remote.cache_path(str(cache_dir))
     scheme, rest = split_scheme(source)
     if scheme == "pvc":
         raise SourceError(

@@ -72,6 +72,7 @@ FINETUNEJOB = KindInfo(
         PrinterColumn("Phase", "string", ".status.phase"),
         PrinterColumn("Progress", "number", ".status.progress.percent", "Percent of total steps done"),
         PrinterColumn("Loss", "number", ".status.progress.loss", "Latest training loss"),
+        PrinterColumn("GPU-Hours", "number", ".status.gpuHours", "GPU hours used: the pods' running time x their GPUs", priority=1),
         AGE,
     ),
     rules=(
@@ -111,11 +112,11 @@ EVALJOB = KindInfo(
     model=EvalJob,
     description="Evaluate a model, or a FineTuneJob's output, on benchmark or local tasks.",
     columns=(
-        PrinterColumn("Model", "string", ".spec.model.source"),
-        PrinterColumn("FineTuneJob", "string", ".spec.fineTuneJob.name", priority=1),
+        PrinterColumn("Model", "string", ".status.model", "The source, or finetunejob/NAME"),
         PrinterColumn("Phase", "string", ".status.phase"),
-        PrinterColumn("Metric", "string", ".status.result.mainMetric"),
+        PrinterColumn("Main Metric", "string", ".status.result.mainMetric", "First task's main metric (and the change vs baseline)"),
         AGE,
+        PrinterColumn("Baseline", "string", ".status.result.baselineMainMetric", "The baseline model's main metric", priority=1),
     ),
     rules=(_ONE_MODEL,),
 )
@@ -128,11 +129,12 @@ MODELDEPLOYMENT = KindInfo(
     model=ModelDeployment,
     description="Serve a model (and LoRA adapters) behind an OpenAI-compatible API.",
     columns=(
-        PrinterColumn("Model", "string", ".spec.model.source"),
-        PrinterColumn("FineTuneJob", "string", ".spec.fineTuneJob.name", priority=1),
-        PrinterColumn("Ready", "string", ".status.ready"),
-        PrinterColumn("URL", "string", ".status.url"),
+        PrinterColumn("Model", "string", ".status.model", "The source, or finetunejob/NAME"),
+        PrinterColumn("Ready", "string", ".status.ready", "Ready/desired replicas"),
+        PrinterColumn("URL", "string", ".status.url", "OpenAI-compatible base URL"),
         AGE,
+        PrinterColumn("Runtime", "string", ".spec.runtime", priority=1),
+        PrinterColumn("Phase", "string", ".status.phase", priority=1),
     ),
     rules=(_ONE_MODEL,),
 )

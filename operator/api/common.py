@@ -23,12 +23,15 @@ API_VERSION = f"{GROUP}/{VERSION}"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 DEFAULT_SERVER_IMAGE = "ghcr.io/kubetune/server:0.1.0"
 
-# `builtin://tiny`, `hf://org/name`, `pvc://claim/sub/path`, `file:///abs/path`, or a plain path.
-SOURCE_PATTERN = r"^((builtin|hf|pvc|file)://[^\s]+|[^\s:]+)$"
+# `builtin://tiny`, `hf://org/name[@revision]`, `s3://bucket/prefix`, `pvc://claim/sub/path`,
+# `file:///abs/path`, or a plain path.
+SOURCE_PATTERN = r"^((builtin|hf|pvc|file|s3)://[^\s]+|[^\s:]+)$"
 SOURCE_HELP = (
-    "Where to read or write: builtin://tiny (a tiny model made on demand), hf://org/name, "
+    "Where to read or write: builtin://tiny (a tiny model made on demand), hf://org/name[@revision] "
+    "(the Hugging Face Hub), s3://bucket/prefix (S3 or an S3-compatible store, see spec.s3), "
     "pvc://claim/sub/path (a PersistentVolumeClaim in the job's namespace), file:///abs/path "
-    "or a plain path (inside the trainer image on a cluster; on this machine locally)."
+    "or a plain path (inside the trainer image on a cluster; on this machine locally). hf:// models "
+    "and s3:// sources are downloaded into the cache (spec.cache) before the trainer starts."
 )
 
 Quantity = Union[int, str]  # a Kubernetes resource quantity: 8, "32Gi", "500m"
@@ -134,12 +137,42 @@ class EnvVar(ApiModel):
         return self
 
 
+class SecretName(ApiModel):
+    name: str = Field(min_length=1, max_length=253, description="Secret in the job's namespace")
+
+
 class Secrets(ApiModel):
     """Well-known secrets, each read from a key of a Secret in the job's namespace."""
 
     hf_token: Optional[SecretKeyRef] = Field(
-        default=None, description="Hugging Face token, exported to the trainer as HF_TOKEN"
+        default=None, description="Hugging Face token, exported to the trainer and the initializer as HF_TOKEN"
     )
+    s3: Optional[SecretName] = Field(
+        default=None,
+        description="Secret with the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for s3:// sources "
+        "(given to the initializer only)",
+    )
+
+
+class S3Options(ApiModel):
+    """Where s3:// sources live when not on AWS S3 itself."""
+
+    endpoint: Optional[str] = Field(
+        default=None, pattern=r"^https?://[^\s]+$", max_length=512,
+        description="Endpoint URL of an S3-compatible store (MinIO, Ceph, ...); default: AWS S3",
+    )
+    region: Optional[str] = Field(default=None, max_length=64, description="Region of the bucket (default: us-east-1)")
+
+
+class CacheOptions(ApiModel):
+    """Where the initializer puts hf:// models and s3:// sources before the trainer starts."""
+
+    claim_name: Optional[str] = Field(
+        default=None, max_length=253,
+        description="A PersistentVolumeClaim kept across runs (a re-run skips what is already there; "
+        "ReadWriteMany for several nodes); default: an emptyDir per pod",
+    )
+    size_limit: Optional[Quantity] = Field(default=None, description="Size limit of the emptyDir cache (without claimName)")
 
 
 class Resources(ApiModel):

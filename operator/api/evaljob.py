@@ -1,10 +1,13 @@
-"""EvalJob (evj) and ModelDeployment (mdep). Their reconcilers come later; the API is fixed now
-so that manifests written today keep working."""
+"""EvalJob (evj) and ModelDeployment (mdep): evaluate and serve a model, or a FineTuneJob's output.
+
+Either may name a FineTuneJob (spec.fineTuneJob) instead of a model: it then waits for that job
+to succeed and uses what it wrote (its full model or its adapter). Planners:
+kubetune.operator.evalplanner and kubetune.operator.deployplanner."""
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kubetune.operator.api.common import (
     API_VERSION,
@@ -16,6 +19,7 @@ from kubetune.operator.api.common import (
     OutputSource,
     PodOptions,
     Resources,
+    RunPolicy,
     RunStatus,
     Secrets,
     Source,
@@ -47,15 +51,40 @@ class EvalJobSpec(PodOptions):
     resources: Resources = Field(default_factory=Resources)
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment")
     secrets: Secrets = Field(default_factory=Secrets)
+    baseline: bool = Field(
+        default=False,
+        description="Also evaluate the model the FineTuneJob started from (with spec.model: the model without "
+        "spec.adapter); status.result then shows each metric for both and the difference",
+    )
+    queue_name: Optional[str] = Field(
+        default=None, max_length=63, description="Kueue LocalQueue; the Job is created suspended and admitted by Kueue"
+    )
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
 
 
 class EvalResult(ApiModel):
-    main_metric: Optional[str] = Field(default=None, description="e.g. hellaswag/acc=0.412")
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    main_metric: Optional[str] = Field(default=None, description="e.g. hellaswag/acc=0.412 (+0.05 vs baseline)")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="task/metric -> value")
+    baseline: dict[str, Any] = Field(default_factory=dict, description="task/metric -> value of the baseline model")
+    delta: dict[str, Any] = Field(default_factory=dict, description="task/metric -> value minus baseline")
+    baseline_main_metric: Optional[str] = Field(default=None, description="The main metric of the baseline model")
+
+
+class WorkloadRef(ApiModel):
+    api_version: str
+    kind: str
+    name: str
+    uid: Optional[str] = None
 
 
 class EvalJobStatus(RunStatus):
     result: Optional[EvalResult] = None
+    model: Optional[str] = Field(default=None, description="What is evaluated: the source, or finetunejob/NAME")
+    model_id: Optional[str] = Field(
+        default=None, description="Identity of the evaluated model (a promotion gate compares it with the deployment's)"
+    )
+    fine_tune_job_uid: Optional[str] = Field(default=None, description="uid of the FineTuneJob once seen")
+    workload: Optional[WorkloadRef] = Field(default=None, description="The Job running the eval")
 
 
 class EvalJob(ApiModel):
@@ -70,6 +99,42 @@ class AdapterSource(Source):
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$", max_length=63, description="Served model name")
 
 
+class Autoscaling(ApiModel):
+    """A HorizontalPodAutoscaler (autoscaling/v2) for the server Deployment."""
+
+    min_replicas: int = Field(default=1, ge=1, le=64, description="Fewest server pods")
+    max_replicas: int = Field(ge=1, le=256, description="Most server pods")
+    metric: Literal["cpu", "requestsInFlight"] = Field(
+        default="cpu",
+        description="cpu: average CPU utilization (percent of requests); requestsInFlight: the server's running "
+        "requests per pod (a Pods metric: needs prometheus-adapter or an equivalent custom metrics API)",
+    )
+    target: Optional[int] = Field(
+        default=None, ge=1, description="cpu: utilization percent (default 70); requestsInFlight: per pod (default maxConcurrency/2)"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Autoscaling":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"maxReplicas ({self.max_replicas}) must be >= minReplicas ({self.min_replicas})")
+        return self
+
+
+class Promotion(ApiModel):
+    """Hold the rollout of a new model until an EvalJob of that model passes a threshold."""
+
+    eval_job: str = Field(min_length=1, max_length=253, description="An EvalJob in the same namespace")
+    metric: str = Field(pattern=r"^[^/\s]+/[^/\s]+$", max_length=256, description="task/metric, e.g. hellaswag/acc")
+    min: Optional[float] = Field(default=None, description="Promote when the metric is >= min (higher is better)")
+    max: Optional[float] = Field(default=None, description="Promote when the metric is <= max (lower is better, e.g. perplexity)")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "Promotion":
+        if (self.min is None) == (self.max is None):
+            raise ValueError("set exactly one of min (higher is better) and max (lower is better)")
+        return self
+
+
 class ModelDeploymentSpec(PodOptions):
     model: Optional[ModelSource] = Field(default=None, description="Model to serve (or fineTuneJob)")
     fine_tune_job: Optional[FineTuneJobRef] = Field(default=None, description="Serve this FineTuneJob's output")
@@ -81,6 +146,21 @@ class ModelDeploymentSpec(PodOptions):
     resources: Resources = Field(default_factory=Resources)
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment")
     secrets: Secrets = Field(default_factory=Secrets)
+    runtime: Literal["kubetune", "vllm"] = Field(
+        default="kubetune",
+        description="kubetune: `kubetune serve` (the operator's default server image); vllm: the vLLM OpenAI server "
+        "(image vllm/vllm-openai unless spec.image says otherwise; GPU throughput at scale)",
+    )
+    served_model_name: Optional[str] = Field(
+        default=None, max_length=253, description="Name clients put in `model` (default: this resource's name)"
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, max_length=64, description="Extra server arguments, appended as-is (e.g. vLLM flags)"
+    )
+    autoscaling: Optional[Autoscaling] = Field(default=None, description="A HorizontalPodAutoscaler instead of fixed replicas")
+    promotion: Optional[Promotion] = Field(
+        default=None, description="Hold a new model's rollout until an EvalJob of it passes a threshold"
+    )
 
 
 class ModelDeploymentStatus(ApiModel):
@@ -88,8 +168,13 @@ class ModelDeploymentStatus(ApiModel):
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: Optional[int] = None
     ready_replicas: int = 0
+    replicas: int = Field(default=0, description="Desired replicas")
     ready: Optional[str] = Field(default=None, description="ready/desired replicas, e.g. 1/1")
     url: Optional[str] = Field(default=None, description="OpenAI-compatible base URL inside the cluster")
+    model: Optional[str] = Field(default=None, description="What is served: the source, or finetunejob/NAME")
+    model_id: Optional[str] = Field(default=None, description="Identity of the model rolled out")
+    served_models: list[str] = Field(default_factory=list, description="Names clients can put in `model`")
+    fine_tune_job_uid: Optional[str] = Field(default=None, description="uid of the FineTuneJob once seen")
 
 
 class ModelDeployment(ApiModel):

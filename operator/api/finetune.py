@@ -8,6 +8,7 @@ from pydantic import Field
 from kubetune.operator.api.common import (
     API_VERSION,
     ApiModel,
+    CacheOptions,
     DatasetSource,
     EnvVar,
     ModelSource,
@@ -17,6 +18,7 @@ from kubetune.operator.api.common import (
     Resources,
     RunPolicy,
     RunStatus,
+    S3Options,
     Secrets,
 )
 from kubetune.trainer.registry import RECIPES
@@ -48,10 +50,14 @@ class FineTuneJobSpec(PodOptions):
     resources: Resources = Field(default_factory=Resources, json_schema_extra=DEFAULT_EMPTY)
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra trainer environment")
     secrets: Secrets = Field(default_factory=Secrets)
-    backend: Literal["auto", "job", "pytorchjob"] = Field(
+    s3: S3Options = Field(default_factory=S3Options)
+    cache: CacheOptions = Field(default_factory=CacheOptions)
+    backend: Literal["auto", "job", "pytorchjob", "jobset", "trainjob"] = Field(
         default="auto",
         description="job: an indexed batch/v1 Job running torchrun; pytorchjob: a Kubeflow PyTorchJob; "
-        "auto: PyTorchJob when the kubeflow.org CRD is served, else job",
+        "jobset: a JobSet (jobset.x-k8s.io); trainjob: a Kubeflow Trainer v2 TrainJob on the kubetune-torch "
+        "ClusterTrainingRuntime; auto: the first of trainjob, jobset, pytorchjob, job that the cluster serves "
+        "and that can carry the spec",
     )
     queue_name: Optional[str] = Field(
         default=None, max_length=63, description="Kueue LocalQueue; the workload is created suspended and admitted by Kueue"
@@ -92,7 +98,14 @@ class WorkloadRef(ApiModel):
 
 
 class FineTuneJobStatus(RunStatus):
-    workload: Optional[WorkloadRef] = Field(default=None, description="The Job or PyTorchJob running the trainer")
+    workload: Optional[WorkloadRef] = Field(default=None, description="The Job, PyTorchJob, JobSet or TrainJob running the trainer")
+    restarts: Optional[int] = Field(default=None, description="How often the workload restarted the trainer after a pod or node failure")
+    resumed_from_step: Optional[int] = Field(
+        default=None, description="The checkpoint step the latest restart resumed from (0: from scratch, e.g. an emptyDir output)"
+    )
+    gpu_seconds: Optional[float] = Field(default=None, description="GPU time used: the pods' running time x their GPUs")
+    gpu_hours: Optional[float] = Field(default=None, description="gpuSeconds / 3600, rounded to 0.01")
+    gpu_accounted_at: Optional[str] = Field(default=None, description="When gpuSeconds was last brought up to date")
     progress: Optional[Progress] = None
     result: Optional[Result] = None
 

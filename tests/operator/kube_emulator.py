@@ -43,8 +43,23 @@ RESOURCES: dict[str, dict[str, Any]] = {
         "kind": "FineTuneJob", "singular": "finetunejob", "namespaced": True,
         "shortnames": {"ftj"}, "categories": {"kubetune"}, "subresources": {"status"},
     },
+    "kubetune.dev/v1alpha1/evaljobs": {
+        "kind": "EvalJob", "singular": "evaljob", "namespaced": True,
+        "shortnames": {"evj"}, "categories": {"kubetune"}, "subresources": {"status"},
+    },
+    "kubetune.dev/v1alpha1/modeldeployments": {
+        "kind": "ModelDeployment", "singular": "modeldeployment", "namespaced": True,
+        "shortnames": {"mdep"}, "categories": {"kubetune"}, "subresources": {"status"},
+    },
+    "apps/v1/deployments": {"kind": "Deployment", "namespaced": True, "subresources": {"status"}},
+    "autoscaling/v2/horizontalpodautoscalers": {"kind": "HorizontalPodAutoscaler", "namespaced": True, "subresources": {"status"}},
 }
 PYTORCHJOBS = {"kubeflow.org/v1/pytorchjobs": {"kind": "PyTorchJob", "namespaced": True, "subresources": {"status"}}}
+JOBSETS = {"jobset.x-k8s.io/v1alpha2/jobsets": {"kind": "JobSet", "namespaced": True, "subresources": {"status"}}}
+TRAINJOBS = {
+    "trainer.kubeflow.org/v1alpha1/trainjobs": {"kind": "TrainJob", "namespaced": True, "subresources": {"status"}},
+    "trainer.kubeflow.org/v1alpha1/clustertrainingruntimes": {"kind": "ClusterTrainingRuntime", "namespaced": False},
+}
 VERBS = {"list", "watch", "patch", "get", "create", "delete", "update"}
 
 

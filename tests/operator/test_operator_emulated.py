@@ -151,7 +151,8 @@ async def test_job_and_pod_status_drive_phase_progress_and_result(api, operator)
             assert status["result"] == {"finalLoss": 1.1, "steps": 40, "checkpoint": "/mnt/output/checkpoints/step_40", "tokensPerSecond": 1200.0}
             assert status["completionTime"]
             conditions = {c["type"]: c["status"] for c in status["conditions"]}
-            assert conditions == {"Created": "True", "Running": "False", "Succeeded": "True", "Failed": "False", "Suspended": "False"}
+            assert conditions == {"Created": "True", "Running": "False", "Succeeded": "True", "Failed": "False", "Suspended": "False",
+                                  "OutputPersistent": "False"}  # the demo's output is an emptyDir
             await eventually(lambda: {"Created", "Running", "Succeeded"} <= {e.get("reason") for e in api.children("v1/events")}, what="events")
     finally:
         rank0.close()

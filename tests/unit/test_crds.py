@@ -138,7 +138,7 @@ def test_crd_names_columns_and_status_subresource(kind):
 
 def test_ftj_columns_are_what_kubectl_get_promises():
     columns = build_crd(KINDS["FineTuneJob"])["spec"]["versions"][0]["additionalPrinterColumns"]
-    assert [c["name"].upper() for c in columns] == ["RECIPE", "PHASE", "PROGRESS", "LOSS", "AGE"]
+    assert [c["name"].upper() for c in columns] == ["RECIPE", "PHASE", "PROGRESS", "LOSS", "GPU-HOURS", "AGE"]
     assert {info.short_names[0] for info in KINDS.values()} == {"ftj", "evj", "mdep"}
 
 

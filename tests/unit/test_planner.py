@@ -242,10 +242,14 @@ def test_generated_objects_validate_with_kubernetes_validate(name):
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
-def test_hub_models_are_refused_with_the_way_to_get_them_in():
-    job = example("finetune-tiny.yaml", **{"spec.model.source": "hf://meta-llama/Llama-3.1-8B"})
-    with pytest.raises(KubetuneError, match=r"spec\.model\.source.*huggingface-cli download meta-llama/Llama-3.1-8B.*pvc://"):
-        plan(job, ClusterInfo())
-    hub_data = example("finetune-tiny.yaml", **{"spec.dataset.source": "hf://tatsu-lab/alpaca"})
-    cfg = yaml.safe_load(by_kind(plan(hub_data, ClusterInfo()))["ConfigMap"]["data"]["config.yaml"])
+def test_hub_models_are_fetched_by_the_initializer_and_hub_datasets_stay_with_the_trainer():
+    job = example("finetune-tiny.yaml", **{"spec.model.source": "hf://meta-llama/Llama-3.1-8B@main", "spec.dataset.source": "hf://tatsu-lab/alpaca"})
+    children = by_kind(plan(job, ClusterInfo()))
+    cfg = yaml.safe_load(children["ConfigMap"]["data"]["config.yaml"])
+    assert cfg["model"]["path"].startswith("/mnt/cache/hf/meta-llama--Llama-3.1-8B-")
     assert cfg["dataset"]["source"] == "hf://tatsu-lab/alpaca"
+    pod = children["Job"]["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["kubetune", "initialize", "--plan", "/etc/kubetune/sources.yaml"]
+    sources = yaml.safe_load(children["ConfigMap"]["data"]["sources.yaml"])["sources"]
+    assert sources == [{"field": "spec.model.source", "uri": "hf://meta-llama/Llama-3.1-8B@main", "dest": cfg["model"]["path"]}]

@@ -1,0 +1,108 @@
+"""Initializers: `hf://org/name[@revision]` and `s3://bucket/prefix` sources, downloaded before
+the trainer starts, as Kubeflow Trainer v2's initializers do. Pure planning (no I/O here).
+
+On a cluster an init container (`kubetune initialize --plan /etc/kubetune/sources.yaml`, the
+trainer image) downloads each remote source into a cache volume (spec.cache.claimName, else an
+emptyDir) and the trainer reads the local folder; locally `kubetune apply` runs the same
+download into runs/.cache. kubetune.operator.fetch does the downloading.
+
+Where a source lands is a pure function of its URI (cache_path), so the planner can write the
+trainer config before anything is downloaded, and a re-run finds what an earlier one fetched.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import yaml
+
+from kubetune.operator.sources import SourceError, split_scheme
+
+CACHE_MOUNT = "/mnt/cache"
+CACHE_VOLUME = "cache"
+INIT_CONTAINER = "initializer"
+SOURCES_KEY = "sources.yaml"  # the ConfigMap key the init container reads
+SOURCES_PATH = f"/etc/kubetune/{SOURCES_KEY}"
+INIT_ARGV = ["kubetune", "initialize", "--plan", SOURCES_PATH]
+# The keys of spec.secrets.s3's Secret: the names boto3 reads from the environment.
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+_HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class RemoteSource:
+    """A source the trainer cannot read itself: fetched into the cache first."""
+
+    uri: str
+    field: str  # spec.model.source, ...: named in every error
+    scheme: str  # hf | s3
+    repo: str = ""  # hf: org/name
+    revision: Optional[str] = None  # hf: branch, tag or commit (None: the default branch)
+    bucket: str = ""  # s3
+    prefix: str = ""  # s3: a folder (or one object) in the bucket
+
+    def cache_path(self, root: str) -> str:
+        """<root>/<scheme>/<readable name>-<hash of the URI>: stable, distinct per URI."""
+        name = self.repo.replace("/", "--") if self.scheme == "hf" else f"{self.bucket}--{self.prefix.strip('/').replace('/', '--')}"
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", name).strip("-.")[:80] or self.scheme
+        return f"{root.rstrip('/')}/{self.scheme}/{name}-{hashlib.sha256(self.uri.encode()).hexdigest()[:10]}"
+
+
+def parse_remote(source: str, field: str) -> Optional[RemoteSource]:
+    """hf:// and s3:// sources (None for any other); errors name the field and the form to use."""
+    scheme, rest = split_scheme(source)
+    if scheme == "hf":
+        repo, _, revision = rest.partition("@")
+        if not _HF_REPO.match(repo) or (revision == "" and "@" in rest):
+            raise SourceError(f"{field}: {source!r} is not a Hub repository; write hf://ORG/NAME or hf://ORG/NAME@REVISION")
+        return RemoteSource(source, field, "hf", repo=repo, revision=revision or None)
+    if scheme == "s3":
+        bucket, _, prefix = rest.partition("/")
+        if not _BUCKET.match(bucket):
+            raise SourceError(f"{field}: {source!r} names no valid bucket; write s3://BUCKET/PREFIX")
+        return RemoteSource(source, field, "s3", bucket=bucket, prefix=prefix)
+    return None
+
+
+def remote_sources(fields: dict[str, Optional[str]]) -> list[RemoteSource]:
+    """The remote sources among `fields` ({field name: source}). hf:// datasets stay with the
+    trainer (it reads them with the `datasets` library and HF_TOKEN)."""
+    out = []
+    for field, source in fields.items():
+        if source is None or (field == "spec.dataset.source" and source.startswith("hf://")):
+            continue
+        remote = parse_remote(source, field)
+        if remote is not None:
+            out.append(remote)
+    return out
+
+
+def sources_document(sources: list[RemoteSource], root: str, *, endpoint: Optional[str], region: Optional[str]) -> dict[str, Any]:
+    """What `kubetune initialize --plan` reads: each source and where it goes."""
+    doc: dict[str, Any] = {"sources": [{"field": s.field, "uri": s.uri, "dest": s.cache_path(root)} for s in sources]}
+    s3 = {key: value for key, value in (("endpoint", endpoint), ("region", region)) if value}
+    if s3:
+        doc["s3"] = s3
+    return doc
+
+
+def render_sources(doc: dict[str, Any]) -> str:
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def initializer_failure(pods: list[dict[str, Any]]) -> Optional[str]:
+    """The initializer's last words when it failed in one of the pods (its termination message:
+    `error: <field>: <source>: ...`), for the FineTuneJob's conditions."""
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            if cs.get("name") != INIT_CONTAINER:
+                continue
+            terminated = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+            if terminated.get("exitCode"):
+                lines = [line for line in (terminated.get("message") or "").strip().splitlines() if line.strip()]
+                return lines[-1] if lines else f"exit code {terminated['exitCode']}"
+    return None

@@ -1,0 +1,111 @@
+"""Pod pieces every kubetune workload shares (EvalJob pods, model servers): identity and
+scheduling from the spec, the restricted security context, metadata with owner and labels.
+
+The FineTuneJob planner (planner.py) builds the same things for the trainer; these take any of
+the three kinds (their specs share PodOptions, env, secrets and resources).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from kubetune.operator.api import API_VERSION
+from kubetune.operator.planner import MANAGED_BY, RUN_AS, _env, _resources
+from kubetune.operator.sources import MappedSource, PvcMount
+
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "privileged": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def owner_reference(obj: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": obj.kind,
+        "name": obj.metadata.name,
+        "uid": obj.metadata.uid or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def metadata(obj: Any, name: str, labels: dict[str, str], annotations: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": dict(labels)}
+    if obj.metadata.namespace:
+        meta["namespace"] = obj.metadata.namespace
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    meta["ownerReferences"] = [owner_reference(obj)]
+    return meta
+
+
+def base_labels(label: str, base: str, component: str) -> dict[str, str]:
+    return {MANAGED_BY: "kubetune", label: base, "app.kubernetes.io/component": component}
+
+
+def env(obj: Any) -> list[dict[str, Any]]:
+    """HOME/HF_HOME under /tmp, HF_TOKEN and spec.env (secrets only through secretKeyRef)."""
+    return _env(obj)
+
+
+def resources(obj: Any) -> dict[str, Any]:
+    """requests/limits from spec.resources plus nvidia.com/gpu = gpusPerNode."""
+    return _resources(obj)
+
+
+def container_security() -> dict[str, Any]:
+    return {**CONTAINER_SECURITY, "capabilities": {"drop": ["ALL"]}}
+
+
+def pod_spec(obj: Any, containers: list[dict[str, Any]], volumes: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """Non-root, RuntimeDefault seccomp, no API token unless a ServiceAccount is named, scheduling as the spec says."""
+    spec = obj.spec
+    pod: dict[str, Any] = {
+        **extra,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": containers,
+        "volumes": volumes,
+    }
+    if spec.service_account_name:
+        pod["serviceAccountName"] = spec.service_account_name
+    else:
+        pod["automountServiceAccountToken"] = False
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.affinity:
+        pod["affinity"] = dict(spec.affinity)
+    if spec.priority_class_name:
+        pod["priorityClassName"] = spec.priority_class_name
+    return pod
+
+
+def scratch_volumes(shm_size: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """/tmp (HOME; the root filesystem is read-only) and an in-memory /dev/shm."""
+    volumes = [
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(shm_size)}},
+    ]
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    return volumes, mounts
+
+
+def pvc_volumes(sources: list[Optional[MappedSource]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One volume and mount per distinct PVC mount of the sources (read-only unless said otherwise)."""
+    seen: dict[str, PvcMount] = {}
+    for source in sources:
+        if source is not None and source.mount is not None:
+            seen.setdefault(source.mount.volume, source.mount)
+    volumes = [{"name": m.volume, "persistentVolumeClaim": {"claimName": m.claim, "readOnly": m.read_only}} for m in seen.values()]
+    mounts = [{"name": m.volume, "mountPath": m.mount_path, "readOnly": m.read_only} for m in seen.values()]
+    return volumes, mounts

@@ -1,0 +1,205 @@
+"""The initializer (kubetune.operator.fetch): s3:// against a real S3 API on loopback (moto's
+server, boto3) and hf:// with the real huggingface_hub client against a local endpoint serving a
+small repository (tests/fake_hub.py says what that endpoint covers and what not). Skip marker,
+re-download on change, and clear errors for a missing object, a wrong credential, a missing
+revision and a missing repository."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fake_hub import FakeHub, FakeRepo
+from s3_server import start_s3_server
+from kubetune.operator.fetch import MARKER, FetchError, fetch, read_marker
+from kubetune.operator.initializers import parse_remote, sources_document
+from kubetune.operator.sources import SourceError
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(120)
+
+MODEL_FILES = {
+    "models/tiny/config.json": b'{"model_type": "llama"}',
+    "models/tiny/model.safetensors": os.urandom(4096),
+    "models/tiny/tokenizer/tokenizer.json": b'{"version": "1.0"}',
+    "models/tiny-2/config.json": b'{"not": "this one"}',  # a sibling prefix: never fetched for models/tiny
+    "data/train.jsonl": b'{"instruction": "hi", "output": "hello"}\n',
+}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server_iter = start_s3_server()
+    server = next(server_iter)
+    client = server.client()
+    client.create_bucket(Bucket="weights")
+    for key, data in MODEL_FILES.items():
+        client.put_object(Bucket="weights", Key=key, Body=data)
+    try:
+        yield server
+    finally:
+        next(server_iter, None)
+
+
+def s3_source(uri: str, field: str = "spec.model.source"):
+    source = parse_remote(uri, field)
+    assert source is not None
+    return source
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != MARKER}
+
+
+# --- s3:// -------------------------------------------------------------------------------------
+
+
+def test_s3_prefix_is_fetched_once_then_skipped_by_its_marker_and_refetched_when_changed(s3, tmp_path):
+    source = s3_source("s3://weights/models/tiny")
+    dest = Path(source.cache_path(str(tmp_path)))
+    first = fetch(source, dest, endpoint=s3.endpoint, env=s3.env)
+    assert not first.skipped
+    assert files_under(dest) == {
+        "config.json": MODEL_FILES["models/tiny/config.json"],
+        "model.safetensors": MODEL_FILES["models/tiny/model.safetensors"],
+        "tokenizer/tokenizer.json": MODEL_FILES["models/tiny/tokenizer/tokenizer.json"],
+    }
+    marker = read_marker(dest)
+    assert marker["uri"] == "s3://weights/models/tiny" and set(marker["identity"]["etags"]) == {"config.json", "model.safetensors", "tokenizer/tokenizer.json"}
+    stamp = (dest / "model.safetensors").stat().st_mtime_ns
+
+    again = fetch(source, dest, endpoint=s3.endpoint, env=s3.env)
+    assert again.skipped and (dest / "model.safetensors").stat().st_mtime_ns == stamp
+
+    s3.client().put_object(Bucket="weights", Key="models/tiny/config.json", Body=b'{"model_type": "llama", "v": 2}')
+    try:
+        changed = fetch(source, dest, endpoint=s3.endpoint, env=s3.env)
+        assert not changed.skipped and (dest / "config.json").read_bytes() == b'{"model_type": "llama", "v": 2}'
+        assert not [p for p in tmp_path.rglob(".*tmp-*")] and not [p for p in tmp_path.rglob(".*old-*")]  # nothing half-written left
+    finally:
+        s3.client().put_object(Bucket="weights", Key="models/tiny/config.json", Body=MODEL_FILES["models/tiny/config.json"])
+
+
+def test_s3_prefix_naming_one_object_fetches_that_file(s3, tmp_path):
+    source = s3_source("s3://weights/data/train.jsonl", "spec.dataset.source")
+    fetched = fetch(source, Path(source.cache_path(str(tmp_path))), endpoint=s3.endpoint, env=s3.env)
+    assert files_under(fetched.path) == {"train.jsonl": MODEL_FILES["data/train.jsonl"]}
+
+
+def test_s3_missing_objects_and_buckets_are_named(s3, tmp_path):
+    with pytest.raises(FetchError, match=r"spec\.model\.source: s3://weights/models/huge: no objects under that prefix"):
+        fetch(s3_source("s3://weights/models/huge"), tmp_path / "a", endpoint=s3.endpoint, env=s3.env)
+    with pytest.raises(FetchError, match=r"spec\.model\.source: s3://nowhere/models: bucket nowhere does not exist"):
+        fetch(s3_source("s3://nowhere/models"), tmp_path / "b", endpoint=s3.endpoint, env=s3.env)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("keys", [
+    {"AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1", "AWS_SECRET_ACCESS_KEY": "nope"},  # an unknown key
+    "wrong-secret",  # the right key id with a wrong secret
+])
+def test_s3_wrong_credentials_are_refused_naming_the_secret(s3, tmp_path, keys):
+    env = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": "not-the-secret"} if keys == "wrong-secret" else keys
+    with pytest.raises(FetchError, match=r"refused the credentials \((InvalidAccessKeyId|SignatureDoesNotMatch)\).*spec\.secrets\.s3"):
+        fetch(s3_source("s3://weights/models/tiny"), tmp_path / "x", endpoint=s3.endpoint, env=env)
+
+
+def test_s3_without_credentials_says_where_they_come_from(s3, tmp_path, monkeypatch):
+    for name in ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(FetchError, match=r"no S3 credentials; set spec\.secrets\.s3"):
+        fetch(s3_source("s3://weights/models/tiny"), tmp_path / "x", endpoint=s3.endpoint, env={})
+
+
+def test_kubetune_initialize_runs_the_plan_the_planner_writes(s3, tmp_path):
+    """The init container's command, as a subprocess, on a plan like the ConfigMap's sources.yaml."""
+    sources = [s3_source("s3://weights/models/tiny"), s3_source("s3://weights/data/train.jsonl", "spec.dataset.source")]
+    plan = tmp_path / "sources.yaml"
+    plan.write_text(yaml.safe_dump(sources_document(sources, str(tmp_path / "cache"), endpoint=s3.endpoint, region="us-east-1")))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **s3.env}
+    argv = [sys.executable, "-m", "kubetune.cli", "initialize", "--plan", str(plan)]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "spec.model.source: s3://weights/models/tiny fetched" in out.stderr
+    assert (Path(sources[0].cache_path(str(tmp_path / "cache"))) / "model.safetensors").is_file()
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO)
+    assert again.returncode == 0 and again.stderr.count("up to date") == 2
+
+    wrong = subprocess.run(argv, capture_output=True, text=True, env={**env, "AWS_SECRET_ACCESS_KEY": "x"}, cwd=REPO)
+    assert wrong.returncode == 2 and wrong.stderr.startswith("error: spec.model.source: s3://weights/models/tiny")
+
+
+# --- hf:// -------------------------------------------------------------------------------------
+
+HF_FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": os.urandom(2048), "tokenizer/tokenizer.json": b"{}"}
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with FakeHub(FakeRepo("acme/tiny", dict(HF_FILES), token="hf_right", tags={"v1": "0" * 40})) as server:
+        yield server
+
+
+def hf_env(hub: FakeHub, token: str = "hf_right") -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.url, "HF_TOKEN": token}
+
+
+def test_hf_repo_is_fetched_at_a_resolved_commit_then_skipped(hub, tmp_path):
+    source = parse_remote("hf://acme/tiny", "spec.model.source")
+    dest = Path(source.cache_path(str(tmp_path / "cache")))
+    first = fetch(source, dest, env=hf_env(hub))
+    assert not first.skipped and files_under(dest) == HF_FILES
+    assert read_marker(dest)["identity"] == {"revision": hub.repo.commit}
+    hub.requests.clear()
+
+    again = fetch(source, dest, env=hf_env(hub))
+    assert again.skipped
+    assert hub.requests == ["GET /api/models/acme/tiny"]  # asked which commit main is, downloaded nothing
+
+    pinned = parse_remote(f"hf://acme/tiny@{hub.repo.commit}", "spec.model.source")
+    pinned_dest = Path(pinned.cache_path(str(tmp_path / "cache")))
+    fetch(pinned, pinned_dest, env=hf_env(hub))
+    hub.requests.clear()
+    assert fetch(pinned, pinned_dest, env=hf_env(hub)).skipped and hub.requests == []  # a pinned commit needs no request
+
+    hub.repo.files["config.json"] = b'{"model_type": "llama", "v": 2}'  # a new commit on main
+    changed = fetch(source, dest, env=hf_env(hub))
+    assert not changed.skipped and (dest / "config.json").read_bytes() == b'{"model_type": "llama", "v": 2}'
+    assert read_marker(dest)["identity"] == {"revision": hub.repo.commit}
+
+
+def test_hf_missing_revision_repository_and_wrong_token_are_named(hub, tmp_path):
+    with pytest.raises(FetchError, match=r"spec\.model\.source: hf://acme/tiny@v9: the repository has no revision 'v9'"):
+        fetch(parse_remote("hf://acme/tiny@v9", "spec.model.source"), tmp_path / "a", env=hf_env(hub))
+    with pytest.raises(FetchError, match=r"hf://acme/nothing: no such repository on http://127\.0\.0\.1:\d+.*spec\.secrets\.hfToken"):
+        fetch(parse_remote("hf://acme/nothing", "spec.model.source"), tmp_path / "b", env=hf_env(hub))
+    with pytest.raises(FetchError, match=r"hf://acme/tiny: no such repository .*or it is private and the token"):
+        fetch(parse_remote("hf://acme/tiny", "spec.model.source"), tmp_path / "c", env=hf_env(hub, token="hf_wrong"))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("hf://just-a-name", r"not a Hub repository; write hf://ORG/NAME"),
+    ("hf://org/name@", r"not a Hub repository"),
+    ("s3://Bad_Bucket/x", r"names no valid bucket; write s3://BUCKET/PREFIX"),
+])
+def test_malformed_remote_sources_are_refused_naming_the_field(uri, message):
+    with pytest.raises(SourceError, match=rf"spec\.model\.source: .*{message}"):
+        parse_remote(uri, "spec.model.source")
+
+
+def test_cache_paths_are_stable_and_distinct_per_uri():
+    a, b = parse_remote("hf://acme/tiny", "f"), parse_remote("hf://acme/tiny@v1", "f")
+    assert a.cache_path("/mnt/cache") == parse_remote("hf://acme/tiny", "g").cache_path("/mnt/cache")
+    assert a.cache_path("/mnt/cache") != b.cache_path("/mnt/cache")
+    assert a.cache_path("/mnt/cache").startswith("/mnt/cache/hf/acme--tiny-")
+    assert json.dumps(a.cache_path("/c")).isascii()

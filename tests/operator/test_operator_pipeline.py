@@ -1,0 +1,279 @@
+"""EvalJobs and ModelDeployments over real HTTP against the emulator: waiting and failure paths,
+the eval Job and its result, the server Deployment and its status, the promotion gate in both
+directions, rollout of a new FineTuneJob output, deletion.
+
+The emulator runs no controllers: the test plays the Job and Deployment controllers (pods with
+termination messages, status patches), as test_operator_emulated.py does for FineTuneJobs."""
+from __future__ import annotations
+
+import json
+
+import kubernetes_validate
+import pytest
+
+from kubetune.operator.local import format_table
+from ophelpers import NS, eventually, manifest
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
+
+KT = f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}"
+JOBS = f"/apis/batch/v1/namespaces/{NS}/jobs"
+PODS = f"/api/v1/namespaces/{NS}/pods"
+DEPLOYMENTS = f"/apis/apps/v1/namespaces/{NS}/deployments"
+TASKS = [{"name": "facts", "type": "multiple_choice", "source": "builtin://tiny_instruct_mc", "options": {"context_field": "question"}}]
+
+
+def obj(api, plural: str, name: str) -> dict:
+    return api.emu.objects[f"kubetune.dev/v1alpha1/{plural}", NS, name].raw
+
+
+def status(api, plural: str, name: str) -> dict:
+    return obj(api, plural, name).get("status") or {}
+
+
+def condition(api, plural: str, name: str, type_: str) -> dict:
+    return next((c for c in status(api, plural, name).get("conditions", []) if c["type"] == type_), {})
+
+
+def evaljob(name: str = "demo-eval", **spec) -> dict:
+    body = {"fineTuneJob": {"name": "demo"}, "baseline": True, "tasks": TASKS, "resources": {"gpusPerNode": 0}}
+    body.update(spec)
+    if "model" in spec:
+        body.pop("fineTuneJob")
+    return {"apiVersion": "kubetune.dev/v1alpha1", "kind": "EvalJob", "metadata": {"name": name, "namespace": NS}, "spec": body}
+
+
+def modeldeployment(name: str = "bot", **spec) -> dict:
+    body = {"fineTuneJob": {"name": "demo"}, "replicas": 2, "resources": {"gpusPerNode": 0}}
+    body.update(spec)
+    if "model" in spec:
+        body.pop("fineTuneJob")
+    return {"apiVersion": "kubetune.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name, "namespace": NS}, "spec": body}
+
+
+def finetunejob(**changes) -> dict:
+    return manifest(**{"spec.output": {"source": "pvc://outputs/demo"}, **changes})
+
+
+async def finish_finetunejob(api, adapter: str = "/mnt/output/adapter") -> None:
+    """What the FineTuneJob's own sync writes once its trainer succeeded."""
+    await eventually(lambda: status(api, "finetunejobs", "demo").get("phase") == "Pending", what="FineTuneJob reconciled")
+    await api.patch(f"{KT}/finetunejobs/demo/status", {"status": {"phase": "Succeeded", "result": {"adapter": adapter, "finalLoss": 0.4}}})
+
+
+async def run_eval_pod(api, name: str, metrics: dict, baseline: dict | None = None) -> None:
+    """The Job controller and kubelet: a pod whose containers left their summaries, then Complete."""
+    job = await eventually(lambda: next((j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == name), None), what=f"Job {name}")
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": job["metadata"]["uid"], "controller": True}
+
+    def terminated(container: str, values: dict) -> dict:
+        main = next(iter(values))
+        message = json.dumps({"mainMetric": f"{main}={values[main]}", "metrics": values})
+        return {"name": container, "state": {"terminated": {"exitCode": 0, "message": message}}}
+
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": f"{name}-x1", "namespace": NS, "ownerReferences": [owner], "labels": job["spec"]["template"]["metadata"]["labels"]},
+           "spec": {"containers": [{"name": "eval", "image": "x"}]}}
+    await api.post(PODS, pod)
+    statuses = {"phase": "Succeeded", "containerStatuses": [terminated("eval", metrics)]}
+    if baseline is not None:
+        statuses["initContainerStatuses"] = [terminated("baseline", baseline)]
+    await api.patch(f"{PODS}/{name}-x1/status", {"status": statuses})
+    await api.patch(f"{JOBS}/{name}/status", {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}})
+
+
+async def deployment_ready(api, name: str = "bot", replicas: int = 2) -> None:
+    """The Deployment controller: every replica updated and ready."""
+    dep = await eventually(lambda: next((d for d in api.children("apps/v1/deployments") if d["metadata"]["name"] == name), None), what="Deployment")
+    await api.patch(f"{DEPLOYMENTS}/{name}/status", {"status": {
+        "observedGeneration": dep["metadata"].get("generation", 1), "replicas": replicas, "readyReplicas": replicas,
+        "updatedReplicas": replicas, "availableReplicas": replicas,
+        "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable", "message": "ok"},
+                       {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable", "message": "done"}]}})
+
+
+def served_model_id(api, name: str = "bot") -> str:
+    (dep,) = [d for d in api.children("apps/v1/deployments") if d["metadata"]["name"] == name]
+    return dep["spec"]["template"]["metadata"]["annotations"]["kubetune.dev/model-id"]
+
+
+async def test_evaljob_waits_for_its_finetunejob_then_evaluates_it_against_the_baseline(api, operator):
+    async with operator():
+        await api.post(f"{KT}/evaljobs", evaljob())
+        await eventually(lambda: condition(api, "evaljobs", "demo-eval", "ModelReady")["reason"] == "FineTuneJobNotFound", what="not found yet")
+        assert status(api, "evaljobs", "demo-eval")["phase"] == "Pending"
+        await api.create_ftj(finetunejob())
+        await eventually(lambda: condition(api, "evaljobs", "demo-eval", "ModelReady")["reason"] == "WaitingForFineTuneJob", what="waiting")
+        assert condition(api, "evaljobs", "demo-eval", "ModelReady")["status"] == "False" and "demo" in condition(api, "evaljobs", "demo-eval", "ModelReady")["message"]
+        assert not [j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "demo-eval"]
+
+        await finish_finetunejob(api)
+        await eventually(lambda: status(api, "evaljobs", "demo-eval").get("workload"), what="eval Job created")
+        st = status(api, "evaljobs", "demo-eval")
+        assert st["model"] == "finetunejob/demo" and st["modelId"] == f"finetunejob/demo@{api.ftj('demo')['metadata']['uid']}"
+        (job,) = [j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "demo-eval"]
+        (cm,) = [c for c in api.children("v1/configmaps") if c["metadata"]["name"] == "demo-eval-config"]
+        for child in (job, cm):
+            kubernetes_validate.validate(child, "1.30.0", strict=True)
+            assert child["metadata"]["ownerReferences"][0]["uid"] == obj(api, "evaljobs", "demo-eval")["metadata"]["uid"]
+        assert "adapter: /mnt/output/adapter" in cm["data"]["config.yaml"] and "adapter: null" in cm["data"]["baseline.yaml"]
+
+        await run_eval_pod(api, "demo-eval", {"facts/acc": 0.9}, baseline={"facts/acc": 0.25})
+        await eventually(lambda: status(api, "evaljobs", "demo-eval").get("phase") == "Succeeded", what="Succeeded")
+        result = status(api, "evaljobs", "demo-eval")["result"]
+        assert result["metrics"] == {"facts/acc": 0.9} and result["baseline"] == {"facts/acc": 0.25}
+        assert result["delta"] == {"facts/acc": pytest.approx(0.65)} and result["mainMetric"] == "facts/acc=0.9 (+0.65 vs baseline)"
+        table = format_table([obj(api, "evaljobs", "demo-eval")], "EvalJob").splitlines()
+        assert table[0].split() == ["NAME", "MODEL", "PHASE", "MAIN", "METRIC", "AGE"]
+        assert table[1].split()[:4] == ["demo-eval", "finetunejob/demo", "Succeeded", "facts/acc=0.9"]
+        await eventually(lambda: {"Created", "Succeeded"} <= {e.get("reason") for e in api.children("v1/events")
+                                                              if e.get("involvedObject", {}).get("kind") == "EvalJob"}, what="events")
+
+
+async def test_evaljob_fails_when_its_finetunejob_fails_or_is_deleted(api, operator):
+    async with operator():
+        await api.create_ftj(finetunejob())
+        await api.post(f"{KT}/evaljobs", evaljob())
+        await eventually(lambda: condition(api, "evaljobs", "demo-eval", "ModelReady")["reason"] == "WaitingForFineTuneJob", what="waiting")
+        await eventually(lambda: status(api, "finetunejobs", "demo").get("phase") == "Pending")
+        await api.patch(f"{KT}/finetunejobs/demo/status", {"status": {"phase": "Failed", "conditions": [
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "the trainer ran out of memory"}]}})
+        await eventually(lambda: status(api, "evaljobs", "demo-eval").get("phase") == "Failed", what="Failed")
+        ready = condition(api, "evaljobs", "demo-eval", "ModelReady")
+        assert ready["reason"] == "FineTuneJobFailed" and "FineTuneJob demo failed: the trainer ran out of memory" in ready["message"]
+
+        await api.post(f"{KT}/evaljobs", evaljob("orphan", fineTuneJob={"name": "gone"}))
+        await eventually(lambda: status(api, "evaljobs", "orphan").get("phase") == "Pending")
+        await api.create_ftj(finetunejob(**{"metadata.name": "gone"}))
+        await eventually(lambda: status(api, "evaljobs", "orphan").get("fineTuneJobUid"), what="FineTuneJob seen")
+        await api.delete(f"{KT}/finetunejobs/gone")
+        await eventually(lambda: status(api, "evaljobs", "orphan").get("phase") == "Failed", what="deleted -> Failed")
+        ready = condition(api, "evaljobs", "orphan", "ModelReady")
+        assert ready["reason"] == "FineTuneJobNotFound" and "FineTuneJob gone was deleted" in ready["message"]
+        assert not [j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] in ("demo-eval", "orphan")]
+
+
+async def test_modeldeployment_serves_the_finetunejobs_output_and_rolls_out_a_rerun(api, operator):
+    async with operator():
+        await api.post(f"{KT}/modeldeployments", modeldeployment())
+        await api.create_ftj(finetunejob())
+        await eventually(lambda: condition(api, "modeldeployments", "bot", "ModelReady")["reason"] == "WaitingForFineTuneJob", what="waiting")
+        assert status(api, "modeldeployments", "bot")["phase"] == "Pending" and not api.children("apps/v1/deployments")
+        await finish_finetunejob(api)
+        await eventually(lambda: api.children("apps/v1/deployments"), what="Deployment")
+        (dep,), services = api.children("apps/v1/deployments"), [s for s in api.children("v1/services") if s["metadata"]["name"] == "bot"]
+        kubernetes_validate.validate(dep, "1.30.0", strict=True)
+        assert len(services) == 1 and services[0]["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
+        argv = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert "demo=/mnt/output/adapter" in argv and dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+        await eventually(lambda: status(api, "modeldeployments", "bot").get("phase") == "Progressing", what="Progressing")
+        assert status(api, "modeldeployments", "bot")["ready"] == "0/2"
+
+        await deployment_ready(api)
+        await eventually(lambda: status(api, "modeldeployments", "bot").get("phase") == "Ready", what="Ready")
+        st = status(api, "modeldeployments", "bot")
+        assert st["ready"] == "2/2" and st["readyReplicas"] == 2 and st["url"] == f"http://bot.{NS}.svc:8000/v1"
+        assert st["servedModels"] == ["bot", "demo"] and st["model"] == "finetunejob/demo"
+        assert condition(api, "modeldeployments", "bot", "Available")["status"] == "True"
+        assert condition(api, "modeldeployments", "bot", "Progressing")["reason"] == "NewReplicaSetAvailable"
+        table = format_table([obj(api, "modeldeployments", "bot")], "ModelDeployment").splitlines()
+        assert table[0].split() == ["NAME", "MODEL", "READY", "URL", "AGE"]
+        assert table[1].split()[:4] == ["bot", "finetunejob/demo", "2/2", f"http://bot.{NS}.svc:8000/v1"]
+
+        # A re-run of the FineTuneJob (deleted, created again): the old model serves meanwhile,
+        # then the new output rolls out through the Deployment's rolling update.
+        first_id = served_model_id(api)
+        await api.delete(f"{KT}/finetunejobs/demo")
+        await eventually(lambda: condition(api, "modeldeployments", "bot", "ModelReady")["reason"] == "FineTuneJobNotFound", what="gone")
+        assert status(api, "modeldeployments", "bot")["phase"] == "Ready" and served_model_id(api) == first_id
+        await api.create_ftj(finetunejob())
+        await finish_finetunejob(api, adapter="/mnt/output/adapter-v2")
+        await eventually(lambda: served_model_id(api) != first_id, what="rollout of the re-run")
+        (dep,) = api.children("apps/v1/deployments")
+        assert "demo=/mnt/output/adapter-v2" in dep["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert dep["metadata"]["generation"] == 2  # patched in place: a rolling update, not a new Deployment
+        await eventually(lambda: status(api, "modeldeployments", "bot").get("phase") == "Progressing", what="rolling")
+
+        await api.delete(f"{KT}/modeldeployments/bot")
+        await eventually(lambda: not api.children("apps/v1/deployments") and not [s for s in api.children("v1/services") if s["metadata"]["name"] == "bot"],
+                         what="children gone with the ModelDeployment")
+
+
+async def test_promotion_gate_holds_a_new_model_until_its_evaljob_passes(api, operator):
+    async with operator():
+        await api.post(f"{KT}/modeldeployments", modeldeployment(model={"source": "pvc://models/v1"}))
+        await eventually(lambda: api.children("apps/v1/deployments"), what="Deployment of v1")
+        await deployment_ready(api)
+        await eventually(lambda: status(api, "modeldeployments", "bot").get("phase") == "Ready", what="v1 Ready")
+        assert served_model_id(api) == "pvc://models/v1"
+
+        # v2 with a gate: its EvalJob measures 0.5, the threshold is 0.6 -> held, v1 keeps serving.
+        await api.post(f"{KT}/evaljobs", evaljob("eval-v2", model={"source": "pvc://models/v2"}, baseline=False))
+        gate = {"evalJob": "eval-v2", "metric": "facts/acc", "min": 0.6}
+        await api.patch(f"{KT}/modeldeployments/bot", {"spec": {"model": {"source": "pvc://models/v2"}, "promotion": gate}})
+        await eventually(lambda: condition(api, "modeldeployments", "bot", "Promoted")["reason"] == "WaitingForEvalJob", what="waiting for eval")
+        await run_eval_pod(api, "eval-v2", {"facts/acc": 0.5})
+        await eventually(lambda: condition(api, "modeldeployments", "bot", "Promoted")["reason"] == "MetricBelowThreshold", what="held")
+        promoted = condition(api, "modeldeployments", "bot", "Promoted")
+        assert promoted["status"] == "False" and "facts/acc = 0.5" in promoted["message"] and ">= min 0.6" in promoted["message"]
+        assert served_model_id(api) == "pvc://models/v1"
+        st = status(api, "modeldeployments", "bot")
+        assert st["phase"] == "Ready" and st["model"] == "pvc://models/v1"
+
+        # A metric the EvalJob cannot report is refused with the same words as locally.
+        await api.patch(f"{KT}/modeldeployments/bot", {"spec": {"promotion": {"metric": "facts/perplexity"}}})
+        await eventually(lambda: condition(api, "modeldeployments", "bot", "Promoted")["reason"] == "MetricNotFound", what="unknown metric")
+        assert "reports acc, acc_norm, not 'perplexity'" in condition(api, "modeldeployments", "bot", "Promoted")["message"]
+
+        # Another EvalJob of v2 that passes: promoted, and v2 rolls out.
+        await api.post(f"{KT}/evaljobs", evaljob("eval-v2b", model={"source": "pvc://models/v2"}, baseline=False))
+        await run_eval_pod(api, "eval-v2b", {"facts/acc": 0.8})
+        await api.patch(f"{KT}/modeldeployments/bot", {"spec": {"promotion": {"evalJob": "eval-v2b", "metric": "facts/acc"}}})
+        await eventually(lambda: condition(api, "modeldeployments", "bot", "Promoted")["status"] == "True", what="promoted")
+        assert "facts/acc = 0.8 >= min 0.6" in condition(api, "modeldeployments", "bot", "Promoted")["message"]
+        await eventually(lambda: served_model_id(api) == "pvc://models/v2", what="v2 rolled out")
+        await eventually(lambda: status(api, "modeldeployments", "bot").get("model") == "pvc://models/v2", what="status follows")
+        await eventually(lambda: {"Created", "PromotionHeld", "RollingOut"} <= {
+            e.get("reason") for e in api.children("v1/events") if e.get("involvedObject", {}).get("kind") == "ModelDeployment"}, what="events")
+
+
+async def test_admission_webhook_refuses_bad_evaljobs_and_modeldeployments_naming_the_field(operator):
+    """kopf's real webhook server with AdmissionReviews as the API server sends them."""
+    import asyncio
+    import socket
+
+    import aiohttp
+    import kopf
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    webhook = kopf.WebhookServer(addr="127.0.0.1", port=port, insecure=True)
+
+    def review(obj: dict, plural: str) -> dict:
+        return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "r-1", "operation": "CREATE", "object": obj, "oldObject": None, "dryRun": False,
+            "kind": {"group": "kubetune.dev", "version": "v1alpha1", "kind": obj["kind"]},
+            "resource": {"group": "kubetune.dev", "version": "v1alpha1", "resource": plural},
+            "userInfo": {"username": "alice"}, "options": {}}}
+
+    async def answer(http, path: str, obj: dict, plural: str) -> dict:
+        for _ in range(50):  # the server starts with the operator
+            try:
+                async with http.post(f"http://127.0.0.1:{port}/{path}", json=review(obj, plural)) as resp:
+                    return (await resp.json())["response"]
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.1)
+        raise AssertionError("webhook did not answer")
+
+    async with operator(webhook=webhook, admission=True):
+        async with aiohttp.ClientSession() as http:
+            bad_eval = await answer(http, "validate-evaljob", evaljob(config={"batch_sise": 4}), "evaljobs")
+            no_baseline = await answer(http, "validate-evaljob", evaljob(model={"source": "pvc://m/x"}), "evaljobs")
+            good_eval = await answer(http, "validate-evaljob", evaljob(), "evaljobs")
+            bad_vllm = await answer(http, "validate-modeldeployment", modeldeployment(runtime="vllm"), "modeldeployments")
+            good_mdep = await answer(http, "validate-modeldeployment", modeldeployment(), "modeldeployments")
+    assert bad_eval["allowed"] is False and bad_eval["status"]["code"] == 422 and "batch_sise" in bad_eval["status"]["message"]
+    assert no_baseline["allowed"] is False and "spec.baseline" in no_baseline["status"]["message"]
+    assert bad_vllm["allowed"] is False and "spec.resources.gpusPerNode: runtime vllm" in bad_vllm["status"]["message"]
+    assert good_eval["allowed"] is True and good_mdep["allowed"] is True

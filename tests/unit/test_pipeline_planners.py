@@ -1,0 +1,305 @@
+"""The EvalJob and ModelDeployment planners and the reference rules they share (pure functions)."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from kubetune.errors import KubetuneError
+from kubetune.operator.api import parse_object
+from kubetune.operator.deployplanner import MODEL_ID_ANNOTATION, SPEC_HASH_ANNOTATION, plan_deployment
+from kubetune.operator.evalplanner import plan_eval
+from kubetune.operator.pipeline_status import deployment_state, eval_result
+from kubetune.operator.references import (
+    PipelineReferenceError,
+    dependency_order,
+    finetune_wait,
+    promotion_metric_error,
+    promotion_verdict,
+)
+from kubetune.trainer.config import resolve_config
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = "1.30.0"
+VLLM = yaml.safe_load((Path(__file__).parent / "data" / "vllm_cli_flags.yaml").read_text())
+
+
+def ftj_body(result=None, phase="Succeeded", output="pvc://outputs/runs/demo", uid="ftj-uid-1"):
+    doc = yaml.safe_load((REPO / "examples" / "finetune-tiny.yaml").read_text())
+    doc["metadata"].update(namespace="ml", uid=uid)
+    doc["spec"]["model"]["source"] = "pvc://models/llama"
+    if output:
+        doc["spec"]["output"] = {"source": output}
+    doc["status"] = {"phase": phase, "result": result if result is not None else
+                     {"adapter": "/mnt/output/runs/demo/adapter", "checkpoint": "/mnt/output/runs/demo/model", "finalLoss": 0.5}}
+    return doc
+
+
+def evj(**spec):
+    doc = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "EvalJob",
+           "metadata": {"name": "demo-eval", "namespace": "ml", "uid": "evj-uid"},
+           "spec": {"fineTuneJob": {"name": "demo"}, "baseline": True, "resources": {"gpusPerNode": 1},
+                    "tasks": [{"name": "facts", "type": "multiple_choice", "source": "builtin://tiny_instruct_mc",
+                               "options": {"context_field": "question"}}], **spec}}
+    if "model" in spec:
+        del doc["spec"]["fineTuneJob"]
+    return parse_object(doc, "test")
+
+
+def mdep(**spec):
+    doc = {"apiVersion": "kubetune.dev/v1alpha1", "kind": "ModelDeployment",
+           "metadata": {"name": "bot", "namespace": "ml", "uid": "mdep-uid"},
+           "spec": {"fineTuneJob": {"name": "demo"}, "replicas": 2, "resources": {"gpusPerNode": 1}, **spec}}
+    if "model" in spec:
+        del doc["spec"]["fineTuneJob"]
+    return parse_object(doc, "test")
+
+
+# ---- EvalJob ----------------------------------------------------------------------------------
+
+
+def test_evaljob_of_a_lora_finetunejob_evaluates_base_plus_adapter_and_the_baseline_first():
+    config_map, job = plan_eval(evj(), ftj_body())
+    for obj in (config_map, job):
+        kubernetes_validate.validate(obj, K8S, strict=True)
+        assert obj["metadata"]["ownerReferences"][0] == {"apiVersion": "kubetune.dev/v1alpha1", "kind": "EvalJob", "name": "demo-eval",
+                                                         "uid": "evj-uid", "controller": True, "blockOwnerDeletion": True}
+    model = resolve_config("eval", yaml.safe_load(config_map["data"]["config.yaml"]))
+    baseline = resolve_config("eval", yaml.safe_load(config_map["data"]["baseline.yaml"]))
+    # The FineTuneJob's summary names pod paths; its claims are mounted where its trainer had them.
+    assert (model.model.path, model.adapter) == ("/mnt/model/llama", "/mnt/output/runs/demo/adapter")
+    assert (baseline.model.path, baseline.adapter) == ("/mnt/model/llama", None)
+    assert model.tasks[0].path == "builtin://tiny_instruct_mc" and baseline.tasks == model.tasks
+    assert baseline.output_dir == model.output_dir + "/baseline"
+    pod = job["spec"]["template"]["spec"]
+    (init,), (main,) = pod["initContainers"], pod["containers"]
+    assert init["command"] == ["kubetune", "run", "eval", "--config", "/etc/kubetune/baseline.yaml"]
+    assert main["command"] == ["kubetune", "run", "eval", "--config", "/etc/kubetune/config.yaml"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"models": True, "outputs": True}
+    mounts = {m["mountPath"]: m.get("readOnly", False) for m in main["volumeMounts"]}
+    assert mounts["/mnt/model"] and mounts["/mnt/output"] and not mounts["/mnt/results"]
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert main["securityContext"]["allowPrivilegeEscalation"] is False and main["securityContext"]["readOnlyRootFilesystem"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["automountServiceAccountToken"] is False
+    assert job["spec"]["completions"] == 1 and job["spec"]["template"]["metadata"]["labels"]["kubetune.dev/evaljob"] == "demo-eval"
+
+
+def test_evaljob_of_a_full_finetunejob_uses_its_model_and_kueue_suspends_the_job():
+    result = {"checkpoint": "/mnt/output/runs/demo/model", "adapter": None}
+    config_map, job = plan_eval(evj(queueName="eval-queue"), ftj_body(result))
+    model = resolve_config("eval", yaml.safe_load(config_map["data"]["config.yaml"]))
+    assert (model.model.path, model.adapter) == ("/mnt/output/runs/demo/model", None)
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "eval-queue"
+
+
+def test_evaljob_refusals_name_the_field():
+    with pytest.raises(KubetuneError, match=r"spec.baseline: there is nothing to compare"):
+        plan_eval(evj(model={"source": "builtin://tiny"}))
+    with pytest.raises(KubetuneError, match=r"emptyDir.*spec.output.source: pvc://"):
+        plan_eval(evj(), ftj_body(output=None))
+    with pytest.raises(KubetuneError, match=r"spec.config.tasks: set by spec.tasks"):
+        plan_eval(evj(config={"tasks": []}), ftj_body())
+    with pytest.raises(KubetuneError, match=r"(?s)spec.config: .*batch_sise"):
+        plan_eval(evj(config={"batch_sise": 4}), ftj_body())
+
+
+def test_eval_result_shows_both_models_and_the_difference():
+    tuned = json.dumps({"mainMetric": "facts/acc=0.9", "metrics": {"facts/acc": 0.9, "facts/acc_norm": 0.8}})
+    base = "some log line\n" + json.dumps({"mainMetric": "facts/acc=0.25", "metrics": {"facts/acc": 0.25, "facts/acc_norm": 0.3}})
+    result = eval_result(tuned, base)
+    assert result["metrics"] == {"facts/acc": 0.9, "facts/acc_norm": 0.8}
+    assert result["baseline"] == {"facts/acc": 0.25, "facts/acc_norm": 0.3}
+    assert result["delta"] == {"facts/acc": pytest.approx(0.65), "facts/acc_norm": pytest.approx(0.5)}
+    assert result["mainMetric"] == "facts/acc=0.9 (+0.65 vs baseline)" and result["baselineMainMetric"] == "facts/acc=0.25"
+    assert eval_result(tuned) == {"metrics": {"facts/acc": 0.9, "facts/acc_norm": 0.8}, "mainMetric": "facts/acc=0.9"}
+    assert eval_result("Traceback: boom") is None
+
+
+# ---- references ------------------------------------------------------------------------------
+
+
+def test_finetunejob_references_wait_fail_or_resolve():
+    assert finetune_wait("demo", ftj_body(), None) is None
+    running = finetune_wait("demo", ftj_body(phase="Running"), "ftj-uid-1")
+    assert (running.phase, running.reason) == ("Pending", "WaitingForFineTuneJob") and "demo" in running.message
+    failed_body = ftj_body(phase="Failed")
+    failed_body["status"]["conditions"] = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "OOM in step 3"}]
+    failed = finetune_wait("demo", failed_body, None)
+    assert (failed.phase, failed.reason) == ("Failed", "FineTuneJobFailed") and "OOM in step 3" in failed.message
+    never_seen = finetune_wait("demo", None, None)  # `kubectl apply -f folder/` may create the EvalJob first
+    assert (never_seen.phase, never_seen.reason) == ("Pending", "FineTuneJobNotFound")
+    deleted = finetune_wait("demo", None, "ftj-uid-1")
+    assert (deleted.phase, deleted.reason) == ("Failed", "FineTuneJobNotFound") and "deleted" in deleted.message
+    replaced = finetune_wait("demo", ftj_body(uid="other"), "ftj-uid-1")
+    assert (replaced.phase, replaced.reason) == ("Failed", "FineTuneJobNotFound")
+    nothing = finetune_wait("demo", ftj_body(result={"finalLoss": 1.0}), None)
+    assert (nothing.phase, nothing.reason) == ("Failed", "FineTuneJobOutputMissing")
+
+
+def evaljob_body(phase="Succeeded", metrics=None, model_id="finetunejob/demo@ftj-uid-1"):
+    return {"status": {"phase": phase, "modelId": model_id, "model": "finetunejob/demo",
+                       "result": {"metrics": metrics if metrics is not None else {"facts/acc": 0.5}}}}
+
+
+def test_promotion_gate_in_both_directions_with_the_measured_value():
+    gate = mdep(promotion={"evalJob": "demo-eval", "metric": "facts/acc", "min": 0.6}).spec.promotion
+    model_id = "finetunejob/demo@ftj-uid-1"
+    held = promotion_verdict(gate, evaljob_body(metrics={"facts/acc": 0.5}), model_id)
+    assert not held.promoted and held.reason == "MetricBelowThreshold" and held.value == 0.5
+    assert "facts/acc = 0.5" in held.message and ">= min 0.6" in held.message and "previous model keeps serving" in held.message
+    passed = promotion_verdict(gate, evaljob_body(metrics={"facts/acc": 0.75}), model_id)
+    assert passed.promoted and passed.reason == "MetricPassed" and "0.75" in passed.message
+    assert promotion_verdict(gate, evaljob_body(phase="Running"), model_id).reason == "WaitingForEvalJob"
+    assert promotion_verdict(gate, evaljob_body(phase="Failed"), model_id).reason == "EvalJobFailed"
+    assert promotion_verdict(gate, None, model_id).reason == "EvalJobNotFound"
+    assert promotion_verdict(gate, evaljob_body(model_id="finetunejob/demo@old-run"), model_id).reason == "EvalJobModelMismatch"
+    assert promotion_verdict(gate, evaljob_body(metrics={"other/acc": 1.0}), model_id).reason == "MetricNotFound"
+    lower = mdep(promotion={"evalJob": "e", "metric": "facts/perplexity", "max": 20}).spec.promotion
+    assert promotion_verdict(lower, evaljob_body(metrics={"facts/perplexity": 12.0}), model_id).promoted
+    assert not promotion_verdict(lower, evaljob_body(metrics={"facts/perplexity": 25.0}), model_id).promoted
+
+
+def test_promotion_metric_must_exist_in_the_evaljobs_tasks():
+    job = evj()
+    ok = mdep(promotion={"evalJob": "demo-eval", "metric": "facts/acc_norm", "min": 0.5}).spec.promotion
+    assert promotion_metric_error(ok, job) is None
+    wrong_task = mdep(promotion={"evalJob": "demo-eval", "metric": "hellaswag/acc", "min": 0.5}).spec.promotion
+    assert "has no task 'hellaswag'" in promotion_metric_error(wrong_task, job)
+    wrong_metric = mdep(promotion={"evalJob": "demo-eval", "metric": "facts/perplexity", "min": 0.5}).spec.promotion
+    assert "reports acc, acc_norm, not 'perplexity'" in promotion_metric_error(wrong_metric, job)
+    with pytest.raises(KubetuneError, match="exactly one of min"):
+        mdep(promotion={"evalJob": "e", "metric": "facts/acc", "min": 1, "max": 2})
+    with pytest.raises(KubetuneError, match="spec.promotion.metric"):
+        mdep(promotion={"evalJob": "e", "metric": "acc", "min": 1})
+
+
+def test_dependency_order_puts_references_first_and_refuses_cycles():
+    objs = [mdep(promotion={"evalJob": "demo-eval", "metric": "facts/acc", "min": 0.5}), evj(),
+            parse_object(yaml.safe_load((REPO / "examples" / "finetune-tiny.yaml").read_text()), "t")]
+    assert [o.kind for o in dependency_order(objs)] == ["FineTuneJob", "EvalJob", "ModelDeployment"]
+
+    def node(kind, name, ref):
+        spec = SimpleNamespace(fine_tune_job=None, promotion=SimpleNamespace(eval_job=ref))
+        return SimpleNamespace(kind=kind, metadata=SimpleNamespace(name=name), spec=spec)
+
+    with pytest.raises(PipelineReferenceError, match="cycle: EvalJob/a -> EvalJob/b -> EvalJob/a"):
+        dependency_order([node("EvalJob", "a", "b"), node("EvalJob", "b", "a")])
+
+
+# ---- ModelDeployment ----------------------------------------------------------------------------
+
+
+def test_deployment_serves_the_finetunejobs_adapter_by_its_name_with_probes_and_no_downtime_rollouts():
+    service, deployment = plan_deployment(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body())
+    for obj in (service, deployment):
+        kubernetes_validate.validate(obj, K8S, strict=True)
+        assert obj["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2 and spec["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    container = spec["template"]["spec"]["containers"][0]
+    argv = container["command"]
+    assert argv[:3] == ["kubetune", "serve", "/mnt/model/llama"]
+    assert argv[argv.index("--served-model-name") + 1] == "bot" and argv[argv.index("--host") + 1] == "0.0.0.0"
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--adapter"] == ["demo=/mnt/output/runs/demo/adapter", "support=/mnt/adapter-0/support"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] >= 600
+    assert spec["template"]["metadata"]["annotations"][MODEL_ID_ANNOTATION] == "finetunejob/demo@ftj-uid-1"
+    assert service["spec"]["selector"] == spec["selector"]["matchLabels"]
+    assert set(spec["selector"]["matchLabels"].items()) <= set(spec["template"]["metadata"]["labels"].items())
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    # Same input, same hash; a new FineTuneJob output (a re-run) changes the template and the hash.
+    again = plan_deployment(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body())[1]
+    assert again["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == deployment["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+    rerun = plan_deployment(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body(uid="ftj-uid-2"))[1]
+    assert rerun["metadata"]["annotations"][SPEC_HASH_ANNOTATION] != deployment["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+
+
+def test_vllm_arguments_are_vllms_documented_flags():
+    dep = mdep(runtime="vllm", maxModelLen=4096, resources={"gpusPerNode": 4}, extraArgs=["--gpu-memory-utilization", "0.85"])
+    _, deployment = plan_deployment(dep, ftj_body())
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    argv = container["command"]
+    assert argv[:2] == VLLM["command"] and argv[2] == "/mnt/model/llama"
+    flags = VLLM["flags"]
+    i = 3
+    seen = {}
+    while i < len(argv):  # every option is one of vLLM's, with the arity vLLM gives it
+        flag = argv[i]
+        assert flag in flags, f"{flag} is not a vLLM flag"
+        if flags[flag] == "switch":
+            values, i = [], i + 1
+        elif flags[flag] == "value":
+            values, i = [argv[i + 1]], i + 2
+        else:
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            values, i = argv[i + 1:j], j
+        seen[flag] = values
+    assert seen["--tensor-parallel-size"] == ["4"] and seen["--max-model-len"] == ["4096"]
+    assert seen["--lora-modules"] == ["demo=/mnt/output/runs/demo/adapter"] and "--enable-lora" in seen
+    assert seen["--served-model-name"] == ["bot"] and seen["--gpu-memory-utilization"] == ["0.85"]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["path"] == VLLM["health_path"]
+    assert container["image"].startswith("vllm/vllm-openai:")
+
+
+def test_autoscaling_makes_an_hpa_and_leaves_replicas_to_it():
+    dep = mdep(model={"source": "pvc://models/llama"}, resources={"gpusPerNode": 1, "requests": {"cpu": "4"}},
+               autoscaling={"minReplicas": 1, "maxReplicas": 4})
+    service, deployment, hpa = plan_deployment(dep)
+    kubernetes_validate.validate(hpa, K8S, strict=True)
+    assert "replicas" not in deployment["spec"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "bot"}
+    assert hpa["spec"]["metrics"][0]["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
+    in_flight = mdep(model={"source": "pvc://models/llama"}, autoscaling={"maxReplicas": 3, "metric": "requestsInFlight", "target": 6})
+    pods_metric = plan_deployment(in_flight)[2]["spec"]["metrics"][0]["pods"]
+    assert pods_metric == {"metric": {"name": "kubetune_serve_running_sequences"}, "target": {"type": "AverageValue", "averageValue": "6"}}
+
+
+def test_deployment_refusals_name_the_field():
+    with pytest.raises(KubetuneError, match="spec.resources.gpusPerNode: runtime vllm"):
+        plan_deployment(mdep(runtime="vllm", resources={"gpusPerNode": 0}), ftj_body())
+    with pytest.raises(KubetuneError, match="spec.autoscaling.metric cpu.*requests.cpu"):
+        plan_deployment(mdep(autoscaling={"maxReplicas": 2}), ftj_body())
+    with pytest.raises(KubetuneError, match="'demo' is served twice"):
+        plan_deployment(mdep(adapters=[{"name": "demo", "source": "pvc://a/b"}]), ftj_body())
+    with pytest.raises(KubetuneError, match="maxReplicas"):
+        mdep(autoscaling={"minReplicas": 3, "maxReplicas": 2})
+
+
+def test_deployment_state_follows_the_deployment_controller():
+    dep = {"metadata": {"generation": 2}, "status": {"observedGeneration": 2, "readyReplicas": 2, "updatedReplicas": 2,
+                                                      "conditions": [{"type": "Available", "status": "True"}]}}
+    assert deployment_state(dep, 2)[:2] == ("Ready", 2)
+    stale = copy.deepcopy(dep)
+    stale["status"]["observedGeneration"] = 1
+    assert deployment_state(stale, 2)[0] == "Progressing"
+    rolling = copy.deepcopy(dep)
+    rolling["status"]["updatedReplicas"] = 1
+    assert deployment_state(rolling, 2)[0] == "Progressing"
+    stuck = {"status": {"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]}}
+    assert deployment_state(stuck, 1)[0] == "Failed"
+    assert deployment_state(None, 1) == ("Pending", 0, {})
+
+
+def test_the_example_pipeline_plans_on_the_example_finetunejob():
+    ftj = yaml.safe_load((REPO / "examples" / "llama3.1-8b-lora.yaml").read_text())
+    ftj["metadata"]["uid"] = "u1"
+    ftj["status"] = {"phase": "Succeeded", "result": {"adapter": "/mnt/output/adapter", "checkpoint": "/mnt/output/model"}}
+    docs = [d for d in yaml.safe_load_all((REPO / "examples" / "eval-and-serve.yaml").read_text()) if d]
+    objects = [parse_object(d, "example") for d in docs]
+    assert [o.kind for o in dependency_order(objects)] == ["EvalJob", "ModelDeployment", "ModelDeployment"]
+    evaljob, support, vllm = objects
+    assert promotion_metric_error(vllm.spec.promotion, evaljob) is None  # lm-eval tasks: any metric name
+    for obj in plan_eval(evaljob, ftj) + plan_deployment(vllm, ftj) + plan_deployment(support):
+        kubernetes_validate.validate(obj, K8S, strict=True)
+    argv = plan_deployment(vllm, ftj)[1]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert argv[argv.index("--lora-modules") + 1] == "llama31-8b-lora=/mnt/output/adapter"
