@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="API keys, one per line (a mounted Secret; also $KUBETUNE_SERVE_API_KEY_FILE)")
     serve.add_argument("--max-sequences-per-client", type=int, default=None,
                        help="running + waiting sequences one client (API key) may hold (default: no limit)")
+    serve.add_argument("--prefix-cache-mb", type=float, default=256,
+                       help="memory for K/V of recent prompt prefixes, reused by prompts that start alike (0: off)")
+    serve.add_argument("--max-prefill-tokens", type=int, default=4096,
+                       help="padded prompt tokens per prefill forward (new sequences are prefilled together)")
     serve.add_argument("--allow-ignore-eos", action="store_true", help="accept the `ignore_eos` request field")
     serve.add_argument("--max-request-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
     serve.add_argument("--request-timeout", type=float, default=30.0,
