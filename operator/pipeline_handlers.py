@@ -468,13 +468,14 @@ def register(registry: kopf.OperatorRegistry, state: Any) -> PipelineReconciler:
 
     if state.config.admission:  # the same webhook server as FineTuneJobs' (docs/operator.md)
 
-        @kopf.on.validate(*EVJ, id=EVAL_ADMISSION_ID, registry=registry)
+        # CREATE and UPDATE only: a DELETE must never be refused (issue #26)
+        @kopf.on.validate(*EVJ, id=EVAL_ADMISSION_ID, operations=["CREATE", "UPDATE"], registry=registry)
         async def validate_eval(body: Any, **_: Any) -> None:
             error = eval_admission_error(json.loads(json.dumps({k: body[k] for k in body})))
             if error:
                 raise kopf.AdmissionError(error, code=422)
 
-        @kopf.on.validate(*MDEP, id=DEPLOYMENT_ADMISSION_ID, registry=registry)
+        @kopf.on.validate(*MDEP, id=DEPLOYMENT_ADMISSION_ID, operations=["CREATE", "UPDATE"], registry=registry)
         async def validate_deployment(body: Any, **_: Any) -> None:
             error = deployment_admission_error(json.loads(json.dumps({k: body[k] for k in body})))
             if error:
