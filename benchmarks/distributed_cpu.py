@@ -26,21 +26,35 @@ from full_finetune_cpu import make_workdir  # noqa: E402  (the ~47M model and it
 WARMUP = 2
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts each rank in a session of its own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def rank_peaks(launcher: subprocess.Popen, nproc: int, peaks: dict[int, int]) -> None:
     """Update {rank: peak RSS bytes}: the VmHWM of the one process, or of each torchrun worker (RANK set)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in [launcher.pid] if nproc == 1 else descendants(launcher.pid):
         try:
-            pid = int(entry.name)
-            if os.getpgid(pid) != launcher.pid or (nproc == 1 and pid != launcher.pid):
-                continue
-            environ = dict(item.split(b"=", 1) for item in (entry / "environ").read_bytes().split(b"\0") if b"=" in item)
-            status = (entry / "status").read_text()
+            environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                           if b"=" in item)
+            status = Path(f"/proc/{pid}/status").read_text()
         except (OSError, ValueError):
             continue
         if nproc > 1 and b"RANK" not in environ:
-            continue  # the launcher itself
+            continue  # torchrun's own processes
         rank = int(environ.get(b"RANK", b"0"))
         for line in status.splitlines():
             if line.startswith("VmHWM:"):

@@ -87,7 +87,11 @@ def build_model_dir(name: str, folder: Path) -> None:
         config = {**BUILTIN_MODELS[name], "bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"]}
         args = ModelArgs.from_hf_config(config, source=f"builtin://{name}")
         args.generation_config = {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]}
-        model = LlamaForCausalLM(args)
+        # Leave the global RNG alone: the process that happens to build this on first use must draw
+        # the same numbers afterwards (LoRA init) as one that found it built; under torchrun one rank
+        # builds it and the others wait, and their adapters must start equal.
+        with torch.random.fork_rng(devices=[]):
+            model = LlamaForCausalLM(args)
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for param_name, param in model.named_parameters():

@@ -204,6 +204,9 @@ def test_cluster_wide_by_default_with_finalizers_for_owner_reference_enforcement
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": one(docs, "ServiceAccount")["metadata"]["name"], "namespace": NAMESPACE}]
     assert not allowed(rules, "kopf.dev", "clusterkopfpeerings", "patch")  # only with peering
     assert not allowed(rules, "trainer.kubeflow.org", "trainjobs", "create")  # off by default
+    assert allowed(rules, "jobset.x-k8s.io", "jobsets", "create")  # backend auto picks JobSet where served
+    assert not allowed(rules, "trainer.kubeflow.org", "clustertrainingruntimes", "get")
+    assert allowed(rbac_rules(rendered["all-backends"], "ClusterRole"), "trainer.kubeflow.org", "clustertrainingruntimes", "get")
 
 
 def test_namespaced_mode_has_a_role_per_namespace_and_nothing_cluster_wide(rendered):
@@ -234,6 +237,7 @@ def planned_children() -> list[dict[str, Any]]:
             job = parse_object(doc, path.name)
             children += plan(job, ClusterInfo(has_pytorchjob=True))
             children += plan(job, ClusterInfo(has_pytorchjob=False))
+            children += plan(job, ClusterInfo(has_jobset=True))  # what `backend: auto` picks where JobSet is served
     return children
 
 
@@ -248,7 +252,8 @@ def test_rbac_allows_every_create_the_planner_makes(rendered, scenario):
 
     children = planned_children() + pipeline_objects()
     kinds = {(c["apiVersion"].rpartition("/")[0], c["kind"]) for c in children}
-    assert {("batch", "Job"), ("kubeflow.org", "PyTorchJob"), ("apps", "Deployment"), ("autoscaling", "HorizontalPodAutoscaler")} <= kinds
+    assert {("batch", "Job"), ("kubeflow.org", "PyTorchJob"), ("jobset.x-k8s.io", "JobSet"), ("apps", "Deployment"),
+            ("autoscaling", "HorizontalPodAutoscaler")} <= kinds
     for group, kind in kinds:
         for verb in ("create", "get", "patch"):
             assert allowed(rules, group, plural(kind), verb), f"the operator cannot {verb} {plural(kind)}.{group}"

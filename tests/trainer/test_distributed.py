@@ -317,3 +317,45 @@ def test_launcher_argv_is_torchrun():
                                       "--nproc-per-node", "8", "lora_finetune"])
     argv = torchrun_argv(args)
     assert "--standalone" not in argv and {"--nnodes=2", "--node-rank=1", "--master-addr=h0"} <= set(argv)
+
+
+@pytest.mark.slow
+def test_sigterm_of_the_launcher_checkpoints_every_rank_at_one_step(tmp_path):
+    out_dir = tmp_path / "run"
+    process = start("full_finetune", "tiny_full", out_dir, 2, "save_every_steps=null", "max_steps=400")
+    wait_for(lambda: (out_dir / "metrics.jsonl").is_file() and any("loss" in r for r in read_metrics(out_dir / "metrics.jsonl")),
+             process, what="a first step")
+    process.send_signal(signal.SIGTERM)  # what the kubelet sends the pod (torchrun forwards it)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode != 0  # torchrun reports the ranks' 143 as a failure
+    steps = checkpoint_steps(out_dir)
+    assert len(steps) == 1 and 0 < steps[0] < 400, out[-3000:]
+    folder = out_dir / "checkpoints" / f"step_{steps[0]}"
+    assert (folder / SHARDED_STATE / ".metadata").is_file() and (folder / "rng_rank_1.pt").is_file()
+    assert f"SIGTERM: saved a checkpoint at step {steps[0]}" in out  # rank 0's report
+
+
+def test_qlora_under_fsdp2_matches_one_process_with_the_same_nf4_groups(tmp_path, monkeypatch):
+    """NF4 under FSDP2 (torchao's NF4Tensor all-gather) on gloo. On the tiny model the 2-rank run
+    halves the NF4 double-quantization groups so they split over the ranks; the one-process
+    reference quantizes with the same groups, and then the runs match (1e-5). (Run first in a fresh
+    session cache, this caught one rank building builtin://tiny and so drawing different LoRA inits.)"""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    import kubetune.trainer.quant as quant
+    from kubetune.trainer.checkpoint import resolve_model_dir
+    from kubetune.trainer.config import resolve_config
+    from kubetune.trainer.recipes.lora_finetune import recipe_main
+
+    extra = ["save_every_steps=3", "save_merged=false"]
+    train("lora_finetune", "tiny_qlora", tmp_path / "nproc2", 2, *extra)
+    quantize = quant.quantize_base
+    monkeypatch.setattr(quant, "quantize_base", lambda model, shards=1: quantize(model, shards=2))
+    recipe_main(resolve_config("lora_finetune", "tiny_qlora", [
+        *command("lora_finetune", "tiny_qlora", tmp_path / "nproc1", 1, *extra)[7:]]))
+    assert_same_losses(tmp_path / "nproc2", tmp_path / "nproc1")
+    assert_same_tensors(adapter_weights(tmp_path / "nproc2"), adapter_weights(tmp_path / "nproc1"))
+    assert 3 in checkpoint_steps(tmp_path / "nproc2")
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_dir("builtin://tiny"), dtype=torch.float32)
+    peft.PeftModel.from_pretrained(base, tmp_path / "nproc2" / "adapter")

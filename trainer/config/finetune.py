@@ -51,7 +51,7 @@ class TokenizerSection(StrictModel):
 class DatasetSection(StrictModel):
     source: str = Field(
         description="Local .json/.jsonl/.parquet file or folder (folder: <split>.<ext> inside), "
-        "hf://org/name (the optional `datasets` library), or builtin://tiny_instruct (the synthetic task)"
+        "hf://org/name (the optional `datasets` library), or builtin://tiny_instruct / builtin://tiny_preference (the synthetic tasks)"
     )
     format: Literal["alpaca", "chat", "prompt_completion", "text", "preference"] = "alpaca"
     split: str = "train"

@@ -9,7 +9,8 @@ inputs (the loss shifts them) and -100 where a token is not trained on.
 - prompt_completion (TRL): {prompt, completion}: two strings (tokenized as they are), or two
   message lists (rendered with the chat template); only the completion is trained on.
 - text: {<text_field>: "..."}; every token is trained on; long documents become several samples.
-- preference: {prompt, chosen, rejected} (for DPO); a chosen and a rejected sample per record.
+- preference: {prompt, chosen, rejected} text or chat (for DPO); one pair sample per record
+  (`kubetune.trainer.data.preference`).
 
 `columns` renames the fields each format reads ({"instruction": "question"} reads the
 instruction from the record's "question").
@@ -93,7 +94,13 @@ def tokenize_records(
         elif format == "text":
             new = text_samples(record, tokenizer, max_seq_len, "text")
         elif format == "preference":
-            samples.append(preference_sample(record, tokenizer, max_seq_len))
+            from kubetune.trainer.data.preference import preference_sample  # it builds on this module
+
+            pair = preference_sample(record, tokenizer, max_seq_len)
+            if pair is None:
+                dropped += 1
+            else:
+                samples.append(pair)
             continue
         else:
             raise DatasetError(
@@ -186,24 +193,6 @@ def text_samples(record: SourceRecord, tokenizer: TokenizerLike, max_seq_len: in
     ids = tokenizer.encode(text, add_bos=True, add_eos=True)
     chunks = [ids[start:start + max_seq_len] for start in range(0, len(ids), max_seq_len)]
     return [_first_label_ignored({"input_ids": chunk, "labels": list(chunk)}) for chunk in chunks if len(chunk) > 1]
-
-
-def preference_sample(record: SourceRecord, tokenizer: TokenizerLike, max_seq_len: int) -> dict[str, list[int]]:
-    """{prompt, chosen, rejected} -> chosen_/rejected_ input_ids and labels (prompt masked), for DPO."""
-    hint = "preference records need prompt, chosen and rejected"
-    prompt_text = _text_field(record, "prompt", hint=hint)
-    prompt = tokenizer.encode(prompt_text, add_bos=True, add_eos=False)
-    sample: dict[str, list[int]] = {}
-    for side in ("chosen", "rejected"):
-        response = tokenizer.encode(_text_field(record, side, hint=hint), add_bos=False, add_eos=True)
-        pair = truncate(_prompt_response(prompt, response, train_on_input=False), max_seq_len)
-        if all(label == IGNORE_INDEX for label in pair["labels"]):
-            raise DatasetError(
-                f"{record.where}: the prompt alone is longer than max_seq_len={max_seq_len}; "
-                "raise max_seq_len or shorten the prompt"
-            )
-        sample[f"{side}_input_ids"], sample[f"{side}_labels"] = pair["input_ids"], pair["labels"]
-    return sample
 
 
 def validate_messages(

@@ -18,7 +18,7 @@ from typing import Any
 from kubetune.errors import KubetuneError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
-BUILTIN_SOURCES = ("builtin://tiny_instruct",)
+BUILTIN_SOURCES = ("builtin://tiny_instruct", "builtin://tiny_preference")
 
 
 class DatasetError(KubetuneError):
@@ -157,11 +157,13 @@ def _require_object(data: Any, where: str) -> dict[str, Any]:
 
 
 def _builtin_records(source: str) -> list[SourceRecord]:
-    if source != "builtin://tiny_instruct":
+    if source not in BUILTIN_SOURCES:
         raise DatasetError(f"dataset.source {source}: unknown built-in dataset; known: {', '.join(BUILTIN_SOURCES)}")
+    from kubetune.trainer.data.preference import preference_records
     from kubetune.trainer.data.synthetic import alpaca_records
 
-    return [SourceRecord(r, f"{source} record {i}") for i, r in enumerate(alpaca_records(), start=1)]
+    records = alpaca_records() if source == "builtin://tiny_instruct" else preference_records()
+    return [SourceRecord(r, f"{source} record {i}") for i, r in enumerate(records, start=1)]
 
 
 def _hf_records(name: str, split: str) -> list[SourceRecord]:
