@@ -30,8 +30,10 @@ demo: install
 	@echo "--- sample generation from runs/demo/output/model:"
 	$(BIN)/kubetune run generate --config examples/configs/demo_generate.yaml
 
+# The chart ships the same CRDs (tests/platform/test_chart.py keeps them byte-equal).
 crds: install
 	$(BIN)/kubetune crds --out crds/
+	cp crds/*.yaml charts/kubetune/crds/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Already inside torchrun (WORLD_SIZE set), `kubetune run RECIPE` is one rank of the run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("recipe", help="full_finetune, lora_finetune, generate, eval (see `kubetune ls`)")
+    run.add_argument("recipe", help="full_finetune, lora_finetune, dpo, generate, eval (see `kubetune ls`)")
     run.add_argument("--config", "-c", help="config file or built-in config name")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=1e-4")
     run.add_argument("--nproc-per-node", type=_positive_int, default=None, metavar="G",
@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="API keys, one per line (a mounted Secret; also $KUBETUNE_SERVE_API_KEY_FILE)")
     serve.add_argument("--max-sequences-per-client", type=int, default=None,
                        help="running + waiting sequences one client (API key) may hold (default: no limit)")
+    serve.add_argument("--prefix-cache-mb", type=float, default=256,
+                       help="memory for K/V of recent prompt prefixes, reused by prompts that start alike (0: off)")
+    serve.add_argument("--max-prefill-tokens", type=int, default=4096,
+                       help="padded prompt tokens per prefill forward (new sequences are prefilled together)")
     serve.add_argument("--allow-ignore-eos", action="store_true", help="accept the `ignore_eos` request field")
     serve.add_argument("--max-request-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
     serve.add_argument("--request-timeout", type=float, default=30.0,
@@ -216,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-connections", type=int, default=256,
                        help="open connections before new requests get 503 (uvicorn's limit_concurrency; default 256)")
     serve.set_defaults(handler=_lazy("kubetune.trainer.serve.cli:serve_command"))
+
+    download = sub.add_parser("download", help="download a model from the Hugging Face Hub (like `tune download`)")
+    download.add_argument("repo_id", help="org/name, optionally @revision")
+    download.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    download.add_argument("--output-dir", default=None,
+                          help="copy the files into this folder (default: the Hugging Face cache, which model.path=org/name reads)")
+    download.add_argument("--ignore-patterns", action="append", default=None, metavar="GLOB",
+                          help="files to skip (repeatable; default: original/*)")
+    download.add_argument("--all-files", action="store_true",
+                          help="every file of the repository (default: config, safetensors, tokenizer files)")
+    download.set_defaults(handler=_lazy("kubetune.trainer.hub:download_command"))
 
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     merge.add_argument("--base", required=True)

@@ -47,6 +47,9 @@ def to_structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any
             out.update(inner)
         elif types == {"integer", "string"}:  # a resource quantity
             out.update(_QUANTITY)
+            patterns = [opt["pattern"] for opt in non_null if opt.get("type") == "string" and "pattern" in opt]
+            if patterns:  # as controller-gen writes resource.Quantity: the pattern applies to strings
+                out["pattern"] = patterns[0]
         else:  # a union of shapes (str | object): let it through, the operator validates it
             out["x-kubernetes-preserve-unknown-fields"] = True
     for key, value in schema.items():
@@ -79,6 +82,8 @@ def to_structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any
             out[key] = value
     if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
         out["x-kubernetes-preserve-unknown-fields"] = True
+    if isinstance(out.get("additionalProperties"), dict):  # a map: its values say what they keep
+        out.pop("x-kubernetes-preserve-unknown-fields", None)
     if "enum" in out and "type" not in out:
         out["type"] = "string"
     return _readable_order(out)

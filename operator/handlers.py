@@ -31,7 +31,7 @@ from kubetune.operator.backends import jobset, trainjob
 from kubetune.operator.initializers import initializer_failure
 from kubetune.operator.kube import ApiError, KubeClient
 from kubetune.operator.metrics import OperatorMetrics
-from kubetune.operator.planner import JOB_LABEL, MANAGED_BY, ClusterInfo, child_names, plan
+from kubetune.operator.planner import JOB_LABEL, MANAGED_BY, ClusterInfo, choose_backend, plan
 from kubetune.operator.scrape import scrape_metrics
 from kubetune.operator.status import (
     WorkloadState,
@@ -43,7 +43,26 @@ from kubetune.operator.status import (
     pod_problem,
     pytorchjob_state,
     rank0_pod,
+    scheduling_problem,
     set_condition,
+    spec_applied_conditions,
+    suspend_reflected,
+)
+from kubetune.operator.tenancy import Policy, TenancyCheck
+from kubetune.operator.workloads import (
+    LIVE_FIELDS,
+    SPEC_HASH_ANNOTATION,
+    ChildError,
+    Ensured,
+    adoption_problem,
+    child_error_state,
+    lost_state,
+    model_spec_hash,
+    recorded_backend,
+    spec_hash,
+    stamp,
+    workload_fate,
+    workload_record,
 )
 
 FTJ = (GROUP, VERSION, "finetunejobs")
@@ -64,6 +83,9 @@ class OperatorConfig:
     server_image: str = DEFAULT_SERVER_IMAGE  # for ModelDeployments whose spec.image is empty
     retry_delay: float = 2.0
     login: Optional[Callable[..., Any]] = None  # a kopf login function; default: service account, then kubeconfig
+    tenancy: Policy = field(default_factory=Policy)  # allow-lists checked at admission (operator/tenancy.py)
+    cpu_per_gpu: str = "4"  # the platform's default pod requests, per GPU (KUBETUNE_CPU_PER_GPU)
+    memory_per_gpu: str = "32Gi"  # (KUBETUNE_MEMORY_PER_GPU)
 
 
 @dataclass
@@ -91,7 +113,10 @@ class OperatorState:
         self._discovery = self._discovery or asyncio.Lock()
         async with self._discovery:
             if self.cluster is None:
-                self.cluster = await discover(self.kube, trainer_image=self.config.trainer_image)
+                self.cluster = await discover(
+                    self.kube, trainer_image=self.config.trainer_image,
+                    cpu_per_gpu=self.config.cpu_per_gpu, memory_per_gpu=self.config.memory_per_gpu,
+                )
         return self.cluster
 
     async def close(self) -> None:
@@ -106,7 +131,9 @@ class OperatorState:
         self.metrics.stop()
 
 
-async def discover(kube: KubeClient, *, trainer_image: str = DEFAULT_TRAINER_IMAGE) -> ClusterInfo:
+async def discover(
+    kube: KubeClient, *, trainer_image: str = DEFAULT_TRAINER_IMAGE, cpu_per_gpu: str = "4", memory_per_gpu: str = "32Gi"
+) -> ClusterInfo:
     """Which optional backends the API serves (for `backend: auto`). A TrainJob also needs
     kubetune's ClusterTrainingRuntime: without it (or without the right to read it) the Trainer
     would refuse the TrainJob, so auto passes to the next backend."""
@@ -124,6 +151,8 @@ async def discover(kube: KubeClient, *, trainer_image: str = DEFAULT_TRAINER_IMA
         has_jobset=await kube.serves(jobset.API_VERSION, "jobsets"),
         has_trainjob=has_trainjob,
         trainer_image=trainer_image,
+        cpu_per_gpu=cpu_per_gpu,
+        memory_per_gpu=memory_per_gpu,
     )
 
 
@@ -168,29 +197,52 @@ def admission_error(body: dict[str, Any]) -> Optional[str]:
     return None
 
 
-async def ensure_child(kube: KubeClient, child: dict[str, Any], owner_uid: str) -> str:
-    """Create the child, or adopt the one already there: never a duplicate. -> created|adopted."""
+def review_error(operation: Optional[str], new: Optional[dict[str, Any]], old: Optional[dict[str, Any]]) -> Optional[str]:
+    """The admission decision (None: allowed). Only CREATE and UPDATE are ever judged:
+
+    - DELETE (and CONNECT) are always allowed: an object that no longer plans (a recipe removed
+      from a newer trainer, say) must stay deletable;
+    - UPDATE that leaves the planned spec alone (metadata, spec.suspend, status) is allowed without
+      planning, so a job that no longer plans can still be suspended, relabelled or cleaned up;
+      any other spec change is refused (the CRD's CEL rule says the same; this also covers
+      spec.config, whose unknown keys CEL on a real API server compares only in part);
+    - CREATE: the planner must accept it."""
+    if operation == "CREATE" and new is not None:
+        return admission_error(new)
+    if operation == "UPDATE" and new is not None and old is not None:
+        if spec_hash(new.get("spec") or {}) != spec_hash(old.get("spec") or {}):
+            changed = sorted(
+                key for key in set(new.get("spec") or {}) | set(old.get("spec") or {})
+                if key not in LIVE_FIELDS and (new.get("spec") or {}).get(key) != (old.get("spec") or {}).get(key)
+            )
+            return (
+                f"spec.{', spec.'.join(changed)}: cannot change once the job exists (only spec.suspend can); "
+                "create a new FineTuneJob"
+            )
+    return None
+
+
+async def ensure_child(kube: KubeClient, child: dict[str, Any], owner_uid: str) -> dict[str, Any]:
+    """Create the child, or adopt the one already there when it is ours (controller
+    ownerReference = owner_uid and the same spec hash): never a duplicate, never a look-alike.
+    -> the object as the API has it."""
+    meta = child["metadata"]
     try:
-        await kube.create(child)
-        return "created"
+        return await kube.create(child) or child
     except ApiError as err:
         if err.status != 409:
-            raise
-    meta = child["metadata"]
-    existing = await kube.get(child["apiVersion"], child["kind"], meta.get("namespace"), meta["name"])
+            raise ChildError(err, "create", child) from err
+    try:
+        existing = await kube.get(child["apiVersion"], child["kind"], meta.get("namespace"), meta["name"])
+    except ApiError as err:
+        raise ChildError(err, "get", child) from err
     if existing is None:  # deleted between our create and get: try again later
         raise ApiError(409, "Conflict", f"{child['kind']} {meta['name']} is being deleted")
-    existing_meta = existing.get("metadata") or {}
-    owners = existing_meta.get("ownerReferences") or []
-    if any(owner.get("uid") == owner_uid for owner in owners):
-        return "adopted"
-    ours = (existing_meta.get("labels") or {}).get(JOB_LABEL) == meta["labels"][JOB_LABEL]
-    if ours and not any(owner.get("controller") for owner in owners):  # an orphan we made earlier
-        patch = {"metadata": {"ownerReferences": meta["ownerReferences"]}}
-        await kube.patch(child["apiVersion"], child["kind"], meta.get("namespace"), meta["name"], patch)
-        return "adopted"
+    problem = adoption_problem(existing, owner_uid, (meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION, ""))
+    if problem is None:
+        return existing
     raise NameConflict(
-        f"{child['kind']} {meta['name']} already exists and does not belong to this FineTuneJob; "
+        f"{child['kind']} {meta['name']} already exists and {problem}; "
         "delete it or give the FineTuneJob another name"
     )
 
@@ -262,11 +314,31 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
     async def cleanup(**_: Any) -> None:
         await state.close()
 
-    async def ensure_all(job: FineTuneJob) -> list[dict[str, Any]]:
-        children = plan(job, await state.cluster_info())
-        for child in children:
-            await ensure_child(state.kube, child, job.metadata.uid or "")
-        return children
+    async def ensure_all(job: FineTuneJob, record: Optional[dict[str, Any]], *, started: bool) -> Ensured:
+        """Plan (from the recorded backend, if any) and create-or-adopt the children; the workload
+        only when workload_fate says so: a started or finished workload is never made again."""
+        digest = model_spec_hash(job.spec)
+        if record and record.get("specHash") not in (None, digest):
+            return Ensured("keep", record, [])  # spec changed under a running workload: sync reports it
+        backend = recorded_backend(record) or choose_backend(job.spec, await state.cluster_info())
+        children = stamp(plan(job, await state.cluster_info(), backend=backend), digest)
+        *support, workload = children
+        existing = None
+        if record:
+            try:
+                existing = await state.kube.get(record["apiVersion"], record["kind"], job.metadata.namespace, record["name"])
+            except ApiError as err:
+                raise ChildError(err, "get", workload) from err
+        fate = workload_fate(record, existing, started=started)
+        if fate == "lost":
+            return Ensured(fate, record, [])
+        owner = job.metadata.uid or ""
+        for child in support:
+            await ensure_child(state.kube, child, owner)
+        if fate == "keep" and existing is not None:
+            return Ensured(fate, workload_record(existing, backend, (record or {}).get("specHash") or digest), children)
+        made = await ensure_child(state.kube, workload, owner)
+        return Ensured(fate, workload_record({**workload, **made}, backend, digest), children)
 
     def set_conditions(body: Any, patch: kopf.Patch, current: WorkloadState, *, created: bool) -> None:
         old = body.get("status") or {}
@@ -275,9 +347,17 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         patch.status["phase"] = current.phase
         patch.status["observedGeneration"] = generation
 
+    def end_lost(body: Any, patch: kopf.Patch, record: dict[str, Any]) -> None:
+        old = body.get("status") or {}
+        current = lost_state(record)
+        set_conditions(body, patch, current, created=True)
+        patch.status["completionTime"] = old.get("completionTime") or now_iso()
+        kopf.warn(body, reason=current.reason, message=current.message)
+        metrics.set_phase(KIND, body.metadata.namespace, body.metadata.name, current.phase)
+
     @kopf.on.resume(*FTJ, registry=registry)
     @kopf.on.create(*FTJ, registry=registry)
-    async def reconcile(body: Any, patch: kopf.Patch, **_: Any) -> None:
+    async def reconcile(body: Any, patch: kopf.Patch, retry: int = 0, **_: Any) -> None:
         """Create (or adopt) the children; set the first phase and conditions."""
         with timed("reconcile"):
             ns, name = body.metadata.namespace, body.metadata.name
@@ -285,37 +365,49 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             if old.get("phase") in TERMINAL_PHASES:
                 metrics.set_phase(KIND, ns, name, old["phase"])
                 return
+            if body.metadata.get("deletionTimestamp"):
+                return  # being deleted (e.g. a foreground delete took the workload first): never recreate
+            record = old.get("workload")
             try:
                 job = parse_object(plain(body), f"FineTuneJob {ns}/{name}")
-                children = await ensure_all(job)
+                ensured = await ensure_all(job, record, started=bool(old.get("startTime")))
             except NameConflict as err:
                 kopf.warn(body, reason="NameConflict", message=str(err))
                 set_conditions(body, patch, WorkloadState(old.get("phase") or "Pending", "NameConflict", str(err)), created=False)
                 raise kopf.TemporaryError(str(err), delay=config.retry_delay * 5)
-            except ApiError as err:
-                if err.retriable:
+            except ChildError as err:
+                state_ = child_error_state(err, old.get("phase") or "Pending")
+                if state_ is None:
                     raise kopf.TemporaryError(f"API error, retrying: {err}", delay=config.retry_delay)
-                message = f"the API refused a child ({err}); check the operator's RBAC and admission policies, then restart it"
-                kopf.warn(body, reason="ApiRefused", message=message)
-                set_conditions(body, patch, WorkloadState(old.get("phase") or "Pending", "ApiRefused", message), created=False)
-                raise kopf.PermanentError(message)
+                if retry == 0 or state_.phase == "Failed":  # one event, not one per retry
+                    kopf.warn(body, reason=state_.reason, message=state_.message)
+                set_conditions(body, patch, state_, created=False)
+                if state_.phase == "Failed":  # the API refused the object itself: retrying cannot help
+                    patch.status["completionTime"] = old.get("completionTime") or now_iso()
+                    metrics.set_phase(KIND, ns, name, "Failed")
+                    raise kopf.PermanentError(state_.message)
+                raise kopf.TemporaryError(state_.message, delay=min(config.retry_delay * 2 ** min(retry, 10), 300))
+            except ApiError as err:
+                raise kopf.TemporaryError(f"API error, retrying: {err}", delay=config.retry_delay)
             except KubetuneError as err:  # a spec that cannot run: say which field, once
                 set_conditions(body, patch, WorkloadState("Failed", "InvalidSpec", str(err)), created=False)
                 patch.status["completionTime"] = old.get("completionTime") or now_iso()
                 kopf.warn(body, reason="InvalidSpec", message=str(err))
                 metrics.set_phase(KIND, ns, name, "Failed")
                 raise kopf.PermanentError(str(err))
-            workload = children[-1]
-            ref = {"apiVersion": workload["apiVersion"], "kind": workload["kind"], "name": workload["metadata"]["name"]}
-            if old.get("workload"):  # resumed after a restart: the sync loop owns phase and conditions
-                if old.get("workload") != ref:
-                    patch.status["workload"] = ref
+            if ensured.fate == "lost":
+                end_lost(body, patch, record or {})
+                return
+            if record and ensured.fate == "keep":  # resumed after a restart: the sync loop owns phase and conditions
+                if ensured.record != record:
+                    patch.status["workload"] = ensured.record
                 if old.get("phase"):
                     metrics.set_phase(KIND, ns, name, old["phase"])
                 return
             current = first_state(job)
-            kinds = ", ".join(f"{c['kind']} {c['metadata']['name']}" for c in children)
-            kopf.info(body, reason="Created", message=f"created {kinds}")
+            kinds = ", ".join(f"{c['kind']} {c['metadata']['name']}" for c in ensured.children)
+            verb = "recreated (it had not started)" if record else "created"
+            kopf.info(body, reason="Created", message=f"{verb} {kinds}")
             set_conditions(body, patch, current, created=True)
             if not job.spec.output.source:  # a restart there starts from scratch: say so where people look
                 type_, ok, reason, message = ephemeral_output_condition()
@@ -323,7 +415,7 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
                     patch.status["conditions"], type_, ok, reason, message, now=now_iso(), generation=body.metadata.get("generation")
                 )
                 kopf.warn(body, reason=reason, message=message)
-            patch.status["workload"] = ref
+            patch.status["workload"] = ensured.record
             metrics.set_phase(KIND, ns, name, current.phase)
 
     @kopf.on.update(*FTJ, field="spec.suspend", registry=registry)
@@ -380,6 +472,10 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             pods_by_job: dict[str, list[dict[str, Any]]] = {}
             for pod in await state.kube.list("v1", "Pod", ns, label_selector=managed):
                 pods_by_job.setdefault((pod["metadata"].get("labels") or {}).get(JOB_LABEL, ""), []).append(pod)
+            # Quota, Pod Security and volume problems are only told by events: read them while
+            # some job here waits for its pods (events do not carry our labels).
+            waiting = any((b.get("status") or {}).get("phase") in (None, "Pending") for b in bodies)
+            events = await state.kube.list("v1", "Event", ns) if waiting else []
         except ApiError as err:
             log.warning("listing workloads in %s failed, will retry: %s", ns, err)
             return
@@ -390,8 +486,8 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
                 try:
                     with timed("sync"):
                         ref = body["status"]["workload"]
-                        base = child_names(body["metadata"]["name"]).base
-                        await sync(body, workloads.get((ref["kind"], ref["name"])), pods_by_job.get(base, []))
+                        base = ref["name"]  # the workload is named after the base (which a newer operator may compute otherwise)
+                        await sync(body, workloads.get((ref["kind"], ref["name"])), pods_by_job.get(base, []), events)
                 except Exception as err:  # retried on the next round
                     log.warning("sync of %s/%s failed, will retry: %s", ns, body["metadata"]["name"], err)
 
@@ -401,7 +497,7 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         status = body.get("status") or {}
         return bool(status.get("workload")) and status.get("phase") not in TERMINAL_PHASES
 
-    async def sync(body: dict[str, Any], workload: Optional[dict[str, Any]], pods: list[dict[str, Any]]) -> None:
+    async def sync(body: dict[str, Any], workload: Optional[dict[str, Any]], pods: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
         """Workload and pods -> phase and conditions; rank 0's /metrics -> progress; summary -> result."""
         meta = body["metadata"]
         ns, name = meta.get("namespace"), meta["name"]
@@ -411,21 +507,38 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         except KubetuneError:
             return  # reconcile reported it
         ref = old["workload"]
-        if workload is None:  # listed before the create, or gone: look again before recreating
+        if workload is None:  # listed before the create, or gone: look again before deciding
             workload = await state.kube.get(ref["apiVersion"], ref["kind"], ns, ref["name"])
-        if workload is None:  # deleted under us while the owner lives: recreate
-            if (ns, name) in state.jobs:
-                await ensure_all(job)
-                await post_event(body, "Warning", "Recreated", f"{ref['kind']} {ref['name']} was missing and has been recreated")
+        fate = workload_fate(ref, workload, started=bool(old.get("startTime")) or old.get("phase") == "Running")
+        if fate != "keep":
+            if (ns, name) not in state.jobs or meta.get("deletionTimestamp"):
+                return  # the job is going away (a foreground delete takes the workload first)
+            if fate == "lost":
+                current = lost_state(ref)
+                changes = {"phase": current.phase, "completionTime": old.get("completionTime") or now_iso(),
+                           "conditions": conditions_for(old.get("conditions") or [], current, now=now_iso(), generation=old.get("observedGeneration"))}
+                await state.kube.patch(API_VERSION, KIND, ns, name, {"status": changes}, subresource="status")
+                state.jobs[(ns, name)] = {**body, "status": {**old, **changes}}
+                metrics.set_phase(KIND, ns, name, current.phase)
+                await post_event(body, "Warning", current.reason, current.message)
+                return
+            ensured = await ensure_all(job, ref, started=False)  # it never started: making it again is safe
+            if ensured.record != ref:
+                await state.kube.patch(API_VERSION, KIND, ns, name, {"status": {"workload": ensured.record}}, subresource="status")
+                state.jobs[(ns, name)] = {**body, "status": {**old, "workload": ensured.record}}
+            await post_event(body, "Warning", "Recreated", f"{ref['kind']} {ref['name']} was deleted before it started and has been recreated")
             return
-        base = child_names(name).base
+        base = ref["name"]  # the workload is named after the base (which a newer operator may compute otherwise)
         pods = workload_pods(ref["kind"], workload, pods)
+        workload_uid = (workload.get("metadata") or {}).get("uid")
         current = workload_state(ref["kind"], workload, base=base, queue_name=job.spec.queue_name)
         fetch_failed = initializer_failure(pods) if current.phase in ("Pending", "Failed") else None
         if fetch_failed:  # say why, rather than the workload's generic backoff message
             current = WorkloadState(current.phase, "InitializerFailed", f"the initializer could not fetch a source: {fetch_failed}", current.started)
         if current.phase == "Pending":
-            current = pod_problem(pods, job.spec.image or config.trainer_image) or current
+            pod_uids = {(p.get("metadata") or {}).get("uid") for p in pods}
+            image = job.spec.image or config.trainer_image
+            current = pod_problem(pods, image) or scheduling_problem(events, workload_uid, pod_uids) or current
         pod0 = rank0_pod(pods)
         metrics_text = None
         url = metrics_url(pod0) if pod0 is not None else None
@@ -434,11 +547,23 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
                 metrics_text = await scrape_metrics(url, timeout=config.scrape_timeout)
             except Exception as err:  # the trainer may not serve yet: keep the last progress
                 log.debug("scraping %s for %s/%s failed: %s", url, ns, name, err)
+        # observedGeneration tells the truth: it advances only when the workload reflects this
+        # generation (the planned spec unchanged, spec.suspend applied).
+        spec_applied = not ref.get("specHash") or ref["specHash"] == model_spec_hash(job.spec)
+        generation = meta.get("generation") if spec_applied and suspend_reflected(job.spec, workload) else old.get("observedGeneration")
         now = dt.datetime.now(dt.timezone.utc)
         # in a thread: parsing the pod's metrics text must not hold the shared event loop
         changes, event = await asyncio.to_thread(
-            next_status, old, current, pod0, metrics_text, generation=meta.get("generation"), now=now
+            next_status, old, current, pod0, metrics_text, generation=generation, now=now
         )
+        conditions, ignored = spec_applied_conditions(
+            changes.get("conditions") or old.get("conditions") or [], spec_applied, generation=generation,
+            current_generation=meta.get("generation"), now=now_iso(),
+        )
+        if conditions != (changes.get("conditions") or old.get("conditions") or []):
+            changes["conditions"] = conditions
+            if ignored is not None:
+                event = event or ignored
         counted = accounting(old, ref["kind"], workload, pods, phase=current.phase, output_ephemeral=not job.spec.output.source, now=now)
         changes.update(counted)
         if "restarts" in counted:
@@ -468,10 +593,21 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
 
     if config.admission:
 
-        @kopf.on.validate(*FTJ, id=ADMISSION_ID, registry=registry)
-        async def validate(body: Any, **_: Any) -> None:
-            error = admission_error(plain(body))
+        # The served paths only: the ValidatingWebhookConfiguration is a static manifest
+        # (deploy/admission/), the operator never writes one.
+        @kopf.on.validate(*FTJ, id=ADMISSION_ID, operations=["CREATE", "UPDATE"], registry=registry)
+        async def validate(operation: Optional[str], new: Any, old: Any, userinfo: Any, **_: Any) -> None:
+            new_body = plain(new) if new is not None else None
+            error = review_error(operation, new_body, plain(old) if old is not None else None)
             if error:
                 raise kopf.AdmissionError(error, code=422)
+            if operation == "CREATE" and new_body is not None:  # the spec cannot change later
+                job = parse_object(new_body, "FineTuneJob")
+                try:
+                    refused = await TenancyCheck(state.kube.create, config.tenancy).errors(job, dict(userinfo or {}))
+                except ApiError as err:  # cannot ask: refuse (failurePolicy Fail would too)
+                    raise kopf.AdmissionError(f"cannot check the requester's rights (SubjectAccessReview: {err}); try again", code=503)
+                if refused:
+                    raise kopf.AdmissionError("; ".join(refused), code=403)
 
     return registry

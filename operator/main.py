@@ -10,7 +10,10 @@ from typing import Any, Optional, Sequence
 
 import kopf
 
+from kubetune.errors import KubetuneError
 from kubetune.operator.handlers import OperatorConfig, OperatorState, build_registry
+from kubetune.operator.planner import scale_quantity
+from kubetune.operator.tenancy import Policy
 
 
 def peering_priority(priority: Optional[int]) -> int:
@@ -45,7 +48,9 @@ def make_settings(
         settings.peering.standalone = True
     if webhook is not None:
         settings.admission.server = webhook
-        settings.admission.managed = "kubetune.dev"  # kopf keeps the ValidatingWebhookConfiguration
+        # No settings.admission.managed: the ValidatingWebhookConfiguration is a static manifest
+        # (deploy/admission/, or the Helm chart) for CREATE and UPDATE only, so the operator needs
+        # no cluster-wide write on webhook configurations and can never register DELETE.
     return settings
 
 
@@ -126,8 +131,16 @@ def operator_command(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         admission=webhook is not None,
         sync_interval=float(os.environ.get("KUBETUNE_SYNC_INTERVAL", "5")),
+        tenancy=Policy.from_env(dict(os.environ)),
+        cpu_per_gpu=os.environ.get("KUBETUNE_CPU_PER_GPU", "4"),
+        memory_per_gpu=os.environ.get("KUBETUNE_MEMORY_PER_GPU", "32Gi"),
         **default_images(dict(os.environ)),
     )
+    for name in ("cpu_per_gpu", "memory_per_gpu"):
+        try:
+            scale_quantity(getattr(config, name), 1)
+        except ValueError as err:
+            raise KubetuneError(f"KUBETUNE_{name.upper()}: {err}") from None
     settings = make_settings(peering=args.peering, webhook=webhook, priority=args.priority)
     asyncio.run(
         run_operator(config, namespaces=args.namespace or (), peering=args.peering, liveness=args.liveness, settings=settings)

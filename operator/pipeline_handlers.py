@@ -63,7 +63,7 @@ from kubetune.operator.pipeline_status import (
     newest,
 )
 from kubetune.operator.planner import base_name, child_names
-from kubetune.operator.references import Wait, finetune_wait, promotion_metric_error, promotion_verdict
+from kubetune.operator.references import Verdict, Wait, finetune_wait, promotion_metric_error, promotion_verdict
 from kubetune.operator.sources import MappedSource
 from kubetune.operator.status import WorkloadState, conditions_for, now_iso, set_condition
 
@@ -96,6 +96,19 @@ async def ensure_owned(kube: KubeClient, child: dict[str, Any], owner_uid: str) 
         f"{child['kind']} {meta['name']} already exists and does not belong to this resource; "
         "delete it or give this resource another name"
     )
+
+
+def api_refusal(err: ApiError, what: str) -> Optional[tuple[bool, str, str]]:
+    """(terminal, reason, message) for an API answer no retry will change by itself: 403 (the
+    operator's RBAC: retried, since someone may grant it) and 400/422 (the object is refused:
+    terminal). None for the rest (5xx, 429, 409, no answer), which are retried quietly."""
+    if err.status == 403:
+        return False, "Forbidden", (
+            f"the API server does not let the operator {what}: {err.message}; grant it in the operator's Role or "
+            "ClusterRole (docs/operator.md, RBAC); retrying")
+    if err.status in (400, 422):
+        return True, "ApiRefused", f"the API server refused to {what}: {err.message}; fix the spec (or the policy refusing it)"
+    return None
 
 
 def owned_by(obj: dict[str, Any], uid: str) -> bool:
@@ -273,12 +286,24 @@ class PipelineReconciler:
         except KubetuneError as err:
             state = WorkloadState("Failed", "InvalidSpec", str(err))
             return await self.write_status(body, {**failed(state), **extra}, ("Warning", "InvalidSpec", str(err)))
+        created = []
         try:
-            created = [await ensure_owned(self.kube, child, meta.get("uid") or "") for child in children]
+            for child in children:
+                created.append(await ensure_owned(self.kube, child, meta.get("uid") or ""))
         except ChildConflict as err:
             state = WorkloadState(old.get("phase") or "Pending", "NameConflict", str(err))
             new = {"phase": state.phase, "conditions": conditions(state, created=False, ready=(True, "ModelResolved", inputs.description)), **extra}
             return await self.write_status(body, new, ("Warning", "NameConflict", str(err)))
+        except ApiError as err:
+            refusal = api_refusal(err, f"create {child['kind']} {child['metadata']['name']}")
+            if refusal is None:
+                raise
+            terminal, reason, message = refusal
+            state = WorkloadState("Failed" if terminal else old.get("phase") or "Pending", reason, message)
+            ready = (True, "ModelResolved", inputs.description)
+            new = {**(failed(state, ready) if terminal else
+                      {"phase": state.phase, "conditions": conditions(state, created=False, ready=ready)}), **extra}
+            return await self.write_status(body, new, ("Warning", reason, message))
         job = created[-1]
         workload = {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"], "uid": (job.get("metadata") or {}).get("uid")}
         state = WorkloadState("Queued", "WaitingForAdmission", f"waiting for Kueue to admit the eval from queue {evj.spec.queue_name}") \
@@ -359,27 +384,39 @@ class PipelineReconciler:
         elif mdep.spec.promotion is None:
             conds = [c for c in conds if c.get("type") != "Promoted"]
         event_: Optional[tuple[str, str, str]] = None
-        if roll:
+        if not roll:
+            event_ = ("Normal", "PromotionHeld", next(c["message"] for c in conds if c["type"] == "Promoted"))
+            return await self.write_served(body, mdep, deployment, new, conds, event_)
+        verb = "create"
+        child = desired
+        try:
             for child in children:
                 if child["kind"] != "Deployment":
                     await ensure_owned(self.kube, child, uid)
+            child = desired
             if deployment is None:
                 deployment = await ensure_owned(self.kube, desired, uid)
                 event_ = ("Normal", "Created", f"created Deployment {base_name(name)} serving {inputs.description}")
             elif deployment["metadata"].get("annotations", {}).get(SPEC_HASH_ANNOTATION) != desired["metadata"]["annotations"][SPEC_HASH_ANNOTATION]:
+                verb = "patch"
                 patch = {"metadata": {"annotations": desired["metadata"]["annotations"]}, "spec": desired["spec"]}
                 deployment = await self.kube.patch("apps/v1", "Deployment", ns, base_name(name), patch)
                 what = f"rolling out {inputs.description}" if inputs.identity != current_id else "updating the server Deployment"
                 event_ = ("Normal", "RollingOut", what)
-            new.update(model=inputs.description, modelId=inputs.identity)
-            new["servedModels"] = served_models(mdep, inputs)
-        else:
-            event_ = ("Normal", "PromotionHeld", next(c["message"] for c in conds if c["type"] == "Promoted"))
+        except ApiError as err:
+            refusal = api_refusal(err, f"{verb} {child['kind']} {child['metadata']['name']}")
+            if refusal is None:
+                raise
+            terminal, reason, message = refusal
+            conds = set_condition(conds, "Reconciled", False, reason, message, now=now, generation=generation)
+            return await self.write_served(body, mdep, deployment, new, conds, ("Warning", reason, message), failed=terminal)
+        conds = set_condition(conds, "Reconciled", True, "ChildrenApplied", "the Service, Deployment (and autoscaler) match the spec",
+                              now=now, generation=generation)
+        new.update(model=inputs.description, modelId=inputs.identity)
+        new["servedModels"] = served_models(mdep, inputs)
         await self.write_served(body, mdep, deployment, new, conds, event_)
 
-    async def promotion(self, ns: str, mdep: Any, identity: str) -> Any:
-        from kubetune.operator.references import Verdict
-
+    async def promotion(self, ns: str, mdep: Any, identity: str) -> Verdict:
         promotion = mdep.spec.promotion
         evj_body = await self.kube.get(API_VERSION, "EvalJob", ns, promotion.eval_job)
         if evj_body is not None:
@@ -393,7 +430,7 @@ class PipelineReconciler:
         return promotion_verdict(promotion, evj_body, identity)
 
     async def write_served(self, body: dict[str, Any], mdep: Any, deployment: Optional[dict[str, Any]], new: dict[str, Any],
-                           conds: list[dict[str, Any]], event_: Optional[tuple[str, str, str]]) -> None:
+                           conds: list[dict[str, Any]], event_: Optional[tuple[str, str, str]], *, failed: bool = False) -> None:
         generation = body["metadata"].get("generation")
         now = now_iso()
         if deployment is not None and mdep.spec.autoscaling is None:
@@ -403,6 +440,8 @@ class PipelineReconciler:
         else:
             desired = mdep.spec.replicas if mdep.spec.autoscaling is None else mdep.spec.autoscaling.min_replicas
         phase, ready, dconds = deployment_state(deployment, desired)
+        if failed and deployment is None:  # refused before anything served
+            phase = "Failed"
         conds = mirror_conditions(conds, dconds, now=now, generation=generation)
         new.update(phase=phase, conditions=conds, readyReplicas=ready, replicas=desired, ready=f"{ready}/{desired}")
         if deployment is not None:
@@ -468,13 +507,14 @@ def register(registry: kopf.OperatorRegistry, state: Any) -> PipelineReconciler:
 
     if state.config.admission:  # the same webhook server as FineTuneJobs' (docs/operator.md)
 
-        @kopf.on.validate(*EVJ, id=EVAL_ADMISSION_ID, registry=registry)
+        # CREATE and UPDATE only: a DELETE must never be refused (issue #26)
+        @kopf.on.validate(*EVJ, id=EVAL_ADMISSION_ID, operations=["CREATE", "UPDATE"], registry=registry)
         async def validate_eval(body: Any, **_: Any) -> None:
             error = eval_admission_error(json.loads(json.dumps({k: body[k] for k in body})))
             if error:
                 raise kopf.AdmissionError(error, code=422)
 
-        @kopf.on.validate(*MDEP, id=DEPLOYMENT_ADMISSION_ID, registry=registry)
+        @kopf.on.validate(*MDEP, id=DEPLOYMENT_ADMISSION_ID, operations=["CREATE", "UPDATE"], registry=registry)
         async def validate_deployment(body: Any, **_: Any) -> None:
             error = deployment_admission_error(json.loads(json.dumps({k: body[k] for k in body})))
             if error:

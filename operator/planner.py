@@ -52,21 +52,28 @@ CONTAINER = "trainer"
 PYTORCHJOB_CONTAINER = "pytorch"  # the training-operator finds the container by this name
 RUN_AS = 1000
 
-# Pod hostnames are `<job>-<index>` and must fit a 63-char DNS label: leave room for the
-# index and for the `-config` suffix of the ConfigMap.
-MAX_BASE_NAME = 56
+# Every name made from the base must fit a 63-char DNS label: the ConfigMap `<base>-config`, the
+# indexed Job's pod hostnames `<base>-<index>` (index < 256), and the names the Kubeflow
+# training-operator derives from a PyTorchJob's name: Services and pods `<base>-master-0` and
+# `<base>-worker-<i>` (i < 255: 11 characters). 63 - 11 = 52.
+MAX_BASE_NAME = 52
 _DNS_LABEL = re.compile(r"[^a-z0-9-]")
 
 
 @dataclass(frozen=True)
 class ClusterInfo:
     """What the planner needs to know about the cluster (the operator discovers it) and the
-    operator's own settings that shape the children."""
+    operator's own settings that shape the children (`kubetune operator` reads them from its
+    environment)."""
 
     has_pytorchjob: bool = False  # kubeflow.org/v1 pytorchjobs served
     has_jobset: bool = False  # jobset.x-k8s.io/v1alpha2 jobsets served
     has_trainjob: bool = False  # trainer.kubeflow.org/v1alpha1 trainjobs served and kubetune's ClusterTrainingRuntime installed
     trainer_image: str = DEFAULT_TRAINER_IMAGE  # for jobs whose spec.image is empty
+    # Requests per GPU (per pod when it has none) unless spec.resources.requests names the key:
+    # a pod with requests is Burstable, not BestEffort (evicted first, refused under quotas).
+    cpu_per_gpu: str = "4"
+    memory_per_gpu: str = "32Gi"
 
     def serves(self, backend: str) -> bool:
         return backend == "job" or bool(getattr(self, f"has_{backend}"))
@@ -81,7 +88,8 @@ class ChildNames:
 
     @property
     def master_addr(self) -> str:
-        """Pod 0 of the indexed Job, reachable through the headless Service's subdomain."""
+        """Pod 0 of the indexed Job, reachable through the headless Service's subdomain (the
+        c10d rendezvous endpoint: the name survives pod 0's restarts)."""
         return f"{self.workload}-0.{self.service}"
 
 
@@ -251,9 +259,30 @@ def _env(job: FineTuneJob) -> list[dict[str, Any]]:
     return env
 
 
-def _resources(job: FineTuneJob) -> dict[str, Any]:
+_SIMPLE_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)$")
+
+
+def scale_quantity(quantity: str, factor: int) -> str:
+    """`4` x 2 -> `8`, `32Gi` x 2 -> `64Gi`, `500m` x 3 -> `1500m` (number and suffix only)."""
+    match = _SIMPLE_QUANTITY.match(str(quantity))
+    if not match:
+        raise ValueError(f"not a plain quantity: {quantity!r} (use a number with an optional suffix, e.g. 32Gi)")
+    value = float(match.group(1)) * factor
+    return f"{int(value) if value.is_integer() else round(value, 3)}{match.group(2)}"
+
+
+def _resources(job: Any, cluster: Optional[ClusterInfo] = None) -> dict[str, Any]:
+    """Container resources from spec.resources; with `cluster`, cpu/memory requests per GPU by
+    default (EvalJob and server pods call this without: only what their spec says)."""
     res = job.spec.resources
-    requests = {k: str(v) for k, v in res.requests.items()}
+    units = max(res.gpus_per_node, 1)
+    defaults = {} if cluster is None else {
+        "cpu": scale_quantity(cluster.cpu_per_gpu, units), "memory": scale_quantity(cluster.memory_per_gpu, units)
+    }
+    # A key with a limit but no request gets the limit as its request (Kubernetes' own default),
+    # never a platform default that could exceed the limit.
+    requests = {k: v for k, v in defaults.items() if k not in res.limits}
+    requests.update({k: str(v) for k, v in res.requests.items()})
     limits = {k: str(v) for k, v in res.limits.items()}
     if res.gpus_per_node:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(res.gpus_per_node)
@@ -269,7 +298,9 @@ def _volumes(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> tuple[
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": names.config_map}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(job.spec.resources.shm_size)}},
-        {"name": "tmp", "emptyDir": {}},
+        # /tmp holds HOME and the Hugging Face cache: bounded, so a runaway cache evicts this pod
+        # (the kubelet enforces sizeLimit) instead of filling the node's disk.
+        {"name": "tmp", "emptyDir": {"sizeLimit": str(job.spec.resources.scratch_size)}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -345,7 +376,10 @@ def initializer_container(job: FineTuneJob, paths: ClusterPaths) -> dict[str, An
     return container
 
 
-def _container(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, *, name: str, argv: list[str], env_extra: list[dict]) -> dict[str, Any]:
+def _container(
+    job: FineTuneJob, names: ChildNames, paths: ClusterPaths, cluster: Optional[ClusterInfo] = None, *, name: str, argv: list[str],
+    env_extra: list[dict],
+) -> dict[str, Any]:
     _, mounts = _volumes(job, names, paths)
     container: dict[str, Any] = {
         "name": name,
@@ -360,9 +394,7 @@ def _container(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, *, name
     }
     if job.spec.image_pull_policy:
         container["imagePullPolicy"] = job.spec.image_pull_policy
-    resources = _resources(job)
-    if resources:
-        container["resources"] = resources
+    container["resources"] = _resources(job, cluster)
     return container
 
 
@@ -376,6 +408,9 @@ def _pod_spec(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, containe
             "runAsUser": RUN_AS,
             "runAsGroup": RUN_AS,
             "fsGroup": RUN_AS,
+            # Chown a volume only when its root is not ours yet: not a full walk of a model
+            # PVC (hundreds of GB) at every pod start.
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
@@ -401,7 +436,7 @@ def _pod_spec(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, containe
 def trainer_pod_template(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, *, container_name: str, argv: list[str], env_extra: list[dict]) -> dict[str, Any]:
     """The pod template every backend runs: only the container's name, the rendezvous flags
     and env differ between backends (the wrappers add those)."""
-    container = _container(job, names, paths, name=container_name, argv=argv, env_extra=env_extra)
+    container = _container(job, names, paths, ClusterInfo(), name=container_name, argv=argv, env_extra=env_extra)
     return {"metadata": {"labels": labels(job)}, "spec": _pod_spec(job, names, paths, container)}
 
 
@@ -464,21 +499,45 @@ def headless_service(job: FineTuneJob, names: ChildNames) -> dict[str, Any]:
     }
 
 
-def indexed_job(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> dict[str, Any]:
+def rendezvous_args(job: FineTuneJob, names: ChildNames) -> list[str]:
+    """torchrun's flags: elastic c10d rendezvous hosted by pod 0 at a stable DNS name.
+
+    A static rendezvous (--master-addr + --node-rank) cannot take a restarted node back: its
+    peers hang holding GPUs. With c10d, a worker failure makes every agent restart its workers
+    together (up to --max-restarts = spec.runPolicy.backoffLimit), and a replaced pod rejoins
+    the same rendezvous; all resume from the last checkpoint. The endpoint `<job>-0.<service>`
+    outlives pod restarts, and ranks follow the sorted node names (torch.distributed.elastic
+    dynamic_rendezvous), so pod 0 stays rank 0, the one that serves metrics."""
     res = job.spec.resources
-    rendezvous = [
+    return [
         f"--nnodes={res.nodes}",
         f"--nproc-per-node={max(res.gpus_per_node, 1)}",
-        "--node-rank=$(NODE_RANK)",  # expanded by the kubelet from the env below, not by a shell
-        f"--master-addr={names.master_addr}",
-        f"--master-port={MASTER_PORT}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={names.master_addr}:{MASTER_PORT}",
+        f"--rdzv-id={job.metadata.uid or names.base}",
+        f"--max-restarts={job.spec.run_policy.backoff_limit}",
     ]
-    node_rank = {
-        "name": "NODE_RANK",
-        "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}},
+
+
+# Exit code of the trainer for a bad config (KubetuneError): retrying cannot help.
+CONFIG_ERROR_EXIT_CODE = 2
+
+
+def pod_failure_policy(container: str) -> dict[str, Any]:
+    """Disruptions (preemption, eviction, node drain: the DisruptionTarget condition) do not count
+    against backoffLimit; a config error fails the Job at once; other failures count."""
+    return {
+        "rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": [CONFIG_ERROR_EXIT_CODE]}},
+        ]
     }
+
+
+def indexed_job(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, cluster: ClusterInfo) -> dict[str, Any]:
+    res = job.spec.resources
     container = _container(
-        job, names, paths, name=CONTAINER, argv=torchrun_argv(job.spec.recipe, rendezvous=rendezvous), env_extra=[node_rank]
+        job, names, paths, cluster, name=CONTAINER, argv=torchrun_argv(job.spec.recipe, rendezvous=rendezvous_args(job, names)), env_extra=[]
     )
     pod = _pod_spec(job, names, paths, container)
     pod["subdomain"] = names.service
@@ -487,7 +546,8 @@ def indexed_job(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> dic
         "completionMode": "Indexed",
         "completions": res.nodes,
         "parallelism": res.nodes,
-        "backoffLimit": policy.backoff_limit,
+        "backoffLimit": policy.backoff_limit * res.nodes,  # a group restart can fail every node once
+        "podFailurePolicy": pod_failure_policy(CONTAINER),
         "suspend": is_suspended(job.spec),
         "template": {"metadata": {"labels": labels(job)}, "spec": pod},
         **_optional_limits(policy),
@@ -510,18 +570,19 @@ def _optional_limits(policy: RunPolicy) -> dict[str, int]:
     return limits
 
 
-def pytorch_job(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> dict[str, Any]:
+def pytorch_job(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, cluster: ClusterInfo) -> dict[str, Any]:
     res = job.spec.resources
     # The training-operator sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, ... which torchrun
     # reads as its defaults: no rendezvous flags here.
-    container = _container(job, names, paths, name=PYTORCHJOB_CONTAINER, argv=torchrun_argv(job.spec.recipe), env_extra=[])
+    container = _container(job, names, paths, cluster, name=PYTORCHJOB_CONTAINER, argv=torchrun_argv(job.spec.recipe), env_extra=[])
     container["ports"].append({"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"})
     template = {"metadata": {"labels": labels(job)}, "spec": _pod_spec(job, names, paths, container)}
     replicas: dict[str, Any] = {"Master": {"replicas": 1, "restartPolicy": "Never", "template": template}}
     if res.nodes > 1:
         replicas["Worker"] = {"replicas": res.nodes - 1, "restartPolicy": "Never", "template": copy.deepcopy(template)}
     policy = job.spec.run_policy
-    run_policy: dict[str, Any] = {"cleanPodPolicy": "None", "backoffLimit": policy.backoff_limit, "suspend": is_suspended(job.spec),
+    # cleanPodPolicy Running: when the job ends, pods still running (hung workers) are deleted.
+    run_policy: dict[str, Any] = {"cleanPodPolicy": "Running", "backoffLimit": policy.backoff_limit, "suspend": is_suspended(job.spec),
                                   **_optional_limits(policy)}
     return {
         "apiVersion": "kubeflow.org/v1",
@@ -538,22 +599,24 @@ def with_image(job: FineTuneJob, default_image: str) -> FineTuneJob:
     return job.model_copy(update={"spec": job.spec.model_copy(update={"image": default_image})})
 
 
-def plan(job: FineTuneJob, cluster: ClusterInfo) -> list[dict[str, Any]]:
+def plan(job: FineTuneJob, cluster: ClusterInfo, *, backend: Optional[str] = None) -> list[dict[str, Any]]:
     """The children of a FineTuneJob, in creation order (the workload last, once its config exists).
 
+    backend: the one recorded in status when the workload was first made (the operator plans
+    from it forever after); None: decide from spec.backend and the cluster.
     Raises ConfigError / SourceError (KubetuneError) naming the field when the spec cannot run."""
     job = with_image(job, cluster.trainer_image)
     names = child_names(job.metadata.name)
     paths = cluster_paths(job)
     config = cluster_trainer_config(job)
     children = [config_map(job, names, config, paths)]
-    backend = choose_backend(job.spec, cluster)
+    backend = backend or choose_backend(job.spec, cluster)
     if backend in ("jobset", "trainjob"):
         from kubetune.operator.backends import workload  # backends import this module
 
         children.append(workload(backend, job, names, paths))
     elif backend == "pytorchjob":
-        children.append(pytorch_job(job, names, paths))
+        children.append(pytorch_job(job, names, paths, cluster))
     else:
-        children += [headless_service(job, names), indexed_job(job, names, paths)]
+        children += [headless_service(job, names), indexed_job(job, names, paths, cluster)]
     return children

@@ -16,7 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from kubetune.operator.planner import COMPLETION_INDEX, PYTORCHJOB_REPLICA_TYPE
 from kubetune.operator.scrape import pod_metrics_url
 
-CONDITION_TYPES = ("Created", "Running", "Succeeded", "Failed", "Suspended")
+# Stalled (kstatus' abnormal-true convention, as Flux and cli-utils read it): True while the pods
+# cannot make progress for a reason someone must fix (unschedulable, quota, bad image, volumes).
+CONDITION_TYPES = ("Created", "Running", "Succeeded", "Failed", "Suspended", "Stalled")
 
 # Trainer metric name -> status.progress field (docs/architecture.md, trainer run contract).
 PROGRESS_METRICS = {
@@ -50,6 +52,7 @@ class WorkloadState:
     reason: str
     message: str
     started: bool = False  # pods have run at some point (for startTime)
+    stalled: bool = False  # the pods cannot progress until someone fixes what the message says
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,16 +107,74 @@ def pytorchjob_state(ptj: dict[str, Any], *, name: str, queue_name: Optional[str
 
 
 def pod_problem(pods: list[dict[str, Any]], image: str) -> Optional[WorkloadState]:
-    """Pods stuck for a reason the user must fix (bad image, missing secret or claim)."""
+    """Pods stuck for a reason the user must fix (bad image, missing secret, unschedulable)."""
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             waiting = (cs.get("state") or {}).get("waiting") or {}
             reason = waiting.get("reason", "")
             if reason in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
-                return WorkloadState("Pending", reason, f"cannot pull the trainer image {image}: check spec.image and pull secrets")
+                return WorkloadState("Pending", reason, f"cannot pull the trainer image {image}: check spec.image and pull secrets", stalled=True)
             if reason == "CreateContainerConfigError":
-                return WorkloadState("Pending", reason, f"{waiting.get('message', 'bad container config')}: check the Secrets in spec.secrets / spec.env")
+                return WorkloadState(
+                    "Pending", reason, f"{waiting.get('message', 'bad container config')}: check the Secrets in spec.secrets / spec.env", stalled=True
+                )
+    for pod in pods:
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+                name = (pod.get("metadata") or {}).get("name", "a trainer pod")
+                message = cond.get("message") or "no node fits"
+                return WorkloadState("Pending", "Unschedulable", f"pod {name} cannot be scheduled: {message}; {_scheduling_fix(message)}", stalled=True)
     return None
+
+
+def _scheduling_fix(message: str) -> str:
+    """What to do about a scheduler's 'Unschedulable' message."""
+    if "Insufficient nvidia.com/gpu" in message:
+        return "no node has that many free GPUs: lower spec.resources.gpusPerNode, or wait for GPUs (a Kueue queue waits for you)"
+    if "Insufficient cpu" in message or "Insufficient memory" in message:
+        return "no node has the cpu/memory requested: set spec.resources.requests lower (the default is per GPU)"
+    if "untolerated taint" in message:
+        return "the nodes are tainted: add the matching spec.tolerations (e.g. nvidia.com/gpu NoSchedule)"
+    if "node affinity/selector" in message:
+        return "no node matches spec.nodeSelector / spec.affinity: fix the labels"
+    if "PersistentVolumeClaim" in message or "persistentvolumeclaim" in message:
+        return "a volume claim is missing or unbound: check the pvc:// claims in spec.model, spec.dataset and spec.output"
+    return "`kubectl describe pod` shows the scheduler's view"
+
+
+def scheduling_problem(events: list[dict[str, Any]], workload_uid: Optional[str], pod_uids: set[str]) -> Optional[WorkloadState]:
+    """Rejections that only events tell (the newest first): the workload's controller could not
+    create pods (ResourceQuota, Pod Security, an admission webhook), or a volume cannot attach
+    or mount (Multi-Attach of a ReadWriteOnce claim on two nodes)."""
+    mine = [e for e in events if (e.get("involvedObject") or {}).get("uid") in ({workload_uid} | pod_uids) and e.get("type") == "Warning"]
+    mine.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", reverse=True)
+    for event in mine:
+        reason, message = event.get("reason", ""), event.get("message", "")
+        if reason == "FailedCreate":
+            if "exceeded quota" in message:
+                return WorkloadState("Pending", "QuotaExceeded", f"{message}; lower spec.resources (cpu/memory default per GPU) or ask for a larger ResourceQuota", stalled=True)
+            if "PodSecurity" in message:
+                return WorkloadState("Pending", "PodSecurityRejected", f"{message}; the namespace's Pod Security level refuses the trainer pod: ask the platform team", stalled=True)
+            return WorkloadState("Pending", "PodCreateRejected", f"{message}; an admission policy refuses the trainer pod: ask the platform team", stalled=True)
+        if reason == "FailedAttachVolume" and "Multi-Attach" in message:
+            return WorkloadState(
+                "Pending", "VolumeMultiAttach",
+                f"{message}; a ReadWriteOnce claim is in use on another node: use a ReadWriteMany claim for multi-node jobs, or wait for the other pod to end",
+                stalled=True,
+            )
+        if reason in ("FailedMount", "FailedAttachVolume"):
+            return WorkloadState("Pending", "VolumeMountFailed", f"{message}; check the pvc:// claims in spec.model, spec.dataset and spec.output", stalled=True)
+    return None
+
+
+def suspend_reflected(spec: Any, workload: dict[str, Any]) -> bool:
+    """Whether the workload's suspend matches spec.suspend (with a Kueue queue and suspend false,
+    Kueue decides, so either way is right)."""
+    body = workload.get("spec") or {}
+    suspended = bool(body.get("suspend") if "suspend" in body else (body.get("runPolicy") or {}).get("suspend"))
+    if spec.suspend:
+        return suspended
+    return bool(spec.queue_name) or not suspended
 
 
 def rank0_pod(pods: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
@@ -250,6 +311,7 @@ def conditions_for(
         ("Succeeded", phase == "Succeeded"),
         ("Failed", phase == "Failed"),
         ("Suspended", phase in ("Suspended", "Queued")),
+        ("Stalled", state.stalled),
     ):
         reason, message = (state.reason, state.message) if is_true else (f"Not{type_}", f"phase is {phase}")
         out = set_condition(out, type_, is_true, reason, message, now=now, generation=generation)
@@ -295,8 +357,33 @@ def next_status(
     event = None
     if current.phase != old.get("phase"):
         message = f"phase {old.get('phase') or '-'} -> {current.phase}: {current.message}"
-        event = ("Warning", current.reason, message) if current.phase == "Failed" else ("Normal", current.phase, message)
+        event = ("Warning", current.reason, message) if current.phase in ("Failed",) or current.stalled else ("Normal", current.phase, message)
+    elif current.stalled and _reason_of(old.get("conditions") or [], "Stalled") != current.reason:
+        event = ("Warning", current.reason, current.message)
     return changes, event
+
+
+def spec_applied_conditions(
+    conditions: list[dict[str, Any]], applied: bool, *, generation: Optional[int], current_generation: Optional[int], now: str
+) -> tuple[list[dict[str, Any]], Optional[tuple[str, str, str]]]:
+    """The SpecApplied condition: False (with a Warning event) while the spec differs from the
+    one the workload was planned from; back to True once it matches again. Absent until then."""
+    existing = next((c for c in conditions if c.get("type") == "SpecApplied"), None)
+    if applied:
+        if existing is None or existing.get("status") == "True":
+            return conditions, None
+        return set_condition(conditions, "SpecApplied", True, "SpecMatches", "the spec is the one the workload runs", now=now, generation=generation), None
+    message = (
+        f"the spec changed after the run was created (generation {current_generation}); only spec.suspend is applied to a "
+        f"running job: revert the change or create a new FineTuneJob (status reflects generation {generation})"
+    )
+    new = set_condition(conditions, "SpecApplied", False, "SpecChangeIgnored", message, now=now, generation=generation)
+    event = ("Warning", "SpecChangeIgnored", message) if existing is None or existing.get("status") != "False" else None
+    return new, event
+
+
+def _reason_of(conditions: list[dict[str, Any]], type_: str) -> Optional[str]:
+    return next((c.get("reason") for c in conditions if c.get("type") == type_ and c.get("status") == "True"), None)
 
 
 def _without_time(cond: dict[str, Any]) -> dict[str, Any]:

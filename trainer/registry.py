@@ -37,6 +37,13 @@ RECIPES: dict[str, RecipeInfo] = {
             distributed=True,
         ),
         RecipeInfo(
+            "dpo",
+            "kubetune.trainer.recipes.dpo",
+            "kubetune.trainer.config.dpo:DPOConfig",
+            "Preference alignment on chosen/rejected pairs: DPO, IPO or SimPO; full or LoRA/QLoRA (lora: section).",
+            trains=True,
+        ),
+        RecipeInfo(
             "generate",
             "kubetune.trainer.recipes.generate",
             "kubetune.trainer.config.generate:GenerateConfig",

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 from kubetune.errors import KubetuneError
 from kubetune.operator.api.common import API_VERSION, GROUP, VERSION
 from kubetune.operator.api.evaljob import EvalJob, ModelDeployment
-from kubetune.operator.api.finetune import FineTuneJob
+from kubetune.operator.api.finetune import FineTuneJob, FineTuneJobSpec
 
 
 class ManifestError(KubetuneError):
@@ -56,9 +56,23 @@ class KindInfo:
 
 AGE = PrinterColumn("Age", "date", ".metadata.creationTimestamp")
 
-# Fields a user cannot change once the run exists: the trainer would not notice, and the
-# status would describe a run that did not happen. suspend, queueName and runPolicy stay mutable.
-_IMMUTABLE_WHILE_EXISTING = ("recipe", "model", "dataset", "config", "resources", "output", "backend")
+# A run's spec cannot change once it exists (the children were planned from it and the status
+# describes that run), except the fields the operator applies to the running workload.
+MUTABLE_SPEC_FIELDS = ("suspend",)
+
+
+def unchanged_except(model: type[BaseModel], mutable: tuple[str, ...]) -> str:
+    """A CEL rule, placed at `spec`, comparing every field of the spec but `mutable`, presence
+    included (a field added or removed is a change): the whole object, not field by field
+    (a per-field transition rule is skipped where either side lacks the field)."""
+    terms = []
+    for name, field_info in model.model_fields.items():
+        wire = field_info.alias or name
+        if name in mutable or wire in mutable:
+            continue
+        terms.append(f"(has(self.{wire}) == has(oldSelf.{wire}) && (!has(self.{wire}) || self.{wire} == oldSelf.{wire}))")
+    return " && ".join(terms)
+
 
 FINETUNEJOB = KindInfo(
     kind="FineTuneJob",
@@ -66,7 +80,7 @@ FINETUNEJOB = KindInfo(
     singular="finetunejob",
     short_names=("ftj",),
     model=FineTuneJob,
-    description="Fine-tune an LLM with a kubetune recipe (full_finetune, lora_finetune, ...).",
+    description="Fine-tune an LLM with a kubetune recipe (full_finetune, lora_finetune, dpo, ...).",
     columns=(
         PrinterColumn("Recipe", "string", ".spec.recipe"),
         PrinterColumn("Phase", "string", ".status.phase"),
@@ -81,12 +95,11 @@ FINETUNEJOB = KindInfo(
             "self.all(e, !(has(e.value) && has(e.secretKeyRef)))",
             "each spec.env entry sets either value or secretKeyRef, not both",
         ),
-    )
-    + tuple(
-        Rule(f"spec.{name}", "self == oldSelf", f"spec.{name} cannot change once the job exists; create a new FineTuneJob")
-        for name in _IMMUTABLE_WHILE_EXISTING
-    )
-    + (
+        Rule(
+            "spec",
+            unchanged_except(FineTuneJobSpec, MUTABLE_SPEC_FIELDS),
+            "spec cannot change once the job exists (only spec.suspend can); create a new FineTuneJob",
+        ),
         Rule(
             "spec",
             "self.recipe != 'dpo' || self.dataset.format == 'preference'",

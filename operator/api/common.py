@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubetune.dev"
@@ -34,7 +34,19 @@ SOURCE_HELP = (
     "and s3:// sources are downloaded into the cache (spec.cache) before the trainer starts."
 )
 
-Quantity = Union[int, str]  # a Kubernetes resource quantity: 8, "32Gi", "500m"
+# A Kubernetes resource quantity: 8, "32Gi", "500m" (k8s.io/apimachinery resource.Quantity's
+# pattern, as controller-gen writes it into CRDs): the API server refuses `32GB` at once, instead
+# of the Job create failing later with 422.
+QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+Quantity = Union[int, Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN)]]
+# Names of objects a pod refers to (ServiceAccount, PriorityClass, LocalQueue): DNS subdomains.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A free-form map whose values CEL compares whole. An object schema with
+# x-kubernetes-preserve-unknown-fields and no properties is opaque to the API server's CEL: its
+# equality compares only the keys both sides have (k8s.io/apiserver/pkg/cel/common/values.go,
+# unstructuredMap.Equal), so `self == oldSelf` would let {a: 1} become {b: 1}. With
+# additionalProperties every key is known and each value is compared in full (DeepEqual).
+FREE_FORM_MAP = {"type": "object", "additionalProperties": {"x-kubernetes-preserve-unknown-fields": True}}
 
 
 class ApiModel(BaseModel):
@@ -182,9 +194,15 @@ class Resources(ApiModel):
     gpus_per_node: int = Field(
         default=1, ge=0, le=16, description="GPUs per pod (nvidia.com/gpu); torchrun --nproc-per-node; 0: one CPU process"
     )
-    requests: dict[str, Quantity] = Field(default_factory=dict, description="Extra container requests (cpu, memory)")
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict,
+        description="Container requests; cpu and memory default to the operator's per-GPU amounts (pods are Burstable)",
+    )
     limits: dict[str, Quantity] = Field(default_factory=dict, description="Extra container limits (cpu, memory)")
     shm_size: Quantity = Field(default="8Gi", description="Size of the in-memory /dev/shm (NCCL, data loaders)")
+    scratch_size: Quantity = Field(
+        default="50Gi", description="Size limit of /tmp (HOME and the Hugging Face cache); the pod is evicted beyond it"
+    )
 
 
 class RunPolicy(ApiModel):
@@ -233,13 +251,21 @@ class PodOptions(ApiModel):
         default=None, description="Image pull policy of the trainer container (default: Kubernetes' rule)"
     )
     service_account_name: Optional[str] = Field(
-        default=None, description="ServiceAccount of the pods (default: none mounted; the trainer needs no API access)"
+        default=None, max_length=253, pattern=DNS_SUBDOMAIN,
+        description="ServiceAccount of the pods (default: none mounted; the trainer needs no API access)",
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match, as in a pod spec")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pods must match, as in a pod spec", json_schema_extra={"maxProperties": 64}
+    )
     tolerations: list[dict[str, Any]] = Field(
         default_factory=list,
+        max_length=64,
         description="Tolerations of the pods, as in a pod spec (e.g. for GPU node taints)",
-        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+        json_schema_extra={"items": FREE_FORM_MAP},
     )
-    affinity: Optional[dict[str, Any]] = Field(default=None, description="Pod affinity, as in a pod spec")
-    priority_class_name: Optional[str] = Field(default=None, description="PriorityClass of the pods (preemption order)")
+    affinity: Optional[dict[str, Any]] = Field(
+        default=None, description="Pod affinity, as in a pod spec", json_schema_extra={"additionalProperties": FREE_FORM_MAP["additionalProperties"]}
+    )
+    priority_class_name: Optional[str] = Field(
+        default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="PriorityClass of the pods (preemption order)"
+    )

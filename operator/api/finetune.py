@@ -8,6 +8,8 @@ from pydantic import Field
 from kubetune.operator.api.common import (
     API_VERSION,
     ApiModel,
+    DNS_SUBDOMAIN,
+    FREE_FORM_MAP,
     CacheOptions,
     DatasetSource,
     EnvVar,
@@ -44,7 +46,7 @@ class FineTuneJobSpec(PodOptions):
         description="Recipe config overrides (keys of `kubetune cp <config>`), validated by the operator "
         "with the recipe's config model. model.path, dataset.source and output_dir come from "
         "spec.model, spec.dataset and spec.output.",
-        json_schema_extra=DEFAULT_EMPTY,
+        json_schema_extra={**DEFAULT_EMPTY, "additionalProperties": FREE_FORM_MAP["additionalProperties"], "maxProperties": 256},
     )
     output: OutputSource = Field(default_factory=OutputSource, json_schema_extra=DEFAULT_EMPTY)
     resources: Resources = Field(default_factory=Resources, json_schema_extra=DEFAULT_EMPTY)
@@ -60,7 +62,8 @@ class FineTuneJobSpec(PodOptions):
         "and that can carry the spec",
     )
     queue_name: Optional[str] = Field(
-        default=None, max_length=63, description="Kueue LocalQueue; the workload is created suspended and admitted by Kueue"
+        default=None, max_length=63, pattern=DNS_SUBDOMAIN,
+        description="Kueue LocalQueue; the workload is created suspended and admitted by Kueue",
     )
     suspend: bool = Field(default=False, description="Suspend (true) or resume (false) the run")
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
@@ -92,9 +95,14 @@ class Result(ApiModel):
 
 
 class WorkloadRef(ApiModel):
+    """The workload as first created: never replaced by another (operator/workloads.py)."""
+
     api_version: str
     kind: str
     name: str
+    uid: Optional[str] = Field(default=None, description="UID of the workload first created for this job")
+    backend: Optional[str] = Field(default=None, description="Backend the workload was planned for (kept for good)")
+    spec_hash: Optional[str] = Field(default=None, description="Hash of the spec the children were planned from")
 
 
 class FineTuneJobStatus(RunStatus):

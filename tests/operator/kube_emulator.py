@@ -14,7 +14,14 @@ API server adds; each addition below says which behaviour of Kubernetes it stand
     as the namespace segment of a namespaced path and fails (500); kopf lists and watches
     namespaces when it runs restricted to some (`kubetune operator --namespace NS`);
   - RBAC of a ServiceAccount bound by a Role in each of some namespaces (`bind_role`): requests
-    with its token reach discovery and namespaced resources in those namespaces, 403 elsewhere.
+    with its token reach discovery and namespaced resources in those namespaces, 403 elsewhere;
+  - the authorizer's answer to SubjectAccessReviews (POST /apis/authorization.k8s.io/v1/
+    subjectaccessreviews): `grant(user, verb, resource, namespace, name)` says what a user may do;
+    everything else is denied (RBAC is deny by default). Groups are not modelled;
+  - OwnerReferencesPermissionEnforcement (`enforce_owner_references`, on by default on OpenShift):
+    kube-apiserver's plugin/pkg/admission/gc/gc_admission.go refuses (403) an object whose
+    ownerReferences set blockOwnerDeletion unless the writer may `update` the owner's
+    `<plural>/finalizers`; the emulator has no RBAC objects, so the test says whether it may.
 """
 from __future__ import annotations
 
@@ -110,6 +117,7 @@ class Fault:
     path: re.Pattern
     status: int  # 0: end a watch stream at once (a dropped watch)
     times: int
+    message: str = "injected fault"
 
 
 @attrs.define(kw_only=True)
@@ -123,6 +131,10 @@ class Emulator(kmock.KubernetesEmulator):
     max_history: Optional[int] = None
     role: Optional[Role] = attrs.field(default=None, init=False)
     refused: list[str] = attrs.field(factory=list, init=False)  # "METHOD /path" answered 403 by the role
+    grants: set[tuple[str, str, str, str, str]] = attrs.field(factory=set, init=False)  # (user, verb, resource, ns, name or "*")
+    access_reviews: list[dict[str, Any]] = attrs.field(factory=list, init=False)
+    owner_references_enforced: bool = attrs.field(default=False, init=False)
+    may_set_finalizers: bool = attrs.field(default=True, init=False)
 
     def declare(self, resources: dict[str, dict[str, Any]]) -> None:
         for key, info in resources.items():
@@ -132,14 +144,56 @@ class Emulator(kmock.KubernetesEmulator):
         """Requests with this bearer token get only what Roles in these namespaces allow."""
         self.role = Role(token, frozenset(namespaces))
 
+    def grant(self, user: str, verb: str, resource: str, namespace: str, name: str = "*") -> None:
+        """RBAC for SubjectAccessReviews: user may `verb` `resource` (named `name`, or any)."""
+        self.grants.add((user, verb, resource, namespace, name))
+
+    async def _access_review(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.Response:
+        review = await raw_request.json()
+        self.access_reviews.append(review)
+        spec = review.get("spec") or {}
+        attrs_ = spec.get("resourceAttributes") or {}
+        key = (spec.get("user"), attrs_.get("verb"), attrs_.get("resource"), attrs_.get("namespace"))
+        allowed = any((*key, name) in self.grants for name in ("*", attrs_.get("name")))
+        return aiohttp.web.json_response({**review, "status": {"allowed": allowed}}, status=201)
+
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if raw_request.method == "POST" and raw_request.path.rstrip("/") == "/apis/authorization.k8s.io/v1/subjectaccessreviews":
+            return await self._access_review(raw_request)
         if self.role is not None and self.role.applies_to(raw_request) and not self.role.allows(raw_request.path):
             self.refused.append(f"{raw_request.method} {raw_request.path}")
             return forbidden(raw_request)
         return await super().__call__(raw_request)
 
-    def fail(self, method: str, path: str, status: int, times: int = 1) -> None:
-        self.faults.append(Fault(method.upper(), re.compile(path), status, times))
+    def fail(self, method: str, path: str, status: int, times: int = 1, message: str = "injected fault") -> None:
+        self.faults.append(Fault(method.upper(), re.compile(path), status, times, message))
+
+    def enforce_owner_references(self, *, allowed: bool) -> None:
+        """Turn on OwnerReferencesPermissionEnforcement; `allowed`: whether the writer may update
+        the owners' finalizers subresource (what its RBAC would say)."""
+        self.owner_references_enforced, self.may_set_finalizers = True, allowed
+
+    def _owner_reference_refusal(self, request: kmock.Request) -> Optional[aiohttp.web.Response]:
+        """gc_admission.go: on create/update, every ownerReference with blockOwnerDeletion: true
+        needs `update` on the owner's finalizers subresource."""
+        if not self.owner_references_enforced or self.may_set_finalizers or not isinstance(request.data, dict):
+            return None
+        if request.action not in (enums.action.CREATE, enums.action.UPDATE):
+            return None
+        owners = (request.data.get("metadata") or {}).get("ownerReferences") or []
+        blocking = [o for o in owners if o.get("blockOwnerDeletion")]
+        if not blocking:
+            return None
+        owner = blocking[0]
+        group = owner.get("apiVersion", "").rpartition("/")[0]
+        name = (request.data.get("metadata") or {}).get("name", "")
+        message = (
+            f'{request.resource.plural}.{request.resource.group or ""} "{name}" is forbidden: cannot set blockOwnerDeletion if an '
+            f"ownerReference refers to a resource you can't set finalizers on: User \"system:serviceaccount:kubetune:kubetune\" "
+            f'cannot update resource "{owner.get("kind", "").lower()}s/finalizers" in API group "{group}" in the namespace "{request.namespace}"'
+        )
+        body = {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 403, "reason": "Forbidden", "message": message}
+        return aiohttp.web.json_response(body, status=403)
 
     def _fault_for(self, request: kmock.Request) -> Optional[Fault]:
         method = "WATCH" if request.action == enums.action.WATCH else str(request.method.value).upper()
@@ -172,9 +226,12 @@ class Emulator(kmock.KubernetesEmulator):
                 response.content_type = "application/json"
                 return response  # an empty, finished watch stream
             return aiohttp.web.json_response(
-                {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": fault.status, "reason": "Injected", "message": "injected fault"},
+                {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": fault.status, "reason": "Injected", "message": fault.message},
                 status=fault.status,
             )
+        refusal = self._owner_reference_refusal(request) if request.resource is not None else None
+        if refusal is not None:
+            return refusal
         if request.resource is not None and isinstance(request.data, dict):
             if request.action == enums.action.CREATE:
                 meta = request.data.setdefault("metadata", {})

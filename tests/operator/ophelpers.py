@@ -42,7 +42,7 @@ async def running_operator(
     options.update(config)
     state = OperatorState(OperatorConfig(login=lambda **_: kopf.ConnectionInfo(server=emu.base_url, token=OPERATOR_TOKEN), **options))
     settings = make_settings(peering=None, webhook=webhook)
-    settings.admission.managed = None  # no ValidatingWebhookConfiguration: the test calls the webhook
+    assert settings.admission.managed is None  # the operator never writes webhook configurations
     settings.watching.server_timeout = 5  # the emulator never ends watches itself
     stop, ready = threading.Event(), threading.Event()
     errors: list[BaseException] = []

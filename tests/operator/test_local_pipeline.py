@@ -120,3 +120,34 @@ def test_get_shows_a_server_that_is_gone_as_not_ready(tmp_path):
     rows = [line.split() for line in kubetune("get", "mdep", runs=runs).stdout.splitlines()]
     assert rows[0] == ["NAME", "MODEL", "READY", "URL", "AGE"]
     assert [row[:3] for row in rows[1:]] == [["bot", "finetunejob/facts", "0/1"], ["other", "finetunejob/facts", "0/1"]]
+
+
+def test_apply_without_detach_serves_in_the_foreground_until_ctrl_c(tmp_path):
+    import signal
+    import time
+    import urllib.request
+
+    runs = tmp_path / "runs"
+    folder = write(tmp_path / "m", doc("ModelDeployment", "tiny-bot", model={"source": "builtin://tiny"}, resources={"gpusPerNode": 0}))
+    apply = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "apply", "-f", str(folder), "--runs-dir", str(runs)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 90
+        status: dict = {}
+        while time.monotonic() < deadline and status.get("phase") != "Ready":
+            time.sleep(0.3)
+            path = runs / "tiny-bot" / "status.yaml"
+            status = (yaml.safe_load(path.read_text()) or {}).get("status", {}) if path.exists() else {}
+        assert status.get("phase") == "Ready", apply.stderr.read() if apply.poll() is not None else "not ready in time"
+        with urllib.request.urlopen(status["url"] + "/models", timeout=10) as resp:
+            assert [m["id"] for m in yaml.safe_load(resp.read())["data"]] == ["tiny-bot"]
+        assert apply.poll() is None  # still in the foreground, serving
+        apply.send_signal(signal.SIGINT)
+        out, err = apply.communicate(timeout=60)
+    finally:
+        if apply.poll() is None:
+            apply.kill()
+    assert apply.returncode == 0, err
+    assert not Path(f"/proc/{status['pid']}").exists()  # Ctrl-C stopped the server too
+    after = yaml.safe_load((runs / "tiny-bot" / "status.yaml").read_text())["status"]
+    assert after["ready"] == "0/1" and "pid" not in after

@@ -72,7 +72,8 @@ async def test_namespaced_operator_reconciles_its_namespace_and_leaves_others_al
 
     watched = children(emulator, NS)
     assert (watched["v1/configmaps"], watched["v1/services"], watched["batch/v1/jobs"]) == (["demo-config"], ["demo"], ["demo"])
-    assert ftj(emulator, NS)["status"]["workload"] == {"apiVersion": "batch/v1", "kind": "Job", "name": "demo"}
+    workload = ftj(emulator, NS)["status"]["workload"]
+    assert (workload["apiVersion"], workload["kind"], workload["name"], workload["backend"]) == ("batch/v1", "Job", "demo", "job")
 
     other = ftj(emulator, OTHER_NS)
     assert "status" not in other

@@ -277,3 +277,20 @@ async def test_admission_webhook_refuses_bad_evaljobs_and_modeldeployments_namin
     assert no_baseline["allowed"] is False and "spec.baseline" in no_baseline["status"]["message"]
     assert bad_vllm["allowed"] is False and "spec.resources.gpusPerNode: runtime vllm" in bad_vllm["status"]["message"]
     assert good_eval["allowed"] is True and good_mdep["allowed"] is True
+
+
+async def test_api_refusals_become_conditions_403_retried_422_failed(api, operator, emulator):
+    emulator.fail("POST", r"/deployments$", 403, times=3)  # RBAC missing, then granted
+    emulator.fail("POST", r"/jobs$", 422, times=1)  # e.g. a policy refusing the eval Job
+    async with operator():
+        await api.post(f"{KT}/modeldeployments", modeldeployment(model={"source": "pvc://models/v1"}))
+        await eventually(lambda: condition(api, "modeldeployments", "bot", "Reconciled").get("reason") == "Forbidden", what="Forbidden")
+        message = condition(api, "modeldeployments", "bot", "Reconciled")["message"]
+        assert "create Deployment bot" in message and "RBAC" in message
+        await eventually(lambda: condition(api, "modeldeployments", "bot", "Reconciled").get("status") == "True", what="retried once granted")
+        assert len(api.children("apps/v1/deployments")) == 1
+
+        await api.post(f"{KT}/evaljobs", evaljob("refused", model={"source": "pvc://models/v1"}, baseline=False))
+        await eventually(lambda: status(api, "evaljobs", "refused").get("phase") == "Failed", what="422 -> Failed")
+        failed = condition(api, "evaljobs", "refused", "Failed")
+        assert failed["reason"] == "ApiRefused" and "create Job refused" in failed["message"]

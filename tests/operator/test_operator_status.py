@@ -77,7 +77,8 @@ def test_condition_transition_time_moves_only_when_the_status_flips():
     assert flipped[0]["lastTransitionTime"] == "t3" and flipped[0]["observedGeneration"] == 2
     full = conditions_for([], WorkloadState("Running", "PodsRunning", "1 pod"), now="t", generation=1)
     assert [(c["type"], c["status"]) for c in full] == [
-        ("Created", "True"), ("Running", "True"), ("Succeeded", "False"), ("Failed", "False"), ("Suspended", "False")
+        ("Created", "True"), ("Running", "True"), ("Succeeded", "False"), ("Failed", "False"), ("Suspended", "False"),
+        ("Stalled", "False"),
     ]
 
 

@@ -132,7 +132,7 @@ def test_webhook_without_certificates_fails_with_what_to_set():
 
 def test_chart_crds_are_the_repository_crds_byte_for_byte():
     for crd in sorted((REPO / "crds").glob("*.yaml")):
-        assert (CHART / "crds" / crd.name).read_bytes() == crd.read_bytes(), f"charts/kubetune/crds/{crd.name} drifted: copy crds/{crd.name}"
+        assert (CHART / "crds" / crd.name).read_bytes() == crd.read_bytes(), f"charts/kubetune/crds/{crd.name} drifted from crds/: run `make crds`"
     extra = {p.name for p in (CHART / "crds").glob("*.yaml")} - {p.name for p in (REPO / "crds").glob("*.yaml")}
     assert extra == {"kopf-peering.yaml"}  # kopf's peering CRDs, for replicaCount > 1
 
@@ -204,6 +204,9 @@ def test_cluster_wide_by_default_with_finalizers_for_owner_reference_enforcement
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": one(docs, "ServiceAccount")["metadata"]["name"], "namespace": NAMESPACE}]
     assert not allowed(rules, "kopf.dev", "clusterkopfpeerings", "patch")  # only with peering
     assert not allowed(rules, "trainer.kubeflow.org", "trainjobs", "create")  # off by default
+    assert allowed(rules, "jobset.x-k8s.io", "jobsets", "create")  # backend auto picks JobSet where served
+    assert not allowed(rules, "trainer.kubeflow.org", "clustertrainingruntimes", "get")
+    assert allowed(rbac_rules(rendered["all-backends"], "ClusterRole"), "trainer.kubeflow.org", "clustertrainingruntimes", "get")
 
 
 def test_namespaced_mode_has_a_role_per_namespace_and_nothing_cluster_wide(rendered):
@@ -234,6 +237,7 @@ def planned_children() -> list[dict[str, Any]]:
             job = parse_object(doc, path.name)
             children += plan(job, ClusterInfo(has_pytorchjob=True))
             children += plan(job, ClusterInfo(has_pytorchjob=False))
+            children += plan(job, ClusterInfo(has_jobset=True))  # what `backend: auto` picks where JobSet is served
     return children
 
 
@@ -244,9 +248,12 @@ def plural(kind: str) -> str:
 @pytest.mark.parametrize("scenario", ["default", "namespaced"])
 def test_rbac_allows_every_create_the_planner_makes(rendered, scenario):
     rules = rbac_rules(rendered[scenario], "ClusterRole") + rbac_rules(rendered[scenario], "Role")
-    children = planned_children()
+    from pipeline_objects import pipeline_objects
+
+    children = planned_children() + pipeline_objects()
     kinds = {(c["apiVersion"].rpartition("/")[0], c["kind"]) for c in children}
-    assert ("batch", "Job") in kinds and ("kubeflow.org", "PyTorchJob") in kinds
+    assert {("batch", "Job"), ("kubeflow.org", "PyTorchJob"), ("jobset.x-k8s.io", "JobSet"), ("apps", "Deployment"),
+            ("autoscaling", "HorizontalPodAutoscaler")} <= kinds
     for group, kind in kinds:
         for verb in ("create", "get", "patch"):
             assert allowed(rules, group, plural(kind), verb), f"the operator cannot {verb} {plural(kind)}.{group}"
@@ -385,7 +392,7 @@ def test_monitors_and_rules(rendered):
     assert service_monitor["spec"]["endpoints"][0]["honorLabels"] is True
     pod_monitor = one(docs, "PodMonitor")
     assert pod_monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "kubetune"}
-    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert [e["port"] for e in pod_monitor["spec"]["podMetricsEndpoints"]] == ["metrics", "http"]  # trainer, server
     rule = one(docs, "PrometheusRule")
     source = yaml.safe_load((REPO / "deploy" / "monitoring" / "prometheus-rules.yaml").read_text())
     assert rule["spec"] == source

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from pipeline_objects import pipeline_objects
 from pss import restricted_violations
 
 from kubetune.operator.api import parse_object
@@ -57,6 +58,13 @@ def test_planned_pods_with_every_pod_option_still_pass():
     )
     for workload in workloads(doc, has_pytorchjob=False) + workloads(doc, has_pytorchjob=True):
         assert restricted_violations(workload) == []
+
+
+def test_evaljob_and_modeldeployment_pods_meet_the_restricted_standard():
+    workloads = [o for o in pipeline_objects() if o["kind"] in {"Job", "Deployment"}]
+    assert {w["kind"] for w in workloads} == {"Job", "Deployment"}
+    for workload in workloads:
+        assert restricted_violations(workload) == [], workload["metadata"]["name"]
 
 
 GOOD_POD = {

@@ -148,13 +148,16 @@ def slurm() -> Iterator[dict[str, str]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_sbatch_runs_the_tiny_fine_tune_and_writes_the_model(slurm, tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2], ids=["one-process", "torchrun-2-processes"])
+def test_sbatch_runs_the_tiny_fine_tune_and_writes_the_model(slurm, tmp_path, nproc):
+    """One process runs `kubetune run` directly; two run it under torchrun (FSDP2 over gloo)."""
     out = tmp_path / "out"
     venv_bin = str(Path(sys.executable).parent)  # `kubetune` and `torchrun` of this environment
-    env = {**slurm, "PATH": f"{venv_bin}:{slurm['PATH']}", "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log")}
+    env = {**slurm, "PATH": f"{venv_bin}:{slurm['PATH']}", "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log"),
+           "KUBETUNE_NPROC_PER_NODE": str(nproc), "KUBETUNE_RDZV_PORT": str(free_port())}
     log = tmp_path / "job.out"
     done = subprocess.run(
-        [tool("sbatch"), "--wait", f"--chdir={tmp_path}", f"--output={log}", "--time=10",
+        [tool("sbatch"), "--wait", f"--chdir={tmp_path}", f"--output={log}", "--time=10", f"--cpus-per-task={nproc}",
          str(SBATCH_SCRIPT), "full_finetune", "tiny_full",
          f"output_dir={out}", "max_steps=4", "batch_size=4", "eval_every_steps=2", "eval_max_batches=1",
          "save_every_steps=4", "log_every_steps=1", "progress_bar=false", "resume=never"],
@@ -162,7 +165,9 @@ def test_sbatch_runs_the_tiny_fine_tune_and_writes_the_model(slurm, tmp_path):
     )
     job_log = log.read_text() if log.exists() else "(no job log)"
     assert done.returncode == 0, f"sbatch: {done.stdout}{done.stderr}\njob log:\n{job_log}"
-    assert "kubetune: full_finetune --config tiny_full on 1 node(s) x 1 process(es)" in job_log
+    assert f"kubetune: full_finetune --config tiny_full on 1 node(s) x {nproc} process(es)" in job_log
+    if nproc > 1:
+        assert "kubetune: launching 2 processes" in job_log
     model = out / "model"
     assert (model / "config.json").is_file(), job_log
     assert list(model.glob("*.safetensors")), job_log

@@ -155,8 +155,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(api):
     assert too_many.value.code == "context_length_exceeded"
 
     with pytest.raises(openai.BadRequestError) as unsupported:
-        client.completions.create(model="tiny", prompt="hi", max_tokens=2, logprobs=2)
-    assert unsupported.value.param == "logprobs"
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, presence_penalty=0.5)
+    assert unsupported.value.param == "presence_penalty" and unsupported.value.code == "unsupported"
 
     nulls = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "temperature": None, "top_p": None, "stop": None})
     assert nulls.status_code == 200 and nulls.json()["usage"]["completion_tokens"] <= 16  # null = the default

@@ -21,19 +21,19 @@ def reference_ids(tokenizer, messages, add_generation_prompt, template=None):
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-# (tokenizer folder, template transformers should use: None = the tokenizer's own)
+# (tokenizer folder, tokenizer.chat_template for ours, template transformers should use: None = the tokenizer's own)
 CASES = {
-    "llama2_sp": ("llama2_sp", LLAMA2_TEMPLATE),  # ships no template: ours falls back to the built-in Llama 2 one
-    "llama3": ("llama3", None),
-    "qwen2": ("qwen2", None),
+    "llama2_sp": ("llama2_sp", "llama2", LLAMA2_TEMPLATE),  # ships no template: the config names the built-in one
+    "llama3": ("llama3", None, None),
+    "qwen2": ("qwen2", None, None),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("messages", [CONVERSATION, NO_SYSTEM, NO_SYSTEM[:1]], ids=["system", "no_system", "one_turn"])
 def test_chat_ids_equal_transformers(tokenizer_dirs, case, messages):
-    folder, template = CASES[case]
-    ours = load_tokenizer(tokenizer_dirs[folder])
+    folder, name, template = CASES[case]
+    ours = load_tokenizer(tokenizer_dirs[folder], chat_template=name)
     reference = AutoTokenizer.from_pretrained(tokenizer_dirs[folder])
     for add_generation_prompt in (False, True):
         assert ours.apply_chat_template(messages, add_generation_prompt) == reference_ids(
@@ -48,20 +48,42 @@ def test_builtin_tiny_chatml_equals_transformers(tiny_model_dir):
         assert ours.apply_chat_template(CONVERSATION, add_generation_prompt) == reference_ids(reference, CONVERSATION, add_generation_prompt)
 
 
-@pytest.mark.parametrize("folder, expected", [("llama2_sp", LLAMA2_TEMPLATE), ("llama3", LLAMA3_TEMPLATE), ("qwen2", CHATML_TEMPLATE)])
-def test_builtin_template_is_chosen_by_the_tokens_when_none_ships(tokenizer_dirs, tmp_path, folder, expected):
+@pytest.mark.parametrize("folder, name, expected", [
+    ("llama2_sp", "llama2", LLAMA2_TEMPLATE), ("llama3", "llama3", LLAMA3_TEMPLATE), ("qwen2", "chatml", CHATML_TEMPLATE),
+])
+def test_without_a_template_chat_is_an_error_naming_the_matching_builtin(tokenizer_dirs, tmp_path, folder, name, expected):
     import json
     import shutil
+
+    from kubetune.trainer.tokenizers import TokenizerError
 
     copy = shutil.copytree(tokenizer_dirs[folder], tmp_path / folder)
     config = json.loads((copy / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (copy / "tokenizer_config.json").write_text(json.dumps(config))
     ours = load_tokenizer(copy)
-    assert ours.chat_template == expected
+    assert ours.chat_template is None  # no silent guess
+    with pytest.raises(TokenizerError, match=f"has no chat template.*set tokenizer.chat_template.*'{name}' matches"):
+        ours.apply_chat_template(NO_SYSTEM, True)
+    named = load_tokenizer(copy, chat_template=name)
+    assert named.chat_template == expected
     reference = AutoTokenizer.from_pretrained(copy)
-    assert ours.apply_chat_template(NO_SYSTEM, True) == reference_ids(reference, NO_SYSTEM, True, BUILTIN_TEMPLATES[
-        {"llama2_sp": "llama2", "llama3": "llama3", "qwen2": "chatml"}[folder]])
+    assert named.apply_chat_template(NO_SYSTEM, True) == reference_ids(reference, NO_SYSTEM, True, BUILTIN_TEMPLATES[name])
+
+
+def test_a_jinja_file_overrides_the_tokenizers_template(tokenizer_dirs, tmp_path):
+    from kubetune.trainer.tokenizers import TokenizerError
+
+    (tmp_path / "t.jinja").write_text(CHATML_TEMPLATE)
+    ours = load_tokenizer(tokenizer_dirs["qwen2"], chat_template=str(tmp_path / "t.jinja"))  # qwen2 ships its own
+    assert ours.chat_template == CHATML_TEMPLATE != load_tokenizer(tokenizer_dirs["qwen2"]).chat_template
+    reference = AutoTokenizer.from_pretrained(tokenizer_dirs["qwen2"])
+    assert ours.apply_chat_template(NO_SYSTEM, True) == reference_ids(reference, NO_SYSTEM, True, CHATML_TEMPLATE)
+    with pytest.raises(TokenizerError, match="tokenizer.chat_template .*missing.jinja: no such file"):
+        load_tokenizer(tokenizer_dirs["qwen2"], chat_template=str(tmp_path / "missing.jinja"))
+    (tmp_path / "bad.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(TokenizerError, match="not a valid Jinja template"):
+        load_tokenizer(tokenizer_dirs["qwen2"], chat_template=str(tmp_path / "bad.jinja"))
 
 
 def masked_runs(ids, mask):
@@ -86,7 +108,7 @@ def test_loss_mask_covers_exactly_the_assistant_turns(tokenizer_dirs, folder, en
 
 
 def test_loss_mask_llama2_sentencepiece(tokenizer_dirs):
-    ours = load_tokenizer(tokenizer_dirs["llama2_sp"])
+    ours = load_tokenizer(tokenizer_dirs["llama2_sp"], chat_template="llama2")
     ids, mask = ours.tokenize_messages(NO_SYSTEM)
     assert ids == ours.apply_chat_template(NO_SYSTEM)
     runs = masked_runs(ids, mask)
@@ -103,7 +125,7 @@ def test_conversation_without_assistant_has_empty_mask(tokenizer_dirs):
 def test_template_errors_name_the_tokenizer(tokenizer_dirs):
     from kubetune.trainer.tokenizers import TokenizerError
 
-    ours = load_tokenizer(tokenizer_dirs["llama2_sp"])
+    ours = load_tokenizer(tokenizer_dirs["llama2_sp"], chat_template="llama2")
     with pytest.raises(TokenizerError, match="roles must alternate") as info:
         ours.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     assert str(tokenizer_dirs["llama2_sp"]) in str(info.value)

@@ -58,7 +58,7 @@ def test_unknown_key_names_it_and_suggests_the_nearest_valid_key():
     assert "dataset.formatt: unknown key; did you mean 'dataset.format'?" in error_of(MINIMAL, ["dataset.formatt=chat"])
     # Nothing close: list what is valid instead of guessing.
     message = error_of({**MINIMAL, "lr_scheduler": {"zzzzzz": 1}})
-    assert "lr_scheduler.zzzzzz: unknown key; valid keys here: min_lr_ratio, name, warmup_steps" in message
+    assert "lr_scheduler.zzzzzz: unknown key; valid keys here: min_lr_ratio, name, warmup_ratio, warmup_steps" in message
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def test_unknown_key_names_it_and_suggests_the_nearest_valid_key():
         ("max_steps=1.5", "max_steps: expected an integer or null, got 1.5 (float)"),
         ("max_grad_norm=big", "max_grad_norm: expected a number or null, got 'big' (str)"),
         ("device=tpu", "device: expected one of 'auto', 'cpu', 'cuda', got 'tpu' (str)"),
-        ("dataset.format=csv", "dataset.format: expected one of 'alpaca', 'chat', 'text', 'preference', got 'csv'"),
+        ("dataset.format=csv", "dataset.format: expected one of 'alpaca', 'chat', 'prompt_completion', 'text', 'preference', got 'csv'"),
         ("progress_bar=maybe", "progress_bar: expected a boolean (true/false), got 'maybe' (str)"),
         ("optimizer.betas=[0.9]", "optimizer.betas: expected a list of 2 values (a number, a number)"),
         ("model=x", "model: expected a section with keys path, quantize_base, got 'x' (str)"),

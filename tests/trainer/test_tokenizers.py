@@ -106,7 +106,7 @@ def test_tokenizers_do_not_import_torch(tokenizer_dirs):
 
     code = (
         "import sys\nfrom kubetune.trainer.tokenizers import load_tokenizer\n"
-        f"tokenizer = load_tokenizer({str(tokenizer_dirs['llama2_sp'])!r})\n"
+        f"tokenizer = load_tokenizer({str(tokenizer_dirs['llama2_sp'])!r}, chat_template='llama2')\n"
         "tokenizer.apply_chat_template([{'role': 'user', 'content': 'hi'}])\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

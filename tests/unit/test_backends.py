@@ -305,3 +305,14 @@ def test_kubetune_plan_names_the_field_of_a_bad_manifest(tmp_path):
     bad.write_text(yaml.safe_dump(doc))
     out = subprocess.run([sys.executable, "-m", "kubetune.cli", "plan", "-f", str(bad), "--backend", "trainjob"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "error: spec.priorityClassName" in out.stderr and not out.stdout
+
+
+@pytest.mark.parametrize("backend", AUTO_ORDER)
+def test_pods_with_the_initializer_meet_the_restricted_pod_security_standard(backend):
+    from pss import restricted_violations
+
+    job = trainjob_fits(example("llama3.1-8b-full-2node.yaml", **REMOTE_MODELS))
+    template = pod_template_of(workload_of(job, backend))
+    assert [c["name"] for c in template["spec"]["initContainers"]] == ["initializer"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": template["spec"]}
+    assert restricted_violations(pod) == []

@@ -144,8 +144,9 @@ def test_ftj_columns_are_what_kubectl_get_promises():
 
 def test_spec_config_is_free_form_and_cel_rules_are_attached():
     spec = schema_of("FineTuneJob")["properties"]["spec"]
-    assert spec["properties"]["config"]["x-kubernetes-preserve-unknown-fields"] is True
-    assert any("oldSelf" in rule["rule"] for rule in spec["properties"]["recipe"]["x-kubernetes-validations"])
+    # a map of anything, each value compared whole by CEL (not a bare preserve-unknown-fields object)
+    assert spec["properties"]["config"]["additionalProperties"] == {"x-kubernetes-preserve-unknown-fields": True}
+    assert any("oldSelf.config" in rule["rule"] for rule in spec["x-kubernetes-validations"])
     assert any("preference" in rule["rule"] for rule in spec["x-kubernetes-validations"])
     assert spec["properties"]["resources"]["properties"]["shmSize"]["x-kubernetes-int-or-string"] is True
 

@@ -86,10 +86,11 @@ def test_two_node_job_runs_torchrun_with_rendezvous_at_pod_zero():
     command = trainer_container(job_obj)["command"]
     assert command[0] == "torchrun"  # an argv list, no shell
     assert "--nnodes=2" in command and "--nproc-per-node=8" in command
-    assert f"--master-addr={job_obj['metadata']['name']}-0.{service['metadata']['name']}" in command
-    assert "--node-rank=$(NODE_RANK)" in command
-    env = {e["name"]: e for e in trainer_container(job_obj)["env"]}
-    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    # elastic c10d rendezvous hosted by pod 0 at its stable DNS name (a restarted node rejoins)
+    assert f"--rdzv-endpoint={job_obj['metadata']['name']}-0.{service['metadata']['name']}:29500" in command
+    assert "--rdzv-backend=c10d" in command and f"--rdzv-id={job.metadata.uid}" in command
+    assert "--max-restarts=1" in command  # spec.runPolicy.backoffLimit of the example
+    assert not any(arg.startswith(("--master-addr", "--node-rank")) for arg in command)
     pod = job_obj["spec"]["template"]["spec"]
     assert pod["subdomain"] == service["metadata"]["name"] == names.service
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
@@ -164,6 +165,36 @@ def test_kueue_queue_labels_the_workload_and_creates_it_suspended():
     assert workload["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
     assert workload["spec"]["suspend"] is True
     assert by_kind(plan(example("finetune-tiny.yaml", **{"spec.suspend": True}), ClusterInfo()))["Job"]["spec"]["suspend"] is True
+
+
+def derived_names(children: list[dict[str, Any]], nodes: int) -> list[str]:
+    """Every name a child has or makes: the children, the indexed Job's pod hostnames, and what
+    the Kubeflow training-operator derives from a PyTorchJob (`<name>-<replica>-<index>` Services
+    and pods: genGeneralName in kubeflow/training-operator pkg/controller.v1/common)."""
+    names = []
+    for obj in children:
+        name = obj["metadata"]["name"]
+        names.append(name)
+        if obj["kind"] == "Job":
+            names += [f"{name}-{index}" for index in range(nodes)]
+        if obj["kind"] == "PyTorchJob":
+            names.append(f"{name}-master-0")
+            names += [f"{name}-worker-{index}" for index in range(nodes - 1)]
+    return names
+
+
+@pytest.mark.parametrize("backend", ["job", "pytorchjob"])
+@pytest.mark.parametrize("length", [1, 20, 52, 53, 54, 55, 56, 57, 63, 64, 200, 253])
+def test_every_name_of_every_backend_fits_a_dns_label(backend, length):
+    name = ("d" + "x" * 252)[:length]
+    job = example("llama3.1-8b-full-2node.yaml", **{"metadata.name": name, "spec.backend": backend, "spec.resources.nodes": 256})
+    children = plan(job, ClusterInfo(has_pytorchjob=True))
+    for derived in derived_names(children, 256):
+        assert len(derived) <= 63 and derived[0].isalpha(), (len(derived), derived)
+    for obj in children:
+        assert len(obj["metadata"]["labels"][JOB_LABEL]) <= 63
+    if length <= 52:
+        assert children[-1]["metadata"]["name"] == name  # short names are kept as they are
 
 
 @pytest.mark.parametrize("name", ["x" * 253, "a" * 60 + "-one", "a" * 60 + "-two", "9lives", "demo"])
@@ -253,3 +284,113 @@ def test_hub_models_are_fetched_by_the_initializer_and_hub_datasets_stay_with_th
     assert init["command"] == ["kubetune", "initialize", "--plan", "/etc/kubetune/sources.yaml"]
     sources = yaml.safe_load(children["ConfigMap"]["data"]["sources.yaml"])["sources"]
     assert sources == [{"field": "spec.model.source", "uri": "hf://meta-llama/Llama-3.1-8B@main", "dest": cfg["model"]["path"]}]
+
+
+# --- issue #26: pods a real cluster keeps, multi-node failures, restricted Pod Security ----------
+
+
+def pod_of(children: list[dict[str, Any]]) -> dict[str, Any]:
+    workload = children[-1]
+    if workload["kind"] == "Job":
+        return workload["spec"]["template"]["spec"]
+    return workload["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+
+
+def qos_class(pod: dict[str, Any]) -> str:
+    """The pod's QoS class as the kubelet computes it (pkg/apis/core/helper/qos): Guaranteed when
+    every container has cpu and memory limits equal to requests, BestEffort with no cpu/memory
+    requests or limits at all, else Burstable."""
+    resources = [c.get("resources") or {} for c in pod["containers"]]
+    names = ("cpu", "memory")
+    if not any(r.get(kind, {}).get(n) for r in resources for kind in ("requests", "limits") for n in names):
+        return "BestEffort"
+    guaranteed = all(
+        r.get("limits", {}).get(n) and r.get("requests", {}).get(n, r["limits"][n]) == r["limits"][n] for r in resources for n in names
+    )
+    return "Guaranteed" if guaranteed else "Burstable"
+
+
+@pytest.mark.parametrize("backend", ["job", "pytorchjob"])
+def test_planned_pods_are_burstable_with_requests_per_gpu_and_bounded_scratch(backend):
+    job = example("llama3.1-8b-lora.yaml", **{"spec.backend": backend, "spec.resources": {"gpusPerNode": 1}})  # no cpu/memory set
+    pod = pod_of(plan(job, ClusterInfo(has_pytorchjob=True)))
+    assert qos_class(pod) == "Burstable"
+    requests = pod["containers"][0]["resources"]["requests"]
+    assert requests == {"cpu": "4", "memory": "32Gi", "nvidia.com/gpu": "1"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "50Gi"}  # HOME and the Hugging Face cache
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    if backend == "job":
+        kubernetes_validate.validate(plan(job, ClusterInfo())[-1], K8S_VERSION, strict=True)
+
+
+def test_requests_scale_with_gpus_are_configurable_and_the_spec_wins():
+    eight = example("llama3.1-8b-lora.yaml", **{"spec.resources": {"gpusPerNode": 8}})
+    requests = pod_of(plan(eight, ClusterInfo(cpu_per_gpu="6", memory_per_gpu="48Gi")))["containers"][0]["resources"]["requests"]
+    assert requests["cpu"] == "48" and requests["memory"] == "384Gi"
+    own = example("llama3.1-8b-lora.yaml", **{"spec.resources.requests": {"cpu": "10"}, "spec.resources.limits": {"memory": "64Gi"}})
+    resources = pod_of(plan(own, ClusterInfo()))["containers"][0]["resources"]
+    assert resources["requests"]["cpu"] == "10"
+    assert "memory" not in resources["requests"]  # a limit alone: Kubernetes makes it the request too
+    tiny = pod_of(plan(example("finetune-tiny.yaml"), ClusterInfo()))["containers"][0]["resources"]
+    assert tiny["requests"] == {"cpu": "2", "memory": "4Gi"}  # what the demo asks for
+
+
+def test_scale_quantity():
+    from kubetune.operator.planner import scale_quantity
+
+    assert scale_quantity("32Gi", 3) == "96Gi" and scale_quantity("500m", 3) == "1500m" and scale_quantity("1.5", 2) == "3"
+    with pytest.raises(ValueError, match="plain quantity"):
+        scale_quantity("1e3", 2)
+
+
+def test_multi_node_job_ignores_disruptions_and_fails_fast_on_a_config_error():
+    job = example("llama3.1-8b-full-2node.yaml")
+    workload = plan(job, ClusterInfo())[-1]
+    rules = workload["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    assert any(r["action"] == "FailJob" and r["onExitCodes"]["values"] == [2] for r in rules)
+    assert workload["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy requires it
+    assert workload["spec"]["backoffLimit"] == 2  # backoffLimit 1 x 2 nodes: one group restart fails every node
+    kubernetes_validate.validate(workload, K8S_VERSION, strict=True)
+
+
+def test_pytorchjob_cleans_up_running_pods_when_it_ends():
+    job = example("llama3.1-8b-pytorchjob.yaml")
+    workload = plan(job, ClusterInfo(has_pytorchjob=True))[-1]
+    assert workload["kind"] == "PyTorchJob" and workload["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
+
+
+def restricted_violations(container: dict[str, Any], pod_security: dict[str, Any]) -> list[str]:
+    """Pod Security Standards `restricted` for one container (kubernetes.io/docs/concepts/security/
+    pod-security-standards): non-root, no privilege escalation, all capabilities dropped,
+    seccomp RuntimeDefault or Localhost (container or pod level)."""
+    sc = container.get("securityContext") or {}
+    problems = []
+    if not (sc.get("runAsNonRoot") or pod_security.get("runAsNonRoot")):
+        problems.append("runAsNonRoot")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        problems.append("allowPrivilegeEscalation")
+    if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+        problems.append("capabilities.drop ALL")
+    seccomp = (sc.get("seccompProfile") or pod_security.get("seccompProfile") or {}).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        problems.append("seccompProfile")
+    if sc.get("privileged"):
+        problems.append("privileged")
+    return problems
+
+
+def test_the_pytorchjob_init_container_template_passes_restricted_pod_security():
+    """The training-operator injects an init container into Worker pods (waiting for the master's
+    DNS name); its default has no securityContext. deploy/pytorchjob/ ships a template for its
+    --pytorch-init-container-template-file flag (a Go template)."""
+    text = (REPO / "deploy" / "pytorchjob" / "init-container-template.yaml").read_text()
+    rendered = text.replace("{{.InitContainerImage}}", "alpine:3.20").replace("{{.MasterAddr}}", "demo-master-0")
+    (container,) = yaml.safe_load(rendered)
+    assert container["name"] == "init-pytorch" and "demo-master-0" in " ".join(container["command"])
+    assert restricted_violations(container, {}) == []
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "w"}, "spec": {"initContainers": [container], "containers": [container]}}
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    workload_pod = pod_of(plan(example("llama3.1-8b-pytorchjob.yaml"), ClusterInfo(has_pytorchjob=True)))
+    assert restricted_violations(workload_pod["containers"][0], workload_pod["securityContext"]) == []

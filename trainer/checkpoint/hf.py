@@ -43,16 +43,21 @@ class CheckpointError(KubetuneError):
 
 
 def resolve_local_dir(path: str | os.PathLike) -> Path:
-    """A local folder for `path`: a folder as is, `builtin://NAME` made on first use."""
+    """A local folder for `path`: a folder as is, `builtin://NAME` made on first use, a Hub id from
+    huggingface_hub's cache (downloaded when missing)."""
     text = str(path)
     if text.startswith("builtin://"):
         from kubetune.trainer.builtin import resolve_model_path
 
         return resolve_model_path(text)
+    from kubetune.trainer.hub import is_hub_id, resolve_hub_model
+
+    if is_hub_id(text):  # org/name or hf://org/name[@rev]: huggingface_hub's cache (HF_HUB_OFFLINE honoured)
+        return resolve_hub_model(text)
     if "://" in text:
         raise CheckpointError(
-            f"model path {text!r}: the trainer reads local folders and builtin://tiny; "
-            "download other sources first (the operator mounts pvc:// and fetches hf:// into a local folder)"
+            f"model path {text!r}: the trainer reads local folders, Hub ids (org/name, hf://org/name[@revision]) "
+            "and builtin://tiny; download other sources first (the operator mounts pvc:// sources)"
         )
     return Path(text).expanduser()
 

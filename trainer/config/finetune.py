@@ -1,52 +1,145 @@
 """Config of the training recipes. Torch-free: the operator validates FineTuneJob.spec.config with it."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+import string
+from typing import ClassVar, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kubetune.trainer.config.base import StrictModel
 
+# The fields each dataset format reads; `dataset.columns` renames any of them.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages", "tools"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+BUILTIN_CHAT_TEMPLATES = ("llama2", "llama3", "chatml")  # kubetune.trainer.tokenizers.chat_templates
+
 
 class ModelSection(StrictModel):
-    path: str = Field(description="HF-format model folder (config.json + safetensors), or builtin://tiny")
+    path: str = Field(
+        description="HF-format model folder (config.json + safetensors), a Hub id (org/name or "
+        "hf://org/name[@revision], through the huggingface_hub cache), or builtin://tiny"
+    )
     quantize_base: Optional[Literal["nf4"]] = Field(
         default=None, description="Store frozen base linear weights as 4-bit NF4 (QLoRA; lora_finetune only)"
     )
 
 
 class TokenizerSection(StrictModel):
-    path: Optional[str] = Field(default=None, description="Tokenizer folder; defaults to model.path")
+    path: Optional[str] = Field(default=None, description="Tokenizer folder or Hub id; defaults to model.path")
+    chat_template: Optional[str] = Field(
+        default=None,
+        description="Chat template: a built-in name (llama2, llama3, chatml) or a .jinja file; "
+        "None: the tokenizer's own (tokenizer_config.json / chat_template.jinja)",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_name_or_file(cls, value: Optional[str]) -> Optional[str]:
+        if value is None or value in BUILTIN_CHAT_TEMPLATES or value.endswith((".jinja", ".j2")):
+            return value
+        raise ValueError(
+            f"{value!r} is neither a built-in template ({', '.join(BUILTIN_CHAT_TEMPLATES)}) nor a .jinja file; "
+            "name one of them, or point it at a Jinja template file ending in .jinja"
+        )
 
 
 class DatasetSection(StrictModel):
     source: str = Field(
         description="Local .json/.jsonl/.parquet file or folder (folder: <split>.<ext> inside), "
-        "hf://org/name (the optional `datasets` library), or builtin://tiny_instruct (the synthetic task)"
+        "hf://org/name (the optional `datasets` library), or builtin://tiny_instruct / builtin://tiny_preference (the synthetic tasks)"
     )
-    format: Literal["alpaca", "chat", "text", "preference"] = "alpaca"
+    format: Literal["alpaca", "chat", "prompt_completion", "text", "preference"] = "alpaca"
     split: str = "train"
-    eval_split: Optional[str] = Field(default=None, description="Held-out split; None: hold out eval_fraction of split")
-    eval_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    eval_split: Optional[str] = Field(default=None, description="Held-out split (a file of a folder source, or an hf:// split)")
+    eval_fraction: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Hold out this seeded fraction of the training records (0: none)"
+    )
     train_on_input: bool = Field(default=False, description="Also train on prompt tokens (default: masked from the loss)")
     packed: bool = Field(default=False, description="Pack several samples per sequence with document masking")
-    text_field: str = "text"
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename the fields a format reads, e.g. {instruction: question, output: answer}; "
+        "alpaca: instruction, input, output; chat: messages, tools; prompt_completion: prompt, completion; "
+        "text: text; preference: prompt, chosen, rejected",
+    )
+    prompt_template: Optional[str] = Field(
+        default=None,
+        description="alpaca only: the prompt as a Python format string with {instruction} and optional {input}, "
+        "e.g. 'Question: {instruction}\\nAnswer: '; None: the Stanford Alpaca prompt",
+    )
+    text_field: str = Field(default="text", description="The text field of text records (same as columns.text)")
+    txt_documents: Literal["file", "blank_line"] = Field(
+        default="file", description=".txt sources: one document per file, or one per blank-line-separated block"
+    )
     shuffle: bool = Field(default=True, description="Shuffle the training samples each epoch (seeded)")
     max_samples: Optional[int] = Field(default=None, ge=1, description="Use only the first N records of the split")
 
+    @model_validator(mode="after")
+    def _columns_and_template_fit_the_format(self) -> "DatasetSection":
+        known = FORMAT_FIELDS[self.format]
+        unknown = sorted(set(self.columns) - set(known))
+        if unknown:
+            raise ValueError(
+                f"dataset.columns: {', '.join(unknown)} is not a field of format {self.format}; "
+                f"its fields are {', '.join(known)} (map each to the column name in your data)"
+            )
+        if self.prompt_template is not None:
+            if self.format != "alpaca":
+                raise ValueError(
+                    f"dataset.prompt_template applies to format alpaca, not {self.format}; remove it "
+                    "(chat data uses tokenizer.chat_template)"
+                )
+            try:
+                names = {name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name is not None}
+            except ValueError as err:
+                raise ValueError(f"dataset.prompt_template is not a valid format string ({err}); write {{{{ for a literal brace") from None
+            if "instruction" not in names or names - {"instruction", "input"}:
+                raise ValueError(
+                    f"dataset.prompt_template uses {{{', '.join(sorted(names)) or 'nothing'}}}; it must use {{instruction}} "
+                    "and may use {input}; write {{ and }} for literal braces"
+                )
+        return self
+
+    def column(self, name: str) -> str:
+        """The record key that holds the format's field `name` (after dataset.columns)."""
+        if name == "text" and "text" not in self.columns:
+            return self.text_field
+        return self.columns.get(name, name)
+
 
 class OptimizerSection(StrictModel):
+    name: Literal["adamw", "adafactor", "adamw_8bit"] = Field(
+        default="adamw",
+        description="adamw (torch), adafactor (torch.optim.Adafactor: factored second moments, no first moment), "
+        "adamw_8bit (torchao's AdamW8bit: 8-bit optimizer states; needs the quant extra)",
+    )
     lr: float = Field(default=2e-5, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(default=1e-8, gt=0)
-    fused: Optional[bool] = Field(default=None, description="Fused AdamW; None: when the device supports it")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="adamw, adamw_8bit")
+    eps: float = Field(default=1e-8, gt=0, description="adamw, adamw_8bit")
+    fused: Optional[bool] = Field(default=None, description="adamw only: fused kernels; None: when the device has them")
 
 
 class LRSchedulerSection(StrictModel):
     name: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(default=0, ge=0)
+    warmup_ratio: Optional[float] = Field(
+        default=None, ge=0.0, lt=1.0, description="Warm up over this fraction of the planned steps (instead of warmup_steps)"
+    )
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "LRSchedulerSection":
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise ValueError(
+                "lr_scheduler: set warmup_steps or warmup_ratio, not both (warmup_ratio is a fraction of the planned steps)"
+            )
+        return self
 
 
 class DistributedSection(StrictModel):
@@ -100,9 +193,23 @@ class TrainingConfig(StrictModel):
     progress_bar: bool = True
     distributed: DistributedSection = DistributedSection()
 
+    # Dataset formats this recipe trains on; others are refused at config time, naming the recipe to use.
+    accepted_formats: ClassVar[tuple[str, ...]] = ("alpaca", "chat", "prompt_completion", "text")
+
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer.path or self.model.path
+
+    @model_validator(mode="after")
+    def _format_fits_the_recipe(self) -> "TrainingConfig":
+        fmt = self.dataset.format
+        if fmt not in self.accepted_formats:
+            use = "the dpo recipe (kubetune run dpo)" if fmt == "preference" else "another recipe"
+            raise ValueError(
+                f"dataset.format: {fmt} data trains with {use}, not this one; this recipe takes "
+                f"{', '.join(self.accepted_formats)}"
+            )
+        return self
 
 
 class FullFinetuneConfig(TrainingConfig):

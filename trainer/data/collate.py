@@ -12,7 +12,12 @@ def collate(samples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch
 
     Every batch gets `attention_mask` (1 = token, 0 = pad: the HF convention the model takes;
     the model skips the padding's compute). Packed samples are all max_seq_len long and also
-    bring `position_ids` and `segment_ids`; their padding is the segment PAD_SEGMENT."""
+    bring `position_ids` and `segment_ids`; their padding is the segment PAD_SEGMENT.
+    Preference pairs become 2 x len(samples) rows: every chosen response, then every rejected one
+    (pair i is rows i and len(samples) + i), so one forward pass scores both."""
+    if "chosen_input_ids" in samples[0]:
+        samples = [{"input_ids": s[f"{side}_input_ids"], "labels": s[f"{side}_labels"]}
+                   for side in ("chosen", "rejected") for s in samples]
     longest = max(len(s["input_ids"]) for s in samples)
     batch = {
         "input_ids": _pad([s["input_ids"] for s in samples], longest, pad_id),

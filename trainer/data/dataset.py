@@ -31,8 +31,9 @@ def build_datasets(dataset_cfg: Any, tokenizer: TokenizerLike, max_seq_len: int,
     """Load, hold out, tokenize, mask, truncate and optionally pack, as the config says.
 
     The held-out set is dataset.eval_split when set (a file of a folder source, or an hf://
-    split); otherwise a seeded dataset.eval_fraction of the training records."""
-    records = load_records(dataset_cfg.source, dataset_cfg.split)
+    split); otherwise a seeded dataset.eval_fraction of the training records (default 0: none)."""
+    text_key = dataset_cfg.column("text")
+    records = load_records(dataset_cfg.source, dataset_cfg.split, text_key, dataset_cfg.txt_documents)
     if dataset_cfg.max_samples is not None:
         records = records[: dataset_cfg.max_samples]
     eval_records: Optional[list[SourceRecord]] = None
@@ -43,7 +44,7 @@ def build_datasets(dataset_cfg: Any, tokenizer: TokenizerLike, max_seq_len: int,
                 f"dataset.eval_split '{dataset_cfg.eval_split}': {source} is not a folder with a file for that "
                 "split; remove eval_split to hold out dataset.eval_fraction of the training records instead"
             )
-        eval_records = load_records(source, dataset_cfg.eval_split)
+        eval_records = load_records(source, dataset_cfg.eval_split, text_key, dataset_cfg.txt_documents)
     elif dataset_cfg.eval_fraction > 0:
         records, eval_records = hold_out(records, dataset_cfg.eval_fraction, seed)
     if not records:
@@ -51,7 +52,8 @@ def build_datasets(dataset_cfg: Any, tokenizer: TokenizerLike, max_seq_len: int,
 
     def prepare(part: list[SourceRecord]) -> list[dict[str, list[int]]]:
         samples = tokenize_records(
-            part, tokenizer, dataset_cfg.format, max_seq_len, dataset_cfg.train_on_input, dataset_cfg.text_field
+            part, tokenizer, dataset_cfg.format, max_seq_len, dataset_cfg.train_on_input, dataset_cfg.text_field,
+            columns=dataset_cfg.columns, prompt_template=dataset_cfg.prompt_template,
         )
         if dataset_cfg.packed and dataset_cfg.format != "preference":
             samples = pack_samples(samples, max_seq_len, pad_id_of(tokenizer))

@@ -1,5 +1,9 @@
-"""Read raw records (dicts) from where a config says: local JSON/JSONL/Parquet files or folders,
-the optional Hugging Face `datasets` library, or the built-in synthetic task.
+"""Read raw records (dicts) from where a config says: local JSON/JSONL/Parquet/.txt files or
+folders, the optional Hugging Face `datasets` library, or the built-in synthetic task.
+
+Plain `.txt` files are text records: one document per file (`txt_documents: file`), or one per
+block of lines separated by a blank line (`txt_documents: blank_line`). A folder source holds
+`<split>.<ext>`; failing that, a folder of `.txt` files is read whole (sorted by name).
 
 Every record keeps a note of where it came from ("train.jsonl record 12 (line 12)") so a
 malformed one is reported by file and record number. Torch-free.
@@ -7,14 +11,14 @@ malformed one is reported by file and record number. Torch-free.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubetune.errors import KubetuneError
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-BUILTIN_SOURCES = ("builtin://tiny_instruct",)
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+BUILTIN_SOURCES = ("builtin://tiny_instruct", "builtin://tiny_preference")
 
 
 class DatasetError(KubetuneError):
@@ -25,19 +29,30 @@ class DatasetError(KubetuneError):
 class SourceRecord:
     data: dict[str, Any]
     where: str  # "data/train.jsonl record 12 (line 12)": for error messages
+    aliases: dict[str, str] = field(default_factory=dict)  # format field -> the user's column (dataset.columns)
+
+    def column(self, name: str) -> str:
+        """The user's name for the field `name` (for error messages)."""
+        return self.aliases.get(name, name)
 
 
-def load_records(source: str, split: str = "train") -> list[SourceRecord]:
-    """All records of `split` in `source` (see DatasetSection.source for the forms it takes)."""
+def load_records(source: str, split: str = "train", text_key: str = "text", txt_documents: str = "file") -> list[SourceRecord]:
+    """All records of `split` in `source` (see DatasetSection.source for the forms it takes).
+    `.txt` files become {text_key: document} records, split into documents as `txt_documents` says."""
     if source.startswith("builtin://"):
         return _builtin_records(source)
     if source.startswith("hf://"):
         return _hf_records(source[len("hf://"):], split)
     path = Path(source).expanduser()
     if path.is_dir():
+        if not has_split(source, split) and any(path.glob("*.txt")):
+            files = sorted(path.glob("*.txt"))
+            return [r for file in files for r in _read_txt(file, text_key, txt_documents)]
         path = _split_file(path, split)
     elif not path.is_file():
         raise DatasetError(f"dataset.source {source}: no such file or folder")
+    if path.suffix.lower() == ".txt":
+        return _read_txt(path, text_key, txt_documents)
     return read_file(path)
 
 
@@ -55,7 +70,9 @@ def read_file(path: Path) -> list[SourceRecord]:
         return _read_json(path)
     if suffix == ".parquet":
         return _read_parquet(path)
-    raise DatasetError(f"{path}: unsupported file type '{suffix}'; use .jsonl, .json or .parquet")
+    if suffix == ".txt":
+        return _read_txt(path, "text", "file")
+    raise DatasetError(f"{path}: unsupported file type '{suffix}'; use .jsonl, .json, .parquet or .txt")
 
 
 def _split_file(folder: Path, split: str) -> Path:
@@ -108,6 +125,31 @@ def _read_parquet(path: Path) -> list[SourceRecord]:
     return [SourceRecord(row, f"{path} record {i}") for i, row in enumerate(rows, start=1)]
 
 
+def _read_txt(path: Path, text_key: str, documents: str) -> list[SourceRecord]:
+    """A plain text file as text records: the whole file, or each blank-line-separated block."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if documents == "file":
+        return [SourceRecord({text_key: text}, f"{path}")] if text.strip() else []
+    blocks, current, first_line = [], [], 1
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            if not current:
+                first_line = number
+            current.append(line)
+        elif current:
+            blocks.append((first_line, "\n".join(current)))
+            current = []
+    if current:
+        blocks.append((first_line, "\n".join(current)))
+    return [
+        SourceRecord({text_key: block}, f"{path} document {i} (line {line})")
+        for i, (line, block) in enumerate(blocks, start=1)
+    ]
+
+
 def _require_object(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DatasetError(f"{where}: a record must be a JSON object, got {type(data).__name__}")
@@ -115,11 +157,13 @@ def _require_object(data: Any, where: str) -> dict[str, Any]:
 
 
 def _builtin_records(source: str) -> list[SourceRecord]:
-    if source != "builtin://tiny_instruct":
+    if source not in BUILTIN_SOURCES:
         raise DatasetError(f"dataset.source {source}: unknown built-in dataset; known: {', '.join(BUILTIN_SOURCES)}")
+    from kubetune.trainer.data.preference import preference_records
     from kubetune.trainer.data.synthetic import alpaca_records
 
-    return [SourceRecord(r, f"{source} record {i}") for i, r in enumerate(alpaca_records(), start=1)]
+    records = alpaca_records() if source == "builtin://tiny_instruct" else preference_records()
+    return [SourceRecord(r, f"{source} record {i}") for i, r in enumerate(records, start=1)]
 
 
 def _hf_records(name: str, split: str) -> list[SourceRecord]:

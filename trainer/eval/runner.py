@@ -51,9 +51,11 @@ def evaluate_multiple_choice(model, tokenizer, task: Task, settings: RunSettings
     samples, options = task.samples, task.options
     requests, owners = [], []
     for index, sample in enumerate(samples):
-        prompt = mc_prompt(task.pool, index, settings.num_fewshot, settings.seed, options)
+        prompt, add_bos = model_prompt(tokenizer, mc_prompt(task.pool, index, settings.num_fewshot, settings.seed, options),
+                                       options, settings.add_bos)
         for choice in sample.choices:
-            requests.append(encode_pair(tokenizer, prompt, options["target_delimiter"] + choice, settings.add_bos))
+            requests.append(encode_pair(tokenizer, prompt, options["target_delimiter"] + choice, add_bos,
+                                        move_trailing_space=options.get("prompt_format") != "chat"))
             owners.append(index)
     scores = score_requests(model, requests, settings.batch_size, settings.max_seq_len, _pad_id(tokenizer))
     loglikelihoods: list[list[float]] = [[] for _ in samples]
@@ -95,8 +97,12 @@ def evaluate_generate(model, tokenizer, task: Task, settings: RunSettings) -> Ta
             f"task '{task.name}': options.max_new_tokens={options['max_new_tokens']} leaves no room for the "
             f"prompt in max_seq_len={settings.max_seq_len}; lower it or raise max_seq_len"
         )
-    prompts = [generate_prompt(task.pool, i, settings.num_fewshot, settings.seed, options) for i in range(len(samples))]
-    encoded = [tokenizer.encode(p, add_bos=settings.add_bos)[-max_prompt:] for p in prompts]
+    prompts = [
+        model_prompt(tokenizer, generate_prompt(task.pool, i, settings.num_fewshot, settings.seed, options), options,
+                     settings.add_bos)
+        for i in range(len(samples))
+    ]
+    encoded = [tokenizer.encode(p, add_bos=add_bos)[-max_prompt:] for p, add_bos in prompts]
     texts: list[str] = []
     for batch_index, batch in enumerate(chunks(encoded, settings.batch_size)):
         new_tokens = generate(
@@ -114,6 +120,14 @@ def evaluate_generate(model, tokenizer, task: Task, settings: RunSettings) -> Ta
     correct = [float(M.generation_correct(text, s.answers, options)) for text, s in zip(texts, samples)]
     details = [{"generated": text, "answers": list(s.answers), "correct": bool(c)} for text, s, c in zip(texts, samples, correct)]
     return TaskResult(task.name, task.type, len(samples), {f"{options['match']}_match": M.mean_with_stderr(correct)}, details)
+
+
+def model_prompt(tokenizer, prompt: str, options: dict[str, Any], add_bos: bool) -> tuple[str, bool]:
+    """(text, add_bos) the model is given: with prompt_format chat, the prompt as one user turn in the
+    tokenizer's chat template followed by the assistant header (the template brings its own BOS)."""
+    if options.get("prompt_format") == "chat":
+        return tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True), False
+    return prompt, add_bos
 
 
 def _pad_id(tokenizer) -> int:

@@ -25,9 +25,12 @@ from kubetune.trainer.models import KVCache
 Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 
 
-def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = True) -> Request:
-    """(context tokens, continuation tokens) as lm-eval's TemplateLM splits them for causal LMs."""
-    spaces = len(context) - len(context.rstrip())
+def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = True, move_trailing_space: bool = True) -> Request:
+    """(context tokens, continuation tokens) as lm-eval's TemplateLM splits them for causal LMs.
+
+    `move_trailing_space=False` keeps the context's trailing whitespace in the context: a chat
+    template's assistant header ends in its own newline, which is not part of the answer."""
+    spaces = len(context) - len(context.rstrip()) if move_trailing_space else 0
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     context_ids = tokenizer.encode(context, add_bos=add_bos)

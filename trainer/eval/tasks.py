@@ -36,7 +36,8 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
         # lm-eval's default: the continuation scored is target_delimiter + choice.
         "target_delimiter": " ",
         "fewshot_delimiter": "\n\n",
-        "prompt_format": "plain",  # plain | alpaca (the prompt the fine-tuning recipes train on)
+        # plain | alpaca (the prompt the fine-tuning recipes train on) | chat (a user turn in the chat template)
+        "prompt_format": "plain",
     },
     "generate": {
         "prompt_field": "prompt",
@@ -56,7 +57,7 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
     },
 }
 MATCH_KINDS = ("exact", "regex", "contains")
-PROMPT_FORMATS = ("plain", "alpaca")
+PROMPT_FORMATS = ("plain", "alpaca", "chat")
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ def resolve_options(task_name: str, task_type: str, options: dict[str, Any]) -> 
             f"task '{task_name}': options.prompt_format is {resolved['prompt_format']!r}; "
             f"use one of {', '.join(PROMPT_FORMATS)}"
         )
+    if resolved.get("prompt_format") == "chat" and "target_delimiter" not in options and "target_delimiter" in resolved:
+        resolved["target_delimiter"] = ""  # the answer starts the assistant turn, right after the template's header
     if task_type == "generate":
         if resolved["match"] not in MATCH_KINDS:
             raise TaskError(
@@ -118,7 +121,9 @@ def resolve_options(task_name: str, task_type: str, options: dict[str, Any]) -> 
 
 
 def format_prompt(text: str, options: dict[str, Any]) -> str:
-    """The record's question as the model sees it: as-is, or in the alpaca prompt it was tuned on."""
+    """The record's question as the model sees it: as-is, or in the alpaca prompt it was tuned on.
+    (prompt_format chat wraps the whole prompt, few-shot examples included, in the tokenizer's chat
+    template when it is encoded: eval.runner.model_prompt.)"""
     if options["prompt_format"] == "alpaca":
         return format_alpaca_prompt(text)
     return text

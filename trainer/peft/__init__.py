@@ -19,6 +19,7 @@ from kubetune.trainer.peft.adapter import (
 )
 from kubetune.trainer.peft.lora import (
     LoRALinear,
+    adapters_disabled,
     apply_lora,
     lora_layers,
     lora_state_dict,
@@ -30,6 +31,7 @@ __all__ = [
     "AdapterError",
     "AdapterWeights",
     "LoRALinear",
+    "adapters_disabled",
     "LoRAModuleWeights",
     "apply_lora",
     "check_adapter_fits",

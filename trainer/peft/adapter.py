@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from kubetune.errors import KubetuneError
+from kubetune.trainer.hub import base_model_reference
 from kubetune.trainer.peft.lora import LoRALinear, find_target_modules, is_linear, lora_layers, replace_submodule
 
 CONFIG_NAME = "adapter_config.json"
@@ -138,7 +139,8 @@ def write_adapter_files(
         dropout=_dropout_p(first),
         target_modules=sorted({name.rsplit(".", 1)[-1] for name, _ in layers}),
         use_dora=first.use_dora,
-        base_model_name_or_path=base_model_name_or_path,
+        # What PEFT's AutoPeftModelForCausalLM will load: a Hub id or an absolute folder, never builtin://.
+        base_model_name_or_path=base_model_reference(base_model_name_or_path) if base_model_name_or_path else None,
         use_rslora=not math.isclose(first.scaling, first.alpha / first.rank),
     )
     tensors: dict[str, torch.Tensor] = {}

@@ -11,6 +11,7 @@ name (`q_proj.weight`), so HF checkpoints still load into a wrapped model by nam
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable, Iterator, Optional, Protocol
 
@@ -65,6 +66,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_magnitude_vector: Optional[nn.Parameter] = None
+        self.adapter_enabled = True  # False: the frozen base alone (see adapters_disabled)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -93,6 +95,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_forward(x)
+        if not self.adapter_enabled:
+            return result
         x_lora = x.to(self.lora_A.weight.dtype)
         if not self.use_dora:
             # Scale the rank-r intermediate, not the [.., out] update: same math, r/out of the work.
@@ -195,6 +199,20 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def is_adapter_key(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector")
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes its base alone, every LoRA/DoRA layer switched off
+    (PEFT's `disable_adapter()`): the DPO reference of a LoRA policy, with no second copy."""
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.adapter_enabled = True
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

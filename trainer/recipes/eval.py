@@ -37,7 +37,7 @@ def load_model_and_tokenizer(cfg: EvalConfig, device: torch.device, dtype: torch
         from kubetune.trainer.peft import load_adapter
 
         model = load_adapter(model, cfg.adapter)  # raises AdapterError on a base/adapter mismatch
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.tokenizer.chat_template)
     return model.to(device).eval(), tokenizer
 
 

@@ -59,7 +59,7 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
     resume_dir = world.broadcast_object(checkpoints.resume_from(cfg.resume))  # rank 0's choice for all
 
     # ---- Tokenizer and data --------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.tokenizer.chat_template)
     check_vocab_matches(tokenizer, load_model_args(cfg.model.path).vocab_size, cfg.model.path)  # before any work
     splits = build_datasets(cfg.dataset, tokenizer, cfg.max_seq_len, cfg.seed)
     ranks = {"rank": world.rank, "world_size": world.size}  # each rank takes its slice of every global batch

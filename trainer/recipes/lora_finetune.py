@@ -65,7 +65,7 @@ def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
     resume_dir = world.broadcast_object(checkpoints.resume_from(cfg.resume))  # rank 0's choice for all
 
     # ---- Tokenizer and data --------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.tokenizer.chat_template)
     splits = build_datasets(cfg.dataset, tokenizer, cfg.max_seq_len, cfg.seed)
     ranks = {"rank": world.rank, "world_size": world.size}  # each rank takes its slice of every global batch
     train_loader = BatchLoader(splits.train, cfg.batch_size, splits.pad_id, shuffle=cfg.dataset.shuffle, seed=cfg.seed, **ranks)

@@ -105,6 +105,13 @@ class _Server:
         """Run CPU work of a request (parsing, templates, tokenizing) off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    def token_text(self, token: int) -> str:
+        """One token as text (logprobs' `token`): special tokens included; "" if it cannot be decoded."""
+        try:
+            return self.tokenizer.decode([token], skip_special_tokens=False)
+        except Exception:  # noqa: BLE001 - an id the tokenizer does not know
+            return ""
+
     def scrub(self, text: str) -> str:
         """`text` without the server's folders (error messages of tokenizers and templates name them)."""
         for path in self.private_paths:
@@ -235,9 +242,18 @@ def create_app(
         body, model, client = await read_request(request, CompletionRequest)
         prompts = await server.offload(_completion_prompts, body.prompt, tokenizer, max_chars)
         params = _sampling_params(body, body.max_tokens, prompts, engine.max_model_len)
+        echo = None
+        if body.echo:  # each choice starts with its prompt's text (as the client sent it, or decoded ids)
+            texts = [body.prompt] if isinstance(body.prompt, str) else [
+                item if isinstance(item, str) else tokenizer.decode(ids) for item, ids in zip(_as_list(body.prompt), prompts)
+            ]
+            echo = [texts[choice // body.n] for choice in range(len(prompts) * body.n)]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         handle = engine.submit(prompts, params, adapter=model.adapter, n=body.n, client=client, request_id=request_id)
-        reply = _Reply(request_id, "text_completion", model.name, handle, chat=False, on_first_token=first_token(endpoint, started))
+        reply = _Reply(
+            request_id, "text_completion", model.name, handle, chat=False, on_first_token=first_token(endpoint, started),
+            logprobs=body.logprobs is not None, echo=echo, token_text=server.token_text,
+        )
         if body.stream:
             return _sse(reply, body.include_usage_in_stream, server, endpoint, started)
         return await _complete(reply, request, server, endpoint, started)
@@ -252,7 +268,10 @@ def create_app(
         params = _sampling_params(body, body.max_new_tokens, [prompt], engine.max_model_len)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         handle = engine.submit([prompt], params, adapter=model.adapter, n=body.n, client=client, request_id=request_id)
-        reply = _Reply(request_id, "chat.completion", model.name, handle, chat=True, on_first_token=first_token(endpoint, started))
+        reply = _Reply(
+            request_id, "chat.completion", model.name, handle, chat=True, on_first_token=first_token(endpoint, started),
+            logprobs=bool(body.logprobs), token_text=server.token_text,
+        )
         if body.stream:
             return _sse(reply, body.include_usage_in_stream, server, endpoint, started)
         return await _complete(reply, request, server, endpoint, started)
@@ -343,6 +362,13 @@ def _completion_prompts(prompt, tokenizer, max_chars: int) -> list[list[int]]:
     return prompts
 
 
+def _as_list(prompt) -> list:
+    """A completion prompt as a list of prompts (a string or a list of ids is one prompt)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
 def _sampling_params(body, max_tokens: Optional[int], prompts: list[list[int]], max_model_len: int) -> SamplingParams:
     """Check the lengths against the context (400 like OpenAI's) and build the sampling settings."""
     longest = max(len(ids) for ids in prompts)
@@ -363,6 +389,12 @@ def _sampling_params(body, max_tokens: Optional[int], prompts: list[list[int]], 
             param="max_tokens",
             code="context_length_exceeded",
         )
+    if isinstance(body, ChatCompletionRequest):
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        prompt_logprobs = False
+    else:
+        logprobs = body.logprobs
+        prompt_logprobs = body.echo and body.logprobs is not None
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
@@ -371,6 +403,8 @@ def _sampling_params(body, max_tokens: Optional[int], prompts: list[list[int]], 
         seed=body.seed,
         stop=body.stop_list,
         ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -378,7 +412,17 @@ class _Reply:
     """Builds OpenAI's response objects (whole or as stream chunks) from a request's events."""
 
     def __init__(
-        self, request_id: str, kind: str, model: str, handle: RequestHandle, *, chat: bool, on_first_token
+        self,
+        request_id: str,
+        kind: str,
+        model: str,
+        handle: RequestHandle,
+        *,
+        chat: bool,
+        on_first_token,
+        logprobs: bool = False,
+        echo: Optional[list[str]] = None,
+        token_text: Callable[[int], str] = str,
     ) -> None:
         self.id = request_id
         self.kind = kind
@@ -388,6 +432,9 @@ class _Reply:
         self.created = int(time.time())
         self.on_first_token = on_first_token
         self.seen_first_token = False
+        self.logprobs = logprobs
+        self.echo = echo  # per choice: the prompt text that opens it (completions' echo)
+        self.token_text = token_text
 
     def _events(self) -> AsyncIterator[Event]:
         return self.handle.events()
@@ -402,22 +449,28 @@ class _Reply:
 
     async def collect(self) -> Optional[dict[str, Any]]:
         """The whole response, or None when the request was cancelled (the client went away)."""
-        texts, reasons = [""] * self.handle.n, [None] * self.handle.n
+        n = self.handle.n
+        texts = list(self.echo) if self.echo else [""] * n
+        reasons: list[Optional[str]] = [None] * n
+        tokens: list[list] = [[] for _ in range(n)]
         async for event in self._events():
-            self._mark_first()
+            if not event.prompt:
+                self._mark_first()
             if event.error:
                 raise self._failed(event)
             texts[event.choice] += event.text
+            tokens[event.choice].extend(event.logprobs)
             if event.finish_reason:
                 reasons[event.choice] = event.finish_reason
         if self.handle.cancelled:
             return None
         choices = []
         for index, (text, reason) in enumerate(zip(texts, reasons)):
+            logprobs = self._logprobs(tokens[index]) if self.logprobs else None
             if self.chat:
-                choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason})
+                choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": reason})
             else:
-                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": reason})
+                choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason})
         return {**self._envelope(choices, chunk=False), "usage": self.usage()}
 
     async def stream(self, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
@@ -426,21 +479,55 @@ class _Reply:
             for index in range(self.handle.n):
                 delta = {"role": "assistant", "content": ""}
                 yield {**self._envelope([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}], True), **extra}
+        echoed = [False] * self.handle.n
+        pending: list[list] = [[] for _ in range(self.handle.n)]  # logprobs of tokens whose text is held back
         async for event in self._events():
-            self._mark_first()
+            if not event.prompt:
+                self._mark_first()
             if event.error:
                 yield self._failed(event).body()
                 return
-            if not event.text and event.finish_reason is None:
+            pending[event.choice].extend(event.logprobs)
+            text = event.text
+            if self.echo and not echoed[event.choice]:
+                echoed[event.choice] = True
+                text = self.echo[event.choice] + text
+            if not text and event.finish_reason is None and not (event.prompt and self.logprobs):
                 continue  # held-back text (a possible stop string): nothing to send yet
+            logprobs = self._logprobs(pending[event.choice]) if self.logprobs else None
+            pending[event.choice] = []
             if self.chat:
-                delta = {"content": event.text} if event.text else {}
-                choice = {"index": event.choice, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+                delta = {"content": text} if text else {}
+                choice = {"index": event.choice, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason}
             else:
-                choice = {"index": event.choice, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+                choice = {"index": event.choice, "text": text, "logprobs": logprobs, "finish_reason": event.finish_reason}
             yield {**self._envelope([choice], chunk=True), **extra}
         if include_usage:
             yield {**self._envelope([], chunk=True), "usage": self.usage()}
+
+    def _logprobs(self, items) -> dict[str, Any]:
+        """OpenAI's logprobs object: chat {"content": [...]}, completions {tokens, token_logprobs, top_logprobs, text_offset}."""
+        if self.chat:
+            def entry(token: int, logprob: float) -> dict[str, Any]:
+                text = self.token_text(token)
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+
+            return {"content": [
+                {**entry(item.token, item.logprob), "top_logprobs": [entry(t, lp) for t, lp in item.top]} for item in items
+            ]}
+        strings = [self.token_text(item.token) for item in items]
+        offsets, at = [], 0
+        for string in strings:
+            offsets.append(at)
+            at += len(string)
+        return {
+            "tokens": strings,
+            "token_logprobs": [item.logprob for item in items],
+            "top_logprobs": [
+                None if item.logprob is None else {self.token_text(t): lp for t, lp in item.top} for item in items
+            ],
+            "text_offset": offsets,
+        }
 
     def _failed(self, event: Event) -> ServeError:
         # the engine logged the cause under this request id; the client gets no internals

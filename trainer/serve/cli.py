@@ -77,6 +77,8 @@ def build_app(
     dtype: str = "fp32",
     max_per_client: Optional[int] = None,
     limits: ServeLimits = ServeLimits(),
+    prefix_cache_mb: float = 256,
+    max_prefill_tokens: int = 4096,
 ):
     """Load the model, tokenizer and adapters and return the FastAPI app (its lifespan runs the engine)."""
     from kubetune.trainer.checkpoint.hf import load_pretrained, resolve_model_dir
@@ -89,6 +91,8 @@ def build_app(
         raise KubetuneError("--max-concurrency must be >= 1 and --max-queue >= 0")
     if max_per_client is not None and max_per_client < 1:
         raise KubetuneError("--max-sequences-per-client must be >= 1")
+    if prefix_cache_mb < 0 or max_prefill_tokens < 1:
+        raise KubetuneError("--prefix-cache-mb must be >= 0 (0: off) and --max-prefill-tokens >= 1")
     if limits.max_request_bytes < 1024:
         raise KubetuneError("--max-request-bytes must be at least 1024")
     folder = resolve_model_dir(model_dir)
@@ -105,10 +109,12 @@ def build_app(
         max_slots=max_concurrency,
         max_model_len=resolve_max_model_len(max_model_len, model.args.max_position_embeddings),
         adapters=loaded,
+        prefix_cache_bytes=int(prefix_cache_mb * 2**20),
     )
     metrics = ServeMetrics()
     engine = Engine(
-        runner, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, max_per_client=max_per_client, metrics=metrics
+        runner, tokenizer, max_concurrency=max_concurrency, max_queue=max_queue, max_per_client=max_per_client,
+        max_prefill_tokens=max_prefill_tokens, metrics=metrics,
     )
     models = [ServedModel(base_name, 0, str(folder))]
     models += [ServedModel(a.name, i, a.path, parent=base_name) for i, a in enumerate(loaded, start=1)]
@@ -167,6 +173,8 @@ def serve_command(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         max_per_client=args.max_sequences_per_client,
+        prefix_cache_mb=args.prefix_cache_mb,
+        max_prefill_tokens=args.max_prefill_tokens,
         limits=ServeLimits(
             max_request_bytes=args.max_request_bytes,
             body_timeout=args.request_timeout,

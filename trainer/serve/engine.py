@@ -1,9 +1,10 @@
 """The scheduler: continuous batching on a worker thread.
 
 Requests become sequences (one per choice, `n`). New sequences wait in a bounded queue (full: 429);
-between decode steps, waiting sequences join the running set up to max_concurrency (each is
-prefilled into its own KV cache row), then one batched decode step advances every running sequence
-by a token. Finished or cancelled sequences leave at once, freeing their row for the next waiting
+between decode steps, waiting sequences join the running set up to max_concurrency (prefilled
+together, a few forwards of at most `max_prefill_tokens` padded tokens each; the choices of one
+prompt share its prefill: the others copy its cache row), then one batched decode step advances
+every running sequence by a token, sampled for the whole batch at once. Finished or cancelled sequences leave at once, freeing their row for the next waiting
 one. The model runs on a plain thread so the HTTP event loop stays responsive; results go back to
 each request's asyncio queue with `call_soon_threadsafe`.
 
@@ -27,7 +28,16 @@ import torch
 
 from kubetune.trainer.serve.errors import QueueFullError, ServeError, ShuttingDownError, invalid_request
 from kubetune.trainer.serve.metrics import ServeMetrics
-from kubetune.trainer.serve.sampling import SamplingParams, TextStream, clean_logits, make_generator, sample_token
+from kubetune.trainer.serve.runner import Prefill
+from kubetune.trainer.serve.sampling import (
+    SamplingParams,
+    TextStream,
+    TokenLogprob,
+    clean_logits,
+    make_generator,
+    sample_batch,
+    token_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +48,9 @@ class Runner(Protocol):
     seq_ids: list
     max_model_len: int
 
-    def add(self, seq_id, prompt_ids: Sequence[int], adapter: int = 0) -> torch.Tensor: ...
+    def prefill(self, new: Sequence[Prefill]) -> list: ...
+
+    def fork(self, seq_id, new_seq_id) -> None: ...
 
     def step(self, next_tokens: Sequence[int]) -> torch.Tensor: ...
 
@@ -53,6 +65,8 @@ class Event:
     text: str
     finish_reason: Optional[str] = None  # "stop" | "length" | "error"
     error: Optional[str] = None
+    logprobs: Sequence[TokenLogprob] = ()  # with logprobs on: the tokens this event covers
+    prompt: bool = False  # the logprobs are the prompt's (echo), not generated tokens
 
 
 _CANCELLED = Event(-1, "", "cancelled")
@@ -112,6 +126,7 @@ class _Sequence:
     id: int
     handle: RequestHandle
     choice: int
+    prompt_index: int
     prompt_ids: list[int]
     adapter: int
     params: SamplingParams
@@ -130,6 +145,7 @@ class Engine:
         max_concurrency: int,
         max_queue: int,
         max_per_client: Optional[int] = None,
+        max_prefill_tokens: int = 4096,
         metrics: Optional[ServeMetrics] = None,
     ) -> None:
         self.runner = runner
@@ -140,6 +156,7 @@ class Engine:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.max_per_client = max_per_client  # running + waiting sequences per client; None: no limit
+        self.max_prefill_tokens = max_prefill_tokens  # padded prompt tokens per prefill forward
         self.metrics = metrics
         self._cond = threading.Condition()
         # waiting sequences per client, admitted round-robin (the dict's order is the turn order)
@@ -198,6 +215,7 @@ class Engine:
                 id=next(self._ids),
                 handle=handle,
                 choice=choice,
+                prompt_index=choice // n,
                 prompt_ids=list(prompts[choice // n]),
                 adapter=adapter,
                 params=params,
@@ -306,8 +324,8 @@ class Engine:
                     self._running[seq.id] = seq
                     admitted.append(seq)
             self._update_gauges()
-            for seq in admitted:
-                self._prefill(seq)
+            if admitted:
+                self._prefill(admitted)
             self._drop_cancelled()
             if self._running:
                 self._decode()
@@ -325,48 +343,108 @@ class Engine:
             seq.handle._put(Event(seq.choice, "", "error", error="generation failed"))
         self._update_gauges()
 
-    def _prefill(self, seq: _Sequence) -> None:
-        if seq.handle.cancelled:
-            self._leave(seq)
-            return
+    def _prefill(self, admitted: list[_Sequence]) -> None:
+        """Prefill newly admitted sequences: one prefill per (request, prompt), shared by its choices."""
+        groups: dict[tuple[int, int], list[_Sequence]] = {}
+        for seq in admitted:
+            if seq.handle.cancelled:
+                self._leave(seq)
+                continue
+            groups.setdefault((id(seq.handle), seq.prompt_index), []).append(seq)
+        # shortest first, so each forward pads little; at most max_prefill_tokens padded tokens each
+        pending = sorted(groups.values(), key=lambda group: len(group[0].prompt_ids))
+        while pending:
+            chunk = [pending.pop(0)]
+            while pending and (len(chunk) + 1) * len(pending[0][0].prompt_ids) <= self.max_prefill_tokens:
+                chunk.append(pending.pop(0))
+            self._prefill_chunk(chunk)
+
+    def _prefill_chunk(self, groups: list[list[_Sequence]]) -> None:
+        leaders = [group[0] for group in groups]
         try:
-            logits = clean_logits(self.runner.add(seq.id, seq.prompt_ids, seq.adapter), self.vocab_limit)
-            token = sample_token(logits, seq.params, seq.generator)
-        except Exception:  # noqa: BLE001 - one bad request must not stop the server
-            log.exception("request %s: prefill failed", seq.handle.request_id)
-            self._fail([seq])
+            results = self.runner.prefill([
+                Prefill(seq.id, seq.prompt_ids, seq.adapter, prompt_logits=seq.params.prompt_logprobs) for seq in leaders
+            ])
+        except Exception:  # noqa: BLE001 - these requests fail, the server goes on
+            log.exception("prefill failed for requests %s", sorted({s.handle.request_id for s in leaders}))
+            self._fail([seq for group in groups for seq in group])
             return
-        if self.metrics:
-            self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
-        self._advance(seq, token)
+        for group, result in zip(groups, results):
+            leader = group[0]
+            if self.metrics:
+                self.metrics.prompt_tokens.inc(len(leader.prompt_ids))
+                if result.cached_tokens:
+                    self.metrics.cached_prompt_tokens.inc(result.cached_tokens)
+            prompt_lp = self._prompt_logprobs(leader, result) if leader.params.prompt_logprobs else None
+            for seq in group[1:]:
+                try:
+                    self.runner.fork(leader.id, seq.id)
+                except Exception:  # noqa: BLE001
+                    log.exception("request %s: fork failed", seq.handle.request_id)
+                    self._fail([seq])
+            live = [seq for seq in group if seq.id in self._running]
+            if prompt_lp is not None:
+                for seq in live:
+                    seq.handle._put(Event(seq.choice, "", None, logprobs=prompt_lp, prompt=True))
+            if leader.params.max_tokens == 0:  # scoring the prompt only (echo)
+                for seq in live:
+                    seq.handle._put(Event(seq.choice, "", "length"))
+                    self._leave(seq)
+                continue
+            logits = result.logits[None].expand(len(live), -1)
+            self._sample_and_advance(live, logits)
+
+    def _prompt_logprobs(self, seq: _Sequence, result) -> list[TokenLogprob]:
+        first = TokenLogprob(seq.prompt_ids[0], None, ())
+        if result.prompt_logits is None:
+            return [first]
+        rest = token_logprobs(result.prompt_logits, seq.prompt_ids[1:], seq.params.logprobs or 0, self.vocab_limit)
+        return [first, *rest]
 
     def _decode(self) -> None:
         batch = [self._running[seq_id] for seq_id in self.runner.seq_ids]
         try:
-            logits = clean_logits(self.runner.step([seq.last_token for seq in batch]), self.vocab_limit)
-            greedy = logits.argmax(-1).tolist()  # one call for all greedy rows
+            logits = self.runner.step([seq.last_token for seq in batch])
         except Exception:  # noqa: BLE001 - the batch's forward failed: those requests fail, the server goes on
             log.exception("decode step failed for requests %s", sorted({s.handle.request_id for s in batch}))
             self._fail(batch)
             return
-        for row, seq in enumerate(batch):
-            try:  # per row: one request's bad logits must not fail the others in its batch
-                token = greedy[row] if seq.params.greedy else sample_token(logits[row], seq.params, seq.generator)
-            except Exception:  # noqa: BLE001
-                log.exception("request %s: sampling failed", seq.handle.request_id)
+        self._sample_and_advance(batch, logits)
+
+    def _sample_and_advance(self, batch: list[_Sequence], raw: torch.Tensor) -> None:
+        """Sample the next token of every row of raw logits [B, vocab] at once, then record each; a row
+        whose sampling or text fails fails its own request only."""
+        try:
+            tokens = sample_batch(clean_logits(raw, self.vocab_limit), [s.params for s in batch], [s.generator for s in batch])
+        except Exception:  # noqa: BLE001
+            log.exception("sampling failed for requests %s", sorted({s.handle.request_id for s in batch}))
+            self._fail(batch)
+            return
+        wanted = [row for row, seq in enumerate(batch) if seq.params.logprobs is not None and not isinstance(tokens[row], Exception)]
+        logprobs: dict[int, TokenLogprob] = {}
+        if wanted:
+            top = max(batch[row].params.logprobs for row in wanted)
+            rows = torch.tensor(wanted, device=raw.device)
+            found = token_logprobs(raw.index_select(0, rows), [tokens[row] for row in wanted], top, self.vocab_limit)
+            for row, item in zip(wanted, found):
+                keep = batch[row].params.logprobs
+                logprobs[row] = TokenLogprob(item.token, item.logprob, item.top[:keep])
+        for row, (seq, token) in enumerate(zip(batch, tokens)):
+            if isinstance(token, Exception):
+                log.error("request %s: %s", seq.handle.request_id, token)
                 self._fail([seq])
                 continue
-            self._advance(seq, token)
+            self._advance(seq, token, logprobs.get(row))
 
-    def _advance(self, seq: _Sequence, token: int) -> None:
+    def _advance(self, seq: _Sequence, token: int, logprob: Optional[TokenLogprob] = None) -> None:
         """Record one generated token; a failure here (e.g. the tokenizer cannot decode) fails this sequence only."""
         try:
-            self._record_token(seq, token)
+            self._record_token(seq, token, logprob)
         except Exception:  # noqa: BLE001
             log.exception("request %s: a generated token could not be turned into text", seq.handle.request_id)
             self._fail([seq])
 
-    def _record_token(self, seq: _Sequence, token: int) -> None:
+    def _record_token(self, seq: _Sequence, token: int, logprob: Optional[TokenLogprob]) -> None:
         """Emit one generated token's text, and finish the sequence when it is done."""
         seq.generated += 1
         seq.last_token = token
@@ -382,7 +460,7 @@ class Engine:
                 finish = "stop"
             elif seq.generated >= seq.params.max_tokens or len(seq.prompt_ids) + seq.generated >= self.max_model_len:
                 text, finish = text + seq.stream.flush(), "length"
-        seq.handle._put(Event(seq.choice, text, finish))
+        seq.handle._put(Event(seq.choice, text, finish, logprobs=(logprob,) if logprob is not None else ()))
         if finish is not None:
             self._leave(seq)
 

@@ -35,6 +35,11 @@ class ServeMetrics:
             "kubetune_serve_generated_tokens", "Generated (completion) tokens", registry=self.registry
         )
         self.prompt_tokens = Counter("kubetune_serve_prompt_tokens", "Prompt tokens prefilled", registry=self.registry)
+        self.cached_prompt_tokens = Counter(
+            "kubetune_serve_cached_prompt_tokens",
+            "Prompt tokens taken from the prefix cache instead of computed",
+            registry=self.registry,
+        )
         self.running = Gauge(
             "kubetune_serve_running_sequences", "Sequences in the running batch", registry=self.registry
         )

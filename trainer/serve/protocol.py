@@ -1,7 +1,7 @@
 """OpenAI request shapes (the subset the server implements) and their checks.
 
 Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`, ...). Fields the
-server knows but does not implement (logprobs, echo, penalties, ...) are rejected with a 400 rather
+server knows but does not implement (suffix, penalties, tools, ...) are rejected with a 400 rather
 than silently giving different results.
 
 Every field that sizes work is bounded here (docs/security.md lists the limits): a request must
@@ -25,6 +25,7 @@ MAX_MESSAGES = 1024  # chat messages
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 MAX_SEED = 2**63  # seeds are in [0, 2**63): torch generators take signed 64-bit seeds
 MAX_JSON_DEPTH = 32  # nesting of the request body
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI: 5 for completions, 20 for chat)
 
 
 class _Request(BaseModel):
@@ -88,18 +89,20 @@ class CompletionRequest(_Request):
             raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
         return value
 
-    max_tokens: Optional[int] = Field(default=16, ge=1)
-    logprobs: Optional[int] = None
+    max_tokens: Optional[int] = Field(default=16, ge=0)  # 0: only with echo (score the prompt)
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: Optional[str] = None
     best_of: Optional[int] = None
 
+    @model_validator(mode="after")
+    def _zero_tokens_only_to_echo(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 only makes sense with echo: true (scoring the prompt)")
+        return self
+
     def unsupported(self) -> dict[str, Any]:
         found = super().unsupported()
-        if self.logprobs is not None:
-            found["logprobs"] = self.logprobs
-        if self.echo:
-            found["echo"] = True
         if self.suffix:
             found["suffix"] = self.suffix
         if self.best_of not in (None, self.n):
@@ -132,7 +135,14 @@ class ChatCompletionRequest(_Request):
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: Optional[list[Any]] = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @property
     def max_new_tokens(self) -> Optional[int]:
@@ -140,8 +150,6 @@ class ChatCompletionRequest(_Request):
 
     def unsupported(self) -> dict[str, Any]:
         found = super().unsupported()
-        if self.logprobs:
-            found["logprobs"] = True
         if self.tools:
             found["tools"] = "..."
         return found

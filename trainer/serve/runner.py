@@ -9,10 +9,18 @@ equal transformers' (and peft's, with adapters).
 
 The cache is one tensor per K and V: [layers, max_slots, kv_heads, max_model_len, head_dim]. Running
 sequences occupy rows 0..B-1 (compacted when one leaves), so a decode step attends over the view
-cache[:, :B, :, :longest] without copying, and rows shorter than the longest are masked.
+cache[:, :B, :, :longest] without copying, and rows shorter than the longest are masked. A leaving
+sequence costs one copy of the last row into its place (its real length only), once; a slot
+indirection instead would cost a gather of every row at every step.
+
+New sequences are prefilled together: one forward over their prompts right-padded to the longest
+(padding writes K/V past each row's length, which later steps mask and then overwrite), each row
+starting at its own position, so a row can resume after a prefix copied from the prefix cache.
+`fork` copies a prefilled row for the other choices of an n > 1 request.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Hashable, Optional, Sequence
 
 import torch
@@ -20,6 +28,25 @@ import torch.nn.functional as F
 
 from kubetune.trainer.models.llama import ModelArgs, rope_inverse_frequencies, rotate_half
 from kubetune.trainer.serve.adapters import LoraAdapter
+from kubetune.trainer.serve.prefix_cache import PrefixCache
+
+
+@dataclass
+class Prefill:
+    """One sequence to prefill: its prompt, adapter, and whether every prompt position's logits are
+    wanted (scoring a prompt: echo with logprobs); the prefix cache is not used for those."""
+
+    seq_id: Hashable
+    prompt_ids: Sequence[int]
+    adapter: int = 0
+    prompt_logits: bool = False
+
+
+@dataclass
+class Prefilled:
+    logits: torch.Tensor  # float32 [vocab]: the next token after the prompt
+    prompt_logits: Optional[torch.Tensor] = None  # float32 [len - 1, vocab]: predictions of prompt tokens 1..
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
 
 
 class BatchedRunner:
@@ -38,6 +65,7 @@ class BatchedRunner:
         max_slots: int,
         max_model_len: int,
         adapters: Sequence[LoraAdapter] = (),
+        prefix_cache_bytes: int = 0,
     ) -> None:
         self.model = model.eval()
         embed = model.model.embed_tokens.weight
@@ -47,7 +75,7 @@ class BatchedRunner:
         self.n_layers = len(model.model.layers)
         self.max_slots, self.max_model_len = max_slots, max_model_len
         self.inv_freq = rope_inverse_frequencies(args).to(self.device)
-        shape = (self.n_layers, max_slots, self.n_kv_heads, max_model_len, self.head_dim)
+        shape = (self.n_layers, max_slots, self.n_kv_heads, max_model_len + 1, self.head_dim)  # +1: padding's slot
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.seq_ids: list[Hashable] = []  # row i holds seq_ids[i]
@@ -59,31 +87,91 @@ class BatchedRunner:
             for key, (a, b) in adapter.weights.items():
                 slots = self.lora.setdefault(key, [None] * (len(adapters) + 1))
                 slots[index] = (a.to(self.device, self.dtype), b.to(self.device, self.dtype), adapter.scale)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
 
     @property
     def free_slots(self) -> int:
         return self.max_slots - len(self.seq_ids)
 
-    @torch.inference_mode()
     def add(self, seq_id: Hashable, prompt_ids: Sequence[int], adapter: int = 0) -> torch.Tensor:
-        """Prefill a new sequence; returns float32 logits [vocab] for its first generated token."""
+        """Prefill one new sequence; returns float32 logits [vocab] for its first generated token."""
+        return self.prefill([Prefill(seq_id, prompt_ids, adapter)])[0].logits
+
+    @torch.inference_mode()
+    def prefill(self, new: Sequence[Prefill]) -> list[Prefilled]:
+        """Prefill several new sequences in one forward (right-padded), each into a free cache row.
+
+        With the prefix cache, a row starts after the longest cached prefix of its prompt (its K/V
+        are copied in) and only the rest is computed."""
+        if len(new) > self.free_slots:
+            raise RuntimeError("no free cache row; the scheduler admits at most max_slots sequences")
+        for item in new:
+            if not 0 < len(item.prompt_ids) <= self.max_model_len:
+                raise ValueError(f"prompt of {len(item.prompt_ids)} tokens does not fit max_model_len={self.max_model_len}")
+        first = len(self.seq_ids)
+        rows = range(first, first + len(new))
+        for item in new:
+            self.seq_ids.append(item.seq_id)
+            self.lengths.append(0)
+            self.row_adapters.append(item.adapter)
+        try:
+            starts = [self._reuse_prefix(row, item) for row, item in zip(rows, new)]
+            width = max(len(item.prompt_ids) - start for item, start in zip(new, starts))
+            tokens = torch.zeros((len(new), width), dtype=torch.long)
+            positions = torch.zeros((len(new), width), dtype=torch.long)
+            for i, (item, start) in enumerate(zip(new, starts)):
+                rest = list(item.prompt_ids[start:])
+                tokens[i, : len(rest)] = torch.tensor(rest)
+                positions[i, : len(rest)] = torch.arange(start, len(item.prompt_ids))
+                # padding writes its K/V into the slot after the prompt (masked, then overwritten by
+                # the first decode step; the cache has one spare slot for a prompt of max_model_len)
+                positions[i, len(rest) :] = len(item.prompt_ids)
+            hidden = self._forward(
+                tokens.to(self.device), positions.to(self.device), rows=slice(first, first + len(new)),
+                adapters=[item.adapter for item in new],
+            )
+        except BaseException:
+            for item in new:
+                if item.seq_id in self.seq_ids:
+                    self.remove(item.seq_id)
+            raise
+        last = torch.tensor([len(item.prompt_ids) - start - 1 for item, start in zip(new, starts)], device=self.device)
+        logits = self.model.lm_head(hidden[torch.arange(len(new), device=self.device), last]).float()
+        results = []
+        for i, (row, item, start) in enumerate(zip(rows, new, starts)):
+            self.lengths[row] = len(item.prompt_ids)
+            prompt_logits = None
+            if item.prompt_logits and len(item.prompt_ids) > 1:
+                prompt_logits = self.model.lm_head(hidden[i, : len(item.prompt_ids) - 1]).float()
+            if self.prefix_cache is not None and not item.prompt_logits:
+                self.prefix_cache.insert(item.adapter, item.prompt_ids, self.k_cache[:, row], self.v_cache[:, row])
+            results.append(Prefilled(logits[i], prompt_logits, start))
+        return results
+
+    def _reuse_prefix(self, row: int, item: Prefill) -> int:
+        """Copy the longest cached prefix of the prompt into `row`; returns its length (0: none)."""
+        if self.prefix_cache is None or item.prompt_logits:
+            return 0
+        hit = self.prefix_cache.lookup(item.adapter, item.prompt_ids)
+        if hit is None:
+            return 0
+        length, keys, values = hit
+        self.k_cache[:, row, :, :length] = keys
+        self.v_cache[:, row, :, :length] = values
+        return length
+
+    @torch.inference_mode()
+    def fork(self, seq_id: Hashable, new_seq_id: Hashable) -> None:
+        """A new row with a copy of `seq_id`'s cache (the other choices of an n > 1 request share one prefill)."""
         if not self.free_slots:
             raise RuntimeError("no free cache row; the scheduler admits at most max_slots sequences")
-        if not 0 < len(prompt_ids) <= self.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_model_len={self.max_model_len}")
-        row = len(self.seq_ids)
-        self.seq_ids.append(seq_id)
-        self.lengths.append(0)
-        self.row_adapters.append(adapter)
-        try:
-            tokens = torch.tensor([list(prompt_ids)], device=self.device)
-            positions = torch.arange(len(prompt_ids), device=self.device)[None]
-            logits = self._forward(tokens, positions, rows=slice(row, row + 1), adapters=[adapter])
-        except BaseException:
-            self.remove(seq_id)
-            raise
-        self.lengths[row] = len(prompt_ids)
-        return logits[0]
+        source = self.seq_ids.index(seq_id)
+        row, length = len(self.seq_ids), self.lengths[source]
+        self.k_cache[:, row, :, :length] = self.k_cache[:, source, :, :length]
+        self.v_cache[:, row, :, :length] = self.v_cache[:, source, :, :length]
+        self.seq_ids.append(new_seq_id)
+        self.lengths.append(length)
+        self.row_adapters.append(self.row_adapters[source])
 
     @torch.inference_mode()
     def step(self, next_tokens: Sequence[int]) -> torch.Tensor:
@@ -95,9 +183,9 @@ class BatchedRunner:
             raise ValueError("a sequence reached max_model_len; the scheduler must finish it first")
         tokens = torch.tensor(list(next_tokens), device=self.device)[:, None]
         positions = torch.tensor(self.lengths, device=self.device)[:, None]
-        logits = self._forward(tokens, positions, rows=slice(0, batch), adapters=self.row_adapters)
+        hidden = self._forward(tokens, positions, rows=slice(0, batch), adapters=self.row_adapters)
         self.lengths = [length + 1 for length in self.lengths]
-        return logits
+        return self.model.lm_head(hidden[:, -1]).float()
 
     def remove(self, seq_id: Hashable) -> None:
         """Free the sequence's row; the last row moves into it so running rows stay 0..B-1."""
@@ -137,7 +225,7 @@ class BatchedRunner:
     def _forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, *, rows: slice, adapters: Sequence[int]
     ) -> torch.Tensor:
-        """tokens/positions [B, T] for cache rows `rows`; writes their K/V, returns last-position logits [B, vocab]."""
+        """tokens/positions [B, T] for cache rows `rows`; writes their K/V, returns the final-norm hidden states [B, T, hidden]."""
         batch, width = tokens.shape
         groups = self._adapter_groups(adapters)
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, head_dim/2], float32 as in transformers
@@ -173,6 +261,5 @@ class BatchedRunner:
             gate = self._project(mlp.gate_proj, h, (i, "gate_proj"), groups)
             up = self._project(mlp.up_proj, h, (i, "up_proj"), groups)
             x = x + self._project(mlp.down_proj, F.silu(gate) * up, (i, "down_proj"), groups)
-        x = self.model.model.norm(x[:, -1])
-        return self.model.lm_head(x).float()
+        return self.model.model.norm(x)
 

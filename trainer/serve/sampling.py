@@ -16,6 +16,8 @@ class SamplingParams:
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()  # stop strings; the text ends before the first one
     ignore_eos: bool = False  # keep going past the tokenizer's stop tokens (benchmarks, tests)
+    logprobs: Optional[int] = None  # None: off; k: each token's log-probability and the k most likely
+    prompt_logprobs: bool = False  # also score the prompt's tokens (completions' echo)
 
     @property
     def greedy(self) -> bool:
@@ -62,20 +64,82 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: Option
 
     Non-finite logits should be masked first (clean_logits); a row without any finite value raises
     SamplingError."""
-    if not bool(torch.isfinite(logits).any()):
-        raise SamplingError("the model produced no finite logits for this sequence")
-    if params.greedy:
-        return int(logits.argmax())
-    logits = logits.float().cpu() / params.temperature
-    if params.top_k is not None and params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    token = sample_batch(logits[None], [params], [generator])[0]
+    if isinstance(token, Exception):
+        raise token
+    return token
+
+
+def sample_batch(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]]
+) -> list:
+    """Next tokens for a batch of rows [B, vocab], each with its own settings and generator, in a
+    few tensor ops for the whole batch: argmax for greedy rows; for the others temperature, top-k
+    and top-p on one sort of the batch, then one uniform draw per row from its own generator
+    (inverse CDF), so a seeded choice stays reproducible whatever it is batched with.
+
+    Returns a token id per row, or a SamplingError for a row without any finite logit (that row's
+    request fails; the others go on)."""
+    finite = torch.isfinite(logits).any(-1).tolist()
+    tokens: list = logits.argmax(-1).tolist()
+    for row, ok in enumerate(finite):
+        if not ok:
+            tokens[row] = SamplingError("the model produced no finite logits for this sequence")
+    sampled = [row for row, p in enumerate(params) if not p.greedy and finite[row]]
+    if not sampled:
+        return tokens
+    rows = torch.tensor(sampled, device=logits.device)
+    temperature = torch.tensor([params[r].temperature for r in sampled], device=logits.device)[:, None]
+    scaled = logits.index_select(0, rows).float() / temperature
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+    vocab = scaled.shape[-1]
+    top_k = torch.tensor([min(params[r].top_k or vocab, vocab) for r in sampled], device=logits.device)[:, None]
+    drop = torch.arange(vocab, device=logits.device)[None] >= top_k
+    top_p = torch.tensor([params[r].top_p for r in sampled], device=logits.device)[:, None]
+    if bool((top_p < 1.0).any()):
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+        drop = drop | (probs.cumsum(-1) - probs >= top_p)  # keep the smallest prefix reaching top_p
+    cdf = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1).cumsum(-1).cpu()
+    order = order.cpu()
+    for i, row in enumerate(sampled):
+        draw = torch.rand(1, generator=generators[row]) * cdf[i, -1]
+        index = min(int(torch.searchsorted(cdf[i], draw, right=True)), vocab - 1)
+        tokens[row] = int(order[i, index])
+    return tokens
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token with its log-probability under the model (log-softmax of its raw logits) and, when
+    asked, the most likely alternatives at that position [(token id, logprob)]."""
+
+    token: int
+    logprob: Optional[float]  # None for a prompt's first token (nothing predicts it)
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], top: int, vocab_limit: Optional[int] = None
+) -> list[TokenLogprob]:
+    """logits [N, vocab] (float32, raw: before temperature and masking) -> the logprob of tokens[i]
+    at row i (the model's log-softmax, as transformers computes it), and the `top` most likely
+    tokens of each row among those the tokenizer can decode (ids < vocab_limit)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = [_finite(v) for v in logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()]
+    if top > 0:
+        candidates = logprobs
+        if vocab_limit is not None and vocab_limit < logprobs.shape[-1]:
+            candidates = logprobs[:, :vocab_limit]
+        values, ids = torch.topk(candidates, min(top, candidates.shape[-1]), dim=-1)
+        alternatives = [tuple((t, _finite(v)) for t, v in zip(i, vs)) for i, vs in zip(ids.tolist(), values.tolist())]
+    else:
+        alternatives = [()] * len(tokens)
+    return [TokenLogprob(t, lp, alt) for t, lp, alt in zip(tokens, chosen, alternatives)]
+
+
+def _finite(value: float) -> float:
+    """JSON has no -inf/NaN: OpenAI's convention for an impossible token is -9999."""
+    return value if value > -9999.0 else -9999.0  # NaN compares False: also -9999
 
 
 class Decoder(Protocol):

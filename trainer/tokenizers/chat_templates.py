@@ -42,13 +42,14 @@ CHATML_TEMPLATE = (
 BUILTIN_TEMPLATES = {"llama2": LLAMA2_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "chatml": CHATML_TEMPLATE}
 
 
-def builtin_template_for(vocab: set[str]) -> str:
-    """The built-in template matching a tokenizer's special tokens (Llama 3, ChatML, else Llama 2)."""
+def builtin_name_for(vocab: set[str]) -> str:
+    """The built-in template matching a tokenizer's special tokens (llama3, chatml, else llama2):
+    what the error for a tokenizer without a template suggests."""
     if "<|start_header_id|>" in vocab and "<|eot_id|>" in vocab:
-        return LLAMA3_TEMPLATE
+        return "llama3"
     if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
-        return CHATML_TEMPLATE
-    return LLAMA2_TEMPLATE
+        return "chatml"
+    return "llama2"
 
 
 class _GenerationTag(Extension):
@@ -84,7 +85,10 @@ def compile_template(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
-def render(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = False, **special_tokens: Any) -> str:
+def render(
+    template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = False, tools: Any = None,
+    **special_tokens: Any,
+) -> str:
     return compile_template(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None, **special_tokens
+        messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, documents=None, **special_tokens
     )

@@ -37,7 +37,8 @@ class Tokenizer:
         self.pad_id = pad_id if pad_id is not None else (self.eos_id if self.eos_id is not None else 0)
         # Whether encode(add_bos=True) prepends BOS: as the tokenizer's own files say.
         self.adds_bos = self.bos_id is not None and config.get("add_bos_token", backend.adds_bos_by_default)
-        self.chat_template = _chat_template(config, path) or chat_templates.builtin_template_for(backend.vocab_tokens())
+        # None when the tokenizer ships none: chat data then needs tokenizer.chat_template (no silent guess).
+        self.chat_template: Optional[str] = _chat_template(config, path)
         stops = [self.eos_id, *generation_eos, *(self._id_of(t) for t in _END_OF_TURN_TOKENS)]
         self.stop_ids = tuple(dict.fromkeys(i for i in stops if i is not None))
 
@@ -61,27 +62,39 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens)
 
-    def render_chat(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+    def set_chat_template(self, template: str) -> None:
+        """`tokenizer.chat_template` from a config: a built-in name (llama2, llama3, chatml) or a Jinja file."""
+        self.chat_template = resolve_chat_template(template)
+
+    def render_chat(self, messages: list[Message], add_generation_prompt: bool = False, tools: Any = None) -> str:
+        if self.chat_template is None:
+            suggestion = chat_templates.builtin_name_for(self.backend.vocab_tokens())
+            raise TokenizerError(
+                f"{self.path}: this tokenizer has no chat template, so chat data cannot be rendered; set "
+                f"tokenizer.chat_template to a built-in template ({', '.join(chat_templates.BUILTIN_TEMPLATES)}; "
+                f"'{suggestion}' matches this tokenizer's special tokens) or to a .jinja file"
+            )
         tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
         try:
-            return chat_templates.render(self.chat_template, messages, add_generation_prompt, **tokens)
+            return chat_templates.render(self.chat_template, messages, add_generation_prompt, tools=tools, **tokens)
         except Exception as err:  # jinja raises TemplateError, but templates index messages freely
             raise TokenizerError(f"{self.path}: chat template failed on these messages: {err}") from None
 
-    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = False) -> list[int]:
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = False, tools: Any = None) -> list[int]:
         """Ids of the rendered conversation (the template adds BOS and end-of-turn tokens itself)."""
-        return self.backend.encode(self.render_chat(messages, add_generation_prompt))[0]
+        return self.backend.encode(self.render_chat(messages, add_generation_prompt, tools))[0]
 
-    def tokenize_messages(self, messages: list[Message]) -> tuple[list[int], list[bool]]:
+    def tokenize_messages(self, messages: list[Message], tools: Any = None) -> tuple[list[int], list[bool]]:
         """(ids, loss_mask): the mask is True on what the assistant says, i.e. the text that follows
-        the generation prompt up to and including its end-of-turn token."""
-        text = self.render_chat(messages)
+        the generation prompt up to and including its end-of-turn token. `tools` (a list of tool
+        schemas) reaches templates that render them."""
+        text = self.render_chat(messages, tools=tools)
         spans = []
         for k, message in enumerate(messages):
             if message.get("role") != "assistant":
                 continue
-            before = self.render_chat(messages[:k], add_generation_prompt=True) if k else ""
-            after = self.render_chat(messages[: k + 1])
+            before = self.render_chat(messages[:k], add_generation_prompt=True, tools=tools) if k else ""
+            after = self.render_chat(messages[: k + 1], tools=tools)
             if not text.startswith(after) or not after.startswith(before):
                 raise TokenizerError(
                     f"{self.path}: the chat template does not render conversations incrementally, so assistant "
@@ -99,6 +112,24 @@ def _token_text(value: Any) -> Optional[str]:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
+
+
+def resolve_chat_template(template: str) -> str:
+    """A built-in template by name, or the text of a Jinja template file."""
+    if template in chat_templates.BUILTIN_TEMPLATES:
+        return chat_templates.BUILTIN_TEMPLATES[template]
+    file = Path(template).expanduser()
+    if not file.is_file():
+        raise TokenizerError(
+            f"tokenizer.chat_template {template}: no such file; name a built-in template "
+            f"({', '.join(chat_templates.BUILTIN_TEMPLATES)}) or a readable .jinja file"
+        )
+    text = file.read_text(encoding="utf-8")
+    try:
+        chat_templates.compile_template(text)
+    except Exception as err:  # jinja's TemplateSyntaxError
+        raise TokenizerError(f"tokenizer.chat_template {template}: not a valid Jinja template ({err})") from None
+    return text
 
 
 def _chat_template(config: dict[str, Any], path: Path) -> Optional[str]:
@@ -263,8 +294,16 @@ def _llama_decoder(strip_dummy_prefix: bool):
     return decoders.Sequence(steps)
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """The tokenizer in a model or tokenizer folder (`tokenizer.json` preferred, else `tokenizer.model`)."""
+def load_tokenizer(path: str | os.PathLike, chat_template: Optional[str] = None) -> Tokenizer:
+    """The tokenizer in a model or tokenizer folder (`tokenizer.json` preferred, else `tokenizer.model`);
+    `chat_template` (a built-in name or a .jinja file) replaces the tokenizer's own template."""
+    tokenizer = _load_tokenizer(path)
+    if chat_template is not None:
+        tokenizer.set_chat_template(chat_template)
+    return tokenizer
+
+
+def _load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     folder = _local_path(path)
     if folder.is_file():  # a tokenizer file given directly
         folder, files = folder.parent, [folder]
@@ -291,8 +330,12 @@ def _local_path(path: str | os.PathLike) -> Path:
         from kubetune.trainer.builtin import resolve_model_path
 
         return resolve_model_path(text)
+    from kubetune.trainer.hub import is_hub_id, resolve_hub_model
+
+    if is_hub_id(text):
+        return resolve_hub_model(text)
     if "://" in text:
-        raise TokenizerError(f"tokenizer path {text!r}: expected a local folder or builtin://tiny")
+        raise TokenizerError(f"tokenizer path {text!r}: expected a local folder, a Hub id (org/name) or builtin://tiny")
     folder = Path(text).expanduser()
     if not folder.exists():
         raise TokenizerError(f"tokenizer path {folder}: no such file or folder")

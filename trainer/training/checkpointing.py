@@ -9,6 +9,9 @@ Each checkpoint is written into `step_<N>.tmp-*` and renamed into place only whe
 written), so a crash at any moment leaves either the whole checkpoint or none; anything named
 `step_<N>` is complete. Old checkpoints are pruned only after the new one is in place.
 Several nodes must share output_dir (one ReadWriteMany volume), since every rank writes into it.
+
+Given the run it belongs to (`run=`, a `resume.RunRecord`), each checkpoint also carries the
+run's `run.json`, and pruning and `latest_of(run_id)` only ever consider that run's checkpoints.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 
-from kubetune.errors import KubetuneError
+from kubetune.trainer.training.resume import RUN_FILE, ResumeError, RunRecord  # noqa: F401 (ResumeError re-exported)
 
 if TYPE_CHECKING:
     from kubetune.trainer.distributed import World
@@ -33,28 +36,31 @@ SHARDED_STATE = "distcp"  # torch.distributed.checkpoint folder: {"model": ..., 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class ResumeError(KubetuneError):
-    """`resume:` points at something that is not a usable checkpoint."""
-
-
 class CheckpointManager:
-    def __init__(self, output_dir: str | Path, keep_last: int = 2):
+    def __init__(self, output_dir: str | Path, keep_last: int = 2, run: Any = None):
         self.dir = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.run = run  # resume.RunRecord: written into every checkpoint; pruning keeps to its checkpoints
+        self.protected: set[int] = set()  # steps pruning keeps whatever keep_last says (the best checkpoint)
 
-    def complete_checkpoints(self) -> list[tuple[int, Path]]:
-        """(step, folder) of every complete checkpoint, oldest first."""
+    def complete_checkpoints(self, run_id: Optional[str] = None) -> list[tuple[int, Path]]:
+        """(step, folder) of every complete checkpoint (of run `run_id` when given), oldest first."""
         if not self.dir.is_dir():
             return []
         found = []
         for child in self.dir.iterdir():
             match = _STEP_DIR.match(child.name)
-            if match and (child / TRAINING_STATE).is_file():
+            if match and (child / TRAINING_STATE).is_file() and (run_id is None or checkpoint_run_id(child) == run_id):
                 found.append((int(match.group(1)), child))
         return sorted(found)
 
     def latest(self) -> Optional[Path]:
         checkpoints = self.complete_checkpoints()
+        return checkpoints[-1][1] if checkpoints else None
+
+    def latest_of(self, run_id: str) -> Optional[Path]:
+        """The newest complete checkpoint of run `run_id` (what resume: auto continues from)."""
+        checkpoints = self.complete_checkpoints(run_id)
         return checkpoints[-1][1] if checkpoints else None
 
     def resume_from(self, resume: str) -> Optional[Path]:
@@ -102,6 +108,8 @@ class CheckpointManager:
             write_model(tmp)
             if world.is_main:
                 tmp.mkdir(exist_ok=True)
+                if self.run is not None:
+                    self.run.write(tmp / RUN_FILE)
             world.barrier()  # the folder exists before the other ranks write into it
             if sharded_state is not None:
                 import torch.distributed.checkpoint as dcp
@@ -126,12 +134,20 @@ class CheckpointManager:
         return final
 
     def prune(self) -> None:
-        """Keep the newest keep_last complete checkpoints; remove leftovers of interrupted writes."""
-        checkpoints = self.complete_checkpoints()
-        for _, folder in checkpoints[: max(0, len(checkpoints) - self.keep_last)]:
-            shutil.rmtree(folder, ignore_errors=True)
+        """Keep the newest keep_last complete checkpoints of the current run (and protected steps);
+        remove leftovers of interrupted writes. Another run's checkpoints are never pruned here."""
+        checkpoints = self.complete_checkpoints(self.run.run_id if self.run is not None else None)
+        for step, folder in checkpoints[: max(0, len(checkpoints) - self.keep_last)]:
+            if step not in self.protected:
+                shutil.rmtree(folder, ignore_errors=True)
         for child in self.dir.glob("step_*.tmp-*"):
             shutil.rmtree(child, ignore_errors=True)
+
+
+def checkpoint_run_id(checkpoint: Path) -> Optional[str]:
+    """The id of the run a checkpoint belongs to (None: written without a run record)."""
+    record = RunRecord.read(checkpoint / RUN_FILE)
+    return record.run_id if record else None
 
 
 def load_training_state(checkpoint: Path, rank: int = 0) -> dict[str, Any]:

@@ -19,15 +19,23 @@ GAUGES = {
     "peak_memory_bytes": ("kubetune_train_peak_memory_bytes", "Peak accelerator memory, or peak RSS on CPU"),
     "last_checkpoint_step": ("kubetune_train_last_checkpoint_step", "Step of the newest complete checkpoint"),
 }
+# The dpo recipe serves these too: the rewards of the last step (see training/preference_loss.py).
+PREFERENCE_GAUGES = {
+    "rewards_chosen": ("kubetune_train_rewards_chosen", "DPO: mean reward of the chosen responses"),
+    "rewards_rejected": ("kubetune_train_rewards_rejected", "DPO: mean reward of the rejected responses"),
+    "reward_margin": ("kubetune_train_reward_margin", "DPO: mean reward margin, chosen minus rejected"),
+    "reward_accuracy": ("kubetune_train_reward_accuracy", "DPO: share of pairs whose chosen reward is higher"),
+}
 
 
 class PrometheusExporter:
     """Gauges on their own registry (several runs in one process do not collide), served on
     `port` when given; port 0 picks a free port (see `.port`)."""
 
-    def __init__(self, port: Optional[int]):
+    def __init__(self, port: Optional[int], extra_gauges: Optional[dict[str, tuple[str, str]]] = None):
         self.registry = CollectorRegistry()
-        self.gauges = {key: Gauge(name, doc, registry=self.registry) for key, (name, doc) in GAUGES.items()}
+        gauges = {**GAUGES, **(extra_gauges or {})}
+        self.gauges = {key: Gauge(name, doc, registry=self.registry) for key, (name, doc) in gauges.items()}
         self._server = None
         self.port: Optional[int] = None
         if port is not None:

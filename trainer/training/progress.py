@@ -19,13 +19,15 @@ class ProgressBar:
         self._text_every = text_every if enabled and self._bar.disable else 0
         self.total = total
 
-    def update(self, step: int, loss: Optional[float] = None, lr: Optional[float] = None) -> None:
+    def update(self, step: int, loss: Optional[float] = None, lr: Optional[float] = None, **extra: float) -> None:
+        """`extra`: further numbers to show beside the loss (DPO: reward accuracy and margin)."""
         self._bar.n = step
         postfix = {}
         if loss is not None:
             postfix["loss"] = f"{loss:.4f}"
         if lr is not None:
             postfix["lr"] = f"{lr:.2e}"
+        postfix.update({key: f"{value:.3f}" for key, value in extra.items() if value is not None})
         self._bar.set_postfix(postfix, refresh=False)
         self._bar.refresh()
         if self._text_every and (step % self._text_every == 0 or step == self.total):

@@ -1,0 +1,230 @@
+"""Resume that never surprises: which run an output_dir holds, and whether this config may continue it.
+
+A training run writes `output_dir/run.json` when it starts fresh: a run id, the settings that must
+match to resume it (model, tokenizer, data, batch geometry, optimizer and schedule, recipe-specific
+keys like `lora`), their hash, and the number of steps its learning-rate schedule was planned for.
+Every checkpoint carries a copy (`checkpoints/step_N/run.json`), so a checkpoint always says which
+run it belongs to. `plan_resume(cfg, output_dir)` then decides, before any work:
+
+- `resume: auto`: continue the run in output_dir when its settings match, from its newest
+  checkpoint (and say so); refuse when they differ, listing the differing keys and the two ways out.
+- `resume: never`, or auto on an empty folder: a fresh run; refused when output_dir holds another
+  run's checkpoints or outputs, unless `overwrite_output_dir: true` (which clears them first).
+- `resume: <checkpoint folder>`: that checkpoint, when its run's settings match.
+
+`max_steps` and `epochs` are not part of the match: raising max_steps continues the run, and its
+schedule keeps the plan it started with (`lr_scheduler.on_resume: keep`) unless the config says
+`replan`. Shared by every training recipe (full, LoRA, DPO): each passes its own config.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from kubetune.errors import KubetuneError
+
+log = logging.getLogger("kubetune.resume")
+RUN_FILE = "run.json"
+# Keys that never affect what a resumed run computes, or that may change on resume by design.
+NOT_MATCHED = {
+    "output_dir", "epochs", "max_steps", "resume", "overwrite_output_dir", "device", "metrics_port", "progress_bar",
+    "log_every_steps", "save_every_steps", "keep_last_checkpoints", "eval_every_steps", "eval_max_batches",
+    "checkpoint_on_sigterm", "compile", "activation_checkpointing", "loggers", "early_stopping", "save_merged",
+    "lr_scheduler.on_resume", "optimizer.fused", "bf16_autocast",
+}
+# Files a finished or running training run leaves in output_dir (besides checkpoints/).
+RUN_OUTPUTS = ("model", "adapter", "metrics.jsonl", "tensorboard", "mlruns", "wandb", RUN_FILE)
+
+
+class ResumeError(KubetuneError):
+    """output_dir and the config disagree about which run this is; the message lists the ways out."""
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def matched_settings(cfg: Any) -> dict[str, Any]:
+    """The flattened config keys that must be equal to resume a run (everything but NOT_MATCHED)."""
+    flat = flatten(json.loads(json.dumps(cfg.model_dump(mode="json"))))
+    return {k: v for k, v in sorted(flat.items()) if k not in NOT_MATCHED and k.split(".")[0] not in NOT_MATCHED}
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunRecord:
+    """What run.json holds."""
+
+    run_id: str
+    settings_hash: str
+    settings: dict[str, Any]
+    schedule_steps: int  # the steps the learning-rate schedule was planned for when the run started
+
+    def to_json(self) -> str:
+        return json.dumps({"run_id": self.run_id, "settings_hash": self.settings_hash,
+                           "schedule_steps": self.schedule_steps, "settings": self.settings}, indent=2) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> Optional["RunRecord"]:
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(data["run_id"], data["settings_hash"], data["settings"], int(data["schedule_steps"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ResumeError(f"{path}: unreadable run record ({err}); set overwrite_output_dir: true to start over") from None
+
+    def write(self, path: Path) -> None:
+        """Atomically (temp file, fsync, rename)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+
+@dataclass
+class ResumePlan:
+    run: RunRecord  # the run this process continues or starts
+    checkpoint: Optional[Path]  # the checkpoint to resume from; None: a fresh start
+    fresh: bool  # True: a new run (run.json to be written, metrics.jsonl started anew)
+    messages: list[str] = field(default_factory=list)  # what the console should say about it
+
+    def schedule_steps(self, total_steps: int, on_resume: str = "keep") -> int:
+        """Steps the learning-rate schedule spans: the run's original plan unless replanning."""
+        if self.fresh or on_resume == "replan":
+            return total_steps
+        return self.run.schedule_steps
+
+
+def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    missing = object()
+    return [
+        f"{key}: {_show(old.get(key, missing))} -> {_show(new.get(key, missing))}"
+        for key in keys if old.get(key, missing) != new.get(key, missing)
+    ]
+
+
+def _show(value: Any) -> str:
+    return "(unset)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else json.dumps(value)
+
+
+def _ways_out(output_dir: Path) -> str:
+    return (
+        f"either start a new run with resume: never and a new or emptied output_dir (not {output_dir}), "
+        f"or set overwrite_output_dir: true to replace the run in {output_dir}"
+    )
+
+
+def _occupants(output_dir: Path) -> list[str]:
+    """What of a previous run lies in output_dir (checkpoints and outputs)."""
+    found = []
+    checkpoints = output_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append("checkpoints/ (" + ", ".join(sorted(p.name for p in checkpoints.iterdir())[:5]) + ")")
+    found += [name for name in ("model", "adapter") if (output_dir / name).exists()]
+    return found
+
+
+def clear_run_outputs(output_dir: Path) -> None:
+    """overwrite_output_dir: remove the previous run's checkpoints and outputs (nothing else)."""
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    for name in RUN_OUTPUTS:
+        target = output_dir / name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        elif target.exists():
+            target.unlink()
+
+
+def plan_resume(cfg: Any, output_dir: str | Path, total_steps: int, latest_checkpoint) -> ResumePlan:
+    """Decide fresh start or resume for `cfg` in `output_dir`; raise ResumeError when they disagree.
+
+    `latest_checkpoint(run_id) -> Optional[Path]` is the newest complete checkpoint of that run
+    (the checkpoint manager's). Nothing is written or removed here except with overwrite_output_dir
+    (the previous run's outputs are cleared); the caller writes run.json via `start_run`."""
+    output_dir = Path(output_dir)
+    settings = matched_settings(cfg)
+    digest = settings_hash(settings)
+    current = RunRecord.read(output_dir / RUN_FILE)
+    overwrite = bool(getattr(cfg, "overwrite_output_dir", False))
+    resume = cfg.resume
+
+    def fresh(note: str) -> ResumePlan:
+        run = RunRecord(uuid.uuid4().hex[:12], digest, settings, total_steps)
+        return ResumePlan(run, None, True, [note])
+
+    if resume not in ("auto", "never"):  # an explicit checkpoint folder
+        checkpoint = Path(resume)
+        record = RunRecord.read(checkpoint / RUN_FILE)
+        if record is not None and record.settings_hash != digest:
+            raise ResumeError(
+                f"resume: {checkpoint} belongs to a run with other settings:\n  "
+                + "\n  ".join(describe_differences(record.settings, settings))
+                + f"\nresume it with the settings it was trained with, or {_ways_out(output_dir)}"
+            )
+        if record is None:
+            record = RunRecord(uuid.uuid4().hex[:12], digest, settings, total_steps)
+            note = f"resuming from {checkpoint} (it carries no run record: settings not checked)"
+        else:
+            note = f"resuming run {record.run_id} from {checkpoint}"
+        return ResumePlan(record, checkpoint, False, [note])
+
+    if overwrite:
+        occupied = _occupants(output_dir)
+        clear_run_outputs(output_dir)
+        note = f"overwrite_output_dir: removed the previous run's {', '.join(occupied)}" if occupied else "starting a new run"
+        return fresh(note)
+
+    if resume == "auto" and current is not None:
+        if current.settings_hash != digest:
+            raise ResumeError(
+                f"output_dir {output_dir} holds run {current.run_id}, whose settings differ from this config:\n  "
+                + "\n  ".join(describe_differences(current.settings, settings))
+                + f"\nresume: auto continues only a run with the same settings; {_ways_out(output_dir)}"
+            )
+        checkpoint = latest_checkpoint(current.run_id)
+        if checkpoint is not None:
+            return ResumePlan(current, checkpoint, False, [f"resuming run {current.run_id} from {checkpoint}"])
+        if _occupants(output_dir):  # finished without checkpoints: its outputs would be overwritten
+            raise ResumeError(
+                f"output_dir {output_dir} holds the finished run {current.run_id} ({', '.join(_occupants(output_dir))}) "
+                f"and no checkpoint to resume from; {_ways_out(output_dir)}"
+            )
+        return fresh(f"run {current.run_id} left no checkpoint in {output_dir}: starting it again from step 0")
+
+    occupied = _occupants(output_dir)
+    if occupied:
+        owner = f"run {current.run_id}" if current else "another run"
+        raise ResumeError(
+            f"output_dir {output_dir} holds {owner}'s {', '.join(occupied)}"
+            + (" (written without a run record)" if current is None else "")
+            + f"; a fresh run there would mix with them. {_ways_out(output_dir).capitalize()}"
+        )
+    return fresh(f"starting a new run in {output_dir}")
+
+
+def start_run(plan: ResumePlan, output_dir: str | Path) -> None:
+    """Record a fresh run in output_dir/run.json (rank 0, before the first step)."""
+    if plan.fresh:
+        plan.run.write(Path(output_dir) / RUN_FILE)
