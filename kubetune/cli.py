@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Recipes that run in one process only (eval, generate) refuse to start with several.",
         epilog="examples:\n"
         "  kubetune run full_finetune --config tiny_full\n"
-        "  kubetune run --nproc-per-node 8 full_finetune --config llama3_1_8b_full_fsdp\n"
+        "  kubetune run --nproc-per-node 8 full_finetune --config llama3_1_8b_full_fsdp8\n"
         "  kubetune run --nnodes 2 --node-rank 0 --master-addr host0 --nproc-per-node 8 lora_finetune -c my.yaml\n"
         "Already inside torchrun (WORLD_SIZE set), `kubetune run RECIPE` is one rank of the run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
