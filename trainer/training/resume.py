@@ -58,10 +58,14 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def matched_settings(cfg: Any) -> dict[str, Any]:
-    """The flattened config keys that must be equal to resume a run (everything but NOT_MATCHED)."""
+def matched_settings(cfg: Any, world_size: int = 1) -> dict[str, Any]:
+    """The flattened config keys that must be equal to resume a run (everything but NOT_MATCHED).
+    batch_size counts as the global batch (batch_size x processes): a run may resume at another
+    world size with the same global batch (the data loader allows it)."""
     flat = flatten(json.loads(json.dumps(cfg.model_dump(mode="json"))))
-    return {k: v for k, v in sorted(flat.items()) if k not in NOT_MATCHED and k.split(".")[0] not in NOT_MATCHED}
+    settings = {k: v for k, v in sorted(flat.items()) if k not in NOT_MATCHED and k.split(".")[0] not in NOT_MATCHED}
+    settings["batch_size"] = settings.get("batch_size", 1) * world_size
+    return settings
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -169,14 +173,14 @@ def clear_run_outputs(output_dir: Path) -> None:
             target.unlink()
 
 
-def plan_resume(cfg: Any, checkpoints: Any, total_steps: int) -> ResumePlan:
+def plan_resume(cfg: Any, checkpoints: Any, total_steps: int, world_size: int = 1) -> ResumePlan:
     """Decide fresh start or resume for `cfg` in the checkpoint manager's output_dir; raise
     ResumeError when they disagree. Reads only, except with overwrite_output_dir (the previous
     run's outputs are cleared, by the main process: `is_main`). Sets `checkpoints.run`, so every
     checkpoint carries the run record and pruning keeps to this run. The caller then writes
     run.json with `start_run` (rank 0)."""
     output_dir = checkpoints.dir.parent
-    settings = matched_settings(cfg)
+    settings = matched_settings(cfg, world_size)
     digest = settings_hash(settings)
     current = RunRecord.read(output_dir / RUN_FILE)
     resume = cfg.resume
