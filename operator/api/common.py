@@ -80,10 +80,13 @@ class ModelSource(Source):
 
 
 class DatasetSource(Source):
-    """The training data: a JSON/JSONL/Parquet file or folder, or hf://org/name."""
+    """The training data: a JSON/JSONL/Parquet/TXT file or folder, or hf://org/name."""
 
-    format: Literal["alpaca", "chat", "preference", "text"] = Field(
-        default="alpaca", description="Record layout: alpaca/instruct, chat messages, preference pairs, plain text"
+    # The trainer's formats (kubetune.trainer.data.formats); prompt_completion is TRL's {prompt, completion}.
+    format: Literal["alpaca", "chat", "prompt_completion", "preference", "text"] = Field(
+        default="alpaca",
+        description="Record layout: alpaca/instruct, chat messages (or ShareGPT), prompt/completion pairs, "
+        "preference pairs, plain text",
     )
     split: str = Field(default="train", max_length=64, description="Split used for training")
 

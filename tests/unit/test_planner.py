@@ -394,3 +394,13 @@ def test_the_pytorchjob_init_container_template_passes_restricted_pod_security()
     kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
     workload_pod = pod_of(plan(example("llama3.1-8b-pytorchjob.yaml"), ClusterInfo(has_pytorchjob=True)))
     assert restricted_violations(workload_pod["containers"][0], workload_pod["securityContext"]) == []
+
+
+@pytest.mark.parametrize("fmt", ["prompt_completion", "chat", "text"])
+def test_every_trainer_dataset_format_plans_into_the_trainer_config(fmt):
+    """The API's dataset formats follow the trainer's: TRL-style prompt/completion data must not be
+    refused by the CRD while the trainer reads it."""
+    job = example("finetune-tiny.yaml", **{"spec.dataset.format": fmt})
+    children = by_kind(plan(job, ClusterInfo()))
+    cfg = yaml.safe_load(children["ConfigMap"]["data"]["config.yaml"])
+    assert cfg["dataset"]["format"] == fmt
