@@ -403,25 +403,38 @@ def _pod_spec(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, containe
     volumes, _ = _volumes(job, names, paths)
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "fsGroup": RUN_AS,
-            # Chown a volume only when its root is not ours yet: not a full walk of a model
-            # PVC (hundreds of GB) at every pod start.
-            "fsGroupChangePolicy": "OnRootMismatch",
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": volumes,
     }
     if paths.remote:
         pod["initContainers"] = [initializer_container(job, paths)]
+    pod.update(pod_account_and_scheduling(spec))
+    return pod
+
+
+def pod_security_context() -> dict[str, Any]:
+    """Every planned pod's: non-root with our numeric ids, RuntimeDefault seccomp."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        # Chown a volume only when its root is not ours yet: not a full walk of a model
+        # PVC (hundreds of GB) at every pod start.
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_account_and_scheduling(spec: Any) -> dict[str, Any]:
+    """The pod fields every kind takes from its spec: the ServiceAccount (without one, no API token
+    at all: the trainer and the server never talk to the API) and the scheduling fields."""
+    pod: dict[str, Any] = {}
     if spec.service_account_name:
         pod["serviceAccountName"] = spec.service_account_name
     else:
-        pod["automountServiceAccountToken"] = False  # the trainer never talks to the API
+        pod["automountServiceAccountToken"] = False
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:

@@ -9,7 +9,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from kubetune.operator.api import API_VERSION
-from kubetune.operator.planner import MANAGED_BY, RUN_AS, _env, _resources
+from kubetune.operator.planner import (
+    MANAGED_BY,
+    _env,
+    _resources,
+    pod_account_and_scheduling,
+    pod_security_context,
+)
 from kubetune.operator.sources import MappedSource, PvcMount
 
 CONTAINER_SECURITY = {
@@ -62,31 +68,13 @@ def container_security() -> dict[str, Any]:
 
 def pod_spec(obj: Any, containers: list[dict[str, Any]], volumes: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     """Non-root, RuntimeDefault seccomp, no API token unless a ServiceAccount is named, scheduling as the spec says."""
-    spec = obj.spec
     pod: dict[str, Any] = {
         **extra,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "fsGroup": RUN_AS,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "containers": containers,
         "volumes": volumes,
     }
-    if spec.service_account_name:
-        pod["serviceAccountName"] = spec.service_account_name
-    else:
-        pod["automountServiceAccountToken"] = False
-    if spec.node_selector:
-        pod["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod["tolerations"] = [dict(t) for t in spec.tolerations]
-    if spec.affinity:
-        pod["affinity"] = dict(spec.affinity)
-    if spec.priority_class_name:
-        pod["priorityClassName"] = spec.priority_class_name
+    pod.update(pod_account_and_scheduling(obj.spec))
     return pod
 
 
