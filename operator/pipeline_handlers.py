@@ -66,6 +66,7 @@ from kubetune.operator.planner import base_name, child_names
 from kubetune.operator.references import Verdict, Wait, finetune_wait, promotion_metric_error, promotion_verdict
 from kubetune.operator.sources import MappedSource
 from kubetune.operator.status import WorkloadState, conditions_for, now_iso, set_condition
+from kubetune.operator.tenancy import TenancyCheck
 
 EVJ = (GROUP, VERSION, "evaljobs")
 MDEP = (GROUP, VERSION, "modeldeployments")
@@ -451,6 +452,24 @@ class PipelineReconciler:
         await self.write_status(body, new, event_)
 
 
+async def refuse_what_the_requester_may_not_use(
+    state: Any, new_body: dict[str, Any], old: Any, operation: Optional[str], userinfo: Any
+) -> None:
+    """Tenancy as for FineTuneJobs (operator/tenancy.py): the pods of an EvalJob or a
+    ModelDeployment must not use a ServiceAccount, Secret or claim the requester may not use.
+    Checked on CREATE and on every spec change (a ModelDeployment's spec may change to roll out a
+    new model); updates that leave the spec alone (kopf's own finalizer, labels) are not checked."""
+    if operation == "UPDATE" and old is not None and dict(old).get("spec") == new_body.get("spec"):
+        return
+    obj = parse_object(new_body, new_body.get("kind", "object"))
+    try:
+        refused = await TenancyCheck(state.kube.create, state.config.tenancy).errors(obj, dict(userinfo or {}))
+    except ApiError as err:  # cannot ask: refuse (failurePolicy Fail would too)
+        raise kopf.AdmissionError(f"cannot check the requester's rights (SubjectAccessReview: {err}); try again", code=503)
+    if refused:
+        raise kopf.AdmissionError("; ".join(refused), code=403)
+
+
 def eval_admission_error(body: dict[str, Any]) -> Optional[str]:
     """What is wrong with an EvalJob, naming the field; None when it can run. The model of a
     FineTuneJob is known only once that job succeeds: spec.config is checked with a stand-in path."""
@@ -509,15 +528,19 @@ def register(registry: kopf.OperatorRegistry, state: Any) -> PipelineReconciler:
 
         # CREATE and UPDATE only: a DELETE must never be refused (issue #26)
         @kopf.on.validate(*EVJ, id=EVAL_ADMISSION_ID, operations=["CREATE", "UPDATE"], registry=registry)
-        async def validate_eval(body: Any, **_: Any) -> None:
-            error = eval_admission_error(json.loads(json.dumps({k: body[k] for k in body})))
+        async def validate_eval(body: Any, old: Any, operation: Optional[str], userinfo: Any, **_: Any) -> None:
+            new_body = json.loads(json.dumps({k: body[k] for k in body}))
+            error = eval_admission_error(new_body)
             if error:
                 raise kopf.AdmissionError(error, code=422)
+            await refuse_what_the_requester_may_not_use(state, new_body, old, operation, userinfo)
 
         @kopf.on.validate(*MDEP, id=DEPLOYMENT_ADMISSION_ID, operations=["CREATE", "UPDATE"], registry=registry)
-        async def validate_deployment(body: Any, **_: Any) -> None:
-            error = deployment_admission_error(json.loads(json.dumps({k: body[k] for k in body})))
+        async def validate_deployment(body: Any, old: Any, operation: Optional[str], userinfo: Any, **_: Any) -> None:
+            new_body = json.loads(json.dumps({k: body[k] for k in body}))
+            error = deployment_admission_error(new_body)
             if error:
                 raise kopf.AdmissionError(error, code=422)
+            await refuse_what_the_requester_may_not_use(state, new_body, old, operation, userinfo)
 
     return reconciler

@@ -1,6 +1,7 @@
-"""Tenancy: a FineTuneJob must not lend the operator's rights to the one who creates it.
+"""Tenancy: a FineTuneJob, EvalJob or ModelDeployment must not lend the operator's rights to the
+one who creates it.
 
-Whoever may create a FineTuneJob gets pods made by the operator. The fields that grant power
+Whoever may create one of them gets pods made by the operator. The fields that grant power
 over the namespace are checked at admission (CREATE; the spec is immutable after) against
 the requester's own rights, with SubjectAccessReviews as the requester (what `kubectl auth
 can-i --as` asks), and against the allow-lists the platform team configures:
@@ -8,8 +9,8 @@ can-i --as` asks), and against the allow-lists the platform team configures:
 | field | the requester must be allowed to (any one of) |
 |---|---|
 | `spec.serviceAccountName: X` | `impersonate` serviceaccounts `X`, or `create` pods, in the namespace |
-| `spec.secrets.hfToken`, `spec.env[].secretKeyRef` (Secret `S`) | `get` secrets `S` in the namespace |
-| `pvc://C/...` in `spec.model`, `spec.dataset`, `spec.output` | `get` persistentvolumeclaims `C` in the namespace |
+| `spec.secrets.hfToken`, `spec.secrets.s3`, `spec.env[].secretKeyRef` (Secret `S`) | `get` secrets `S` in the namespace |
+| `pvc://C/...` anywhere in the spec (model, dataset, output, adapter, adapters, tasks) | `get` persistentvolumeclaims `C` in the namespace |
 | `spec.image` | (allow-list) start with one of `KUBETUNE_ALLOWED_REGISTRIES`, when set |
 | `spec.tolerations[].key` | (allow-list) be in `KUBETUNE_ALLOWED_TOLERATIONS` (default `nvidia.com/gpu`; `*` any) |
 | `spec.priorityClassName` | (allow-list) be in `KUBETUNE_ALLOWED_PRIORITY_CLASSES`, when set |
@@ -23,8 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional
 
-from kubetune.operator.api.finetune import FineTuneJob
-from kubetune.operator.sources import PvcMount, map_cluster_source
 
 
 @dataclass(frozen=True)
@@ -73,21 +72,20 @@ class Policy:
         )
 
 
-def _pvc_claims(job: FineTuneJob) -> list[tuple[str, str]]:
-    spec = job.spec
-    sources = [("spec.model.source", spec.model.source, "model"), ("spec.dataset.source", spec.dataset.source, "dataset")]
-    if spec.output.source:
-        sources.append(("spec.output.source", spec.output.source, "output"))
-    claims = []
-    for field_name, source, role in sources:
-        mount: Optional[PvcMount] = map_cluster_source(source, role, field_name).mount
-        if mount is not None:
-            claims.append((field_name, mount.claim))
-    return claims
+def _pvc_claims(spec: dict[str, Any], path: str = "spec") -> list[tuple[str, str]]:
+    """(field, claim) of every pvc:// source anywhere in the spec: each kind keeps its sources in
+    other fields (model, dataset, output, adapter, adapters[], tasks[]), and all are mounted."""
+    if isinstance(spec, dict):
+        return [claim for key, value in spec.items() for claim in _pvc_claims(value, f"{path}.{key}")]
+    if isinstance(spec, list):
+        return [claim for index, value in enumerate(spec) for claim in _pvc_claims(value, f"{path}[{index}]")]
+    if isinstance(spec, str) and spec.startswith("pvc://"):
+        return [(path, spec[len("pvc://"):].split("/", 1)[0])]
+    return []
 
 
-def needs(job: FineTuneJob) -> list[Need]:
-    """The accesses the requester must hold for this job's pods."""
+def needs(job: Any) -> list[Need]:
+    """The accesses the requester must hold for the pods of this FineTuneJob, EvalJob or ModelDeployment."""
     spec = job.spec
     out: list[Need] = []
     if spec.service_account_name:
@@ -98,17 +96,19 @@ def needs(job: FineTuneJob) -> list[Need]:
     secrets = []
     if spec.secrets.hf_token:
         secrets.append(("spec.secrets.hfToken", spec.secrets.hf_token.name))
+    if spec.secrets.s3:  # the initializer gets its keys
+        secrets.append(("spec.secrets.s3", spec.secrets.s3.name))
     for index, var in enumerate(spec.env):
         if var.secret_key_ref is not None:
             secrets.append((f"spec.env[{index}].secretKeyRef", var.secret_key_ref.name))
     for field_name, secret in secrets:
         out.append(Need(field_name, (Access("get", "secrets", secret),)))
-    for field_name, claim in _pvc_claims(job):
+    for field_name, claim in _pvc_claims(spec.model_dump(by_alias=True, exclude_none=True)):
         out.append(Need(field_name, (Access("get", "persistentvolumeclaims", claim),)))
     return out
 
 
-def policy_errors(job: FineTuneJob, policy: Policy) -> list[str]:
+def policy_errors(job: Any, policy: Policy) -> list[str]:
     """What the platform's allow-lists refuse, each naming the field and the list."""
     spec = job.spec
     errors = []
@@ -155,7 +155,7 @@ class TenancyCheck:
     review: Review
     policy: Policy = field(default_factory=Policy)
 
-    async def errors(self, job: FineTuneJob, userinfo: dict[str, Any]) -> list[str]:
+    async def errors(self, job: Any, userinfo: dict[str, Any]) -> list[str]:
         namespace = job.metadata.namespace or "default"
         errors = policy_errors(job, self.policy)
         allowed: dict[Access, bool] = {}

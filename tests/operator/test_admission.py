@@ -175,3 +175,50 @@ def test_the_operator_never_writes_webhook_configurations():
     settings = make_settings(peering=None, webhook=kopf.WebhookServer(addr="127.0.0.1", port=free_port(), insecure=True))
     assert settings.admission.managed is None and settings.admission.server is not None
 
+
+
+def pipeline_documents() -> dict[str, dict[str, Any]]:
+    """The EvalJob and the kubetune-runtime ModelDeployment of examples/eval-and-serve.yaml."""
+    docs = list(yaml.safe_load_all((REPO / "examples" / "eval-and-serve.yaml").read_text()))
+    evj = next(d for d in docs if d["kind"] == "EvalJob")
+    mdep = next(d for d in docs if d["kind"] == "ModelDeployment" and d["spec"].get("model"))
+    for doc in (evj, mdep):
+        doc["metadata"]["namespace"] = NS
+    return {"EvalJob": evj, "ModelDeployment": mdep}
+
+
+@pytest.mark.parametrize("kind,path", [("EvalJob", "validate-evaljob"), ("ModelDeployment", "validate-modeldeployment")])
+async def test_evaljobs_and_modeldeployments_lend_no_rights_either(webhook, emulator, kind, path):
+    """The same tenancy as FineTuneJobs: their pods would use the ServiceAccount, the Secrets and
+    the claims (a ModelDeployment's adapters too), so the requester must hold those rights."""
+    running, ftj_url = await webhook()
+    url = ftj_url.rsplit("/", 1)[0] + "/" + path
+    doc = copy.deepcopy(pipeline_documents()[kind])
+    doc["spec"]["serviceAccountName"] = "cluster-admin-sa"
+    doc["spec"]["secrets"] = {"s3": {"name": "team-b-s3"}}
+    claims = ["models", "outputs"] if kind == "ModelDeployment" else []
+    def kind_review(operation: str, new: dict, old: Optional[dict] = None) -> dict[str, Any]:
+        body = review(operation, new, old)  # kopf routes by the request's resource
+        body["request"]["kind"]["kind"] = kind
+        body["request"]["resource"]["resource"] = kind.lower() + "s"
+        return body
+
+    async with running, aiohttp.ClientSession() as http:
+        call = Webhook(url, http)
+        refused = await call(kind_review("CREATE", doc))
+        relabelled_old = copy.deepcopy(doc)
+        relabelled = copy.deepcopy(doc)
+        relabelled["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker"]  # kopf's own patch
+        untouched_spec = await call(kind_review("UPDATE", relabelled, relabelled_old))
+        grants = [("impersonate", "serviceaccounts", "cluster-admin-sa"), ("get", "secrets", "team-b-s3")]
+        grants += [("get", "persistentvolumeclaims", claim) for claim in claims]
+        for verb, resource, name in grants:
+            emulator.grant("alice", verb, resource, NS, name)
+        granted = await call(kind_review("CREATE", doc))
+    assert refused["allowed"] is False and refused["status"]["code"] == 403
+    message = refused["status"]["message"]
+    assert "spec.serviceAccountName" in message and "spec.secrets.s3" in message
+    if kind == "ModelDeployment":  # the base model and the adapter, each from its own claim
+        assert "spec.model.source" in message and "spec.adapters[0].source" in message
+    assert untouched_spec["allowed"] is True  # an update that leaves the spec alone is not re-checked
+    assert granted["allowed"] is True
