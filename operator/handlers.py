@@ -36,6 +36,7 @@ from kubetune.operator.scrape import scrape_metrics
 from kubetune.operator.status import (
     WorkloadState,
     conditions_for,
+    make_event,
     job_state,
     metrics_url,
     next_status,
@@ -245,29 +246,6 @@ async def ensure_child(kube: KubeClient, child: dict[str, Any], owner_uid: str) 
         f"{child['kind']} {meta['name']} already exists and {problem}; "
         "delete it or give the FineTuneJob another name"
     )
-
-
-def make_event(body: dict[str, Any], type_: str, reason: str, message: str) -> dict[str, Any]:
-    """A core/v1 Event about a FineTuneJob (what `kubectl describe` lists)."""
-    meta = body["metadata"]
-    now = now_iso()
-    return {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {"name": f"{meta['name'][:200]}.{time.time_ns():x}", "namespace": meta.get("namespace")},
-        "involvedObject": {
-            "apiVersion": API_VERSION, "kind": KIND, "name": meta["name"],
-            "namespace": meta.get("namespace"), "uid": meta.get("uid"),
-        },
-        "type": type_,
-        "reason": reason,
-        "message": message[:1024],
-        "source": {"component": "kubetune-operator"},
-        "reportingComponent": "kubetune-operator",
-        "firstTimestamp": now,
-        "lastTimestamp": now,
-        "count": 1,
-    }
 
 
 def first_state(job: FineTuneJob) -> WorkloadState:

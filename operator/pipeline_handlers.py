@@ -65,7 +65,7 @@ from kubetune.operator.pipeline_status import (
 from kubetune.operator.planner import base_name, child_names
 from kubetune.operator.references import Verdict, Wait, finetune_wait, promotion_metric_error, promotion_verdict
 from kubetune.operator.sources import MappedSource
-from kubetune.operator.status import WorkloadState, conditions_for, now_iso, set_condition
+from kubetune.operator.status import WorkloadState, conditions_for, make_event, now_iso, set_condition
 from kubetune.operator.tenancy import TenancyCheck
 
 EVJ = (GROUP, VERSION, "evaljobs")
@@ -114,21 +114,6 @@ def api_refusal(err: ApiError, what: str) -> Optional[tuple[bool, str, str]]:
 
 def owned_by(obj: dict[str, Any], uid: str) -> bool:
     return any(o.get("uid") == uid for o in (obj.get("metadata") or {}).get("ownerReferences") or [])
-
-
-def event(body: dict[str, Any], type_: str, reason: str, message: str) -> dict[str, Any]:
-    meta = body["metadata"]
-    now = now_iso()
-    return {
-        "apiVersion": "v1",
-        "kind": "Event",
-        "metadata": {"name": f"{meta['name'][:200]}.{time.time_ns():x}", "namespace": meta.get("namespace")},
-        "involvedObject": {"apiVersion": API_VERSION, "kind": body.get("kind"), "name": meta["name"],
-                           "namespace": meta.get("namespace"), "uid": meta.get("uid")},
-        "type": type_, "reason": reason, "message": message[:1024],
-        "source": {"component": "kubetune-operator"}, "reportingComponent": "kubetune-operator",
-        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-    }
 
 
 def _without_time(conditions: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -214,7 +199,7 @@ class PipelineReconciler:
 
     async def post_event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
         try:
-            await self.kube.create(event(body, type_, reason, message))
+            await self.kube.create(make_event(body, type_, reason, message))
         except ApiError as err:  # best-effort, as for kubelet and controllers
             log.debug("could not post event %s: %s", reason, err)
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kubetune.operator.api import API_VERSION
 from kubetune.operator.planner import COMPLETION_INDEX, PYTORCHJOB_REPLICA_TYPE
 from kubetune.operator.scrape import pod_metrics_url
 
@@ -388,3 +390,26 @@ def _reason_of(conditions: list[dict[str, Any]], type_: str) -> Optional[str]:
 
 def _without_time(cond: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cond.items() if k != "lastTransitionTime"}
+
+
+def make_event(body: dict[str, Any], type_: str, reason: str, message: str) -> dict[str, Any]:
+    """A core/v1 Event about one of our objects (what `kubectl describe` lists)."""
+    meta = body["metadata"]
+    now = now_iso()
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta['name'][:200]}.{time.time_ns():x}", "namespace": meta.get("namespace")},
+        "involvedObject": {
+            "apiVersion": API_VERSION, "kind": body.get("kind"), "name": meta["name"],
+            "namespace": meta.get("namespace"), "uid": meta.get("uid"),
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": "kubetune-operator"},
+        "reportingComponent": "kubetune-operator",
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
