@@ -28,6 +28,8 @@ _PLURALS = {
     "Deployment": "deployments",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "SubjectAccessReview": "subjectaccessreviews",
+    "ClusterKopfPeering": "clusterkopfpeerings",  # kopf's peering objects (operator/peering.py)
+    "KopfPeering": "kopfpeerings",
 }
 
 
