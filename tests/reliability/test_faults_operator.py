@@ -145,7 +145,7 @@ async def restart_with_jobs_in_flight(api, operator, emulator, n: int, *, seed: 
 
 
 async def test_a_restart_with_jobs_in_flight_forgets_none(api, operator, emulator):
-    await restart_with_jobs_in_flight(api, operator, emulator, 12, seed=1)
+    await restart_with_jobs_in_flight(api, operator, emulator, 6, seed=1)
 
 
 @pytest.mark.slow
