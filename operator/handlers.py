@@ -41,6 +41,7 @@ from kubetune.operator.status import (
     metrics_url,
     next_status,
     now_iso,
+    pod_failure,
     pod_problem,
     pytorchjob_state,
     rank0_pod,
@@ -513,6 +514,10 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         fetch_failed = initializer_failure(pods) if current.phase in ("Pending", "Failed") else None
         if fetch_failed:  # say why, rather than the workload's generic backoff message
             current = WorkloadState(current.phase, "InitializerFailed", f"the initializer could not fetch a source: {fetch_failed}", current.started)
+        if current.phase == "Failed" and not fetch_failed and current.reason != "DeadlineExceeded":
+            died = pod_failure(pods)  # which rank died and why (the workload only says that it failed)
+            if died is not None:
+                current = WorkloadState("Failed", died.reason, f"{died.message} (the {ref['kind']} failed: {current.reason})", True)
         if current.phase == "Pending":
             pod_uids = {(p.get("metadata") or {}).get("uid") for p in pods}
             image = job.spec.image or config.trainer_image

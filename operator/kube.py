@@ -27,6 +27,7 @@ _PLURALS = {
     "ModelDeployment": "modeldeployments",
     "Deployment": "deployments",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "NetworkPolicy": "networkpolicies",
     "SubjectAccessReview": "subjectaccessreviews",
 }
 

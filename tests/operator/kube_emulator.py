@@ -60,6 +60,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     },
     "apps/v1/deployments": {"kind": "Deployment", "namespaced": True, "subresources": {"status"}},
     "autoscaling/v2/horizontalpodautoscalers": {"kind": "HorizontalPodAutoscaler", "namespaced": True, "subresources": {"status"}},
+    "networking.k8s.io/v1/networkpolicies": {"kind": "NetworkPolicy", "namespaced": True},
 }
 PYTORCHJOBS = {"kubeflow.org/v1/pytorchjobs": {"kind": "PyTorchJob", "namespaced": True, "subresources": {"status"}}}
 JOBSETS = {"jobset.x-k8s.io/v1alpha2/jobsets": {"kind": "JobSet", "namespaced": True, "subresources": {"status"}}}
