@@ -173,7 +173,7 @@ class PipelineReconciler:
     async def loop(self) -> None:
         while True:
             await asyncio.sleep(self.state.config.sync_interval)
-            if self.state.connection is None:
+            if self.state.connection is None or not await self.state.serving():
                 continue
             await self.round()
 
