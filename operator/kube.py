@@ -27,7 +27,10 @@ _PLURALS = {
     "ModelDeployment": "modeldeployments",
     "Deployment": "deployments",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
+    "NetworkPolicy": "networkpolicies",
     "SubjectAccessReview": "subjectaccessreviews",
+    "ClusterKopfPeering": "clusterkopfpeerings",  # kopf's peering objects (operator/peering.py)
+    "KopfPeering": "kopfpeerings",
 }
 
 
