@@ -190,7 +190,7 @@ def parse_object(obj: dict[str, Any], source: str = "manifest") -> BaseModel:
     api_version, kind = obj.get("apiVersion"), obj.get("kind")
     if api_version != API_VERSION:
         raise ManifestError(f"{source}: apiVersion must be {API_VERSION}, got {api_version!r}")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ManifestError(f"{source}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     model = KINDS[kind].model
     try:
