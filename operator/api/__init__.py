@@ -171,7 +171,8 @@ def format_errors(err: ValidationError, source: str) -> str:
         dotted = ".".join(str(part) for part in error["loc"])
         given = error.get("input")
         hint = "" if error["type"] == "missing" else f" (got {given!r})"
-        lines.append(f"{dotted}: {error['msg']}{hint}")
+        message = error["msg"].removeprefix("Value error, ")  # a validator's own sentence
+        lines.append(f"{dotted}: {message}{hint}")
     return f"{source}: invalid manifest:\n  " + "\n  ".join(lines)
 
 

@@ -21,6 +21,7 @@ from kubetune.operator.api.common import (
     Resources,
     RunPolicy,
     RunStatus,
+    SecretKeyRef,
     Secrets,
     Source,
 )
@@ -135,6 +136,45 @@ class Promotion(ApiModel):
         return self
 
 
+class LabelSelector(ApiModel):
+    match_labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels the object must have (all of them)", json_schema_extra={"maxProperties": 32}
+    )
+
+
+class NetworkPeer(ApiModel):
+    """Who may connect, as a NetworkPolicy peer: podSelector alone means pods of this namespace;
+    namespaceSelector alone, every pod of those namespaces; both, those pods of those namespaces."""
+
+    pod_selector: Optional[LabelSelector] = Field(default=None, description="Pods allowed to connect")
+    namespace_selector: Optional[LabelSelector] = Field(
+        default=None, description="Namespaces allowed to connect (kubernetes.io/metadata.name names one)"
+    )
+
+    @model_validator(mode="after")
+    def _some_selector(self) -> "NetworkPeer":
+        if self.pod_selector is None and self.namespace_selector is None:
+            raise ValueError("set podSelector, namespaceSelector or both")
+        return self
+
+
+class NetworkPolicyOptions(ApiModel):
+    """The NetworkPolicy of the server pods: only the API port, only from these peers."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Plan the NetworkPolicy (false: none; one made before is changed to admit all ingress). Enforced only where "
+        "the cluster's network plugin implements NetworkPolicies",
+    )
+    from_: list[NetworkPeer] = Field(
+        default_factory=list,
+        alias="from",
+        max_length=32,
+        description="Who may connect to the server port (default: every pod of this namespace); all other ingress "
+        "to the server pods is denied",
+    )
+
+
 class ModelDeploymentSpec(PodOptions):
     model: Optional[ModelSource] = Field(default=None, description="Model to serve (or fineTuneJob)")
     fine_tune_job: Optional[FineTuneJobRef] = Field(default=None, description="Serve this FineTuneJob's output")
@@ -146,6 +186,15 @@ class ModelDeploymentSpec(PodOptions):
     resources: Resources = Field(default_factory=Resources)
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment")
     secrets: Secrets = Field(default_factory=Secrets)
+    api_key_secret: Optional[SecretKeyRef] = Field(
+        default=None,
+        description="API keys clients must send (Authorization: Bearer), from a key of a Secret: one key per line "
+        "(runtime kubetune: mounted as a file; vllm: a single key, as VLLM_API_KEY). Default: no authentication",
+    )
+    network_policy: NetworkPolicyOptions = Field(
+        default_factory=NetworkPolicyOptions,
+        description="Ingress to the server pods: only the API port, from this namespace's pods unless `from` says otherwise",
+    )
     runtime: Literal["kubetune", "vllm"] = Field(
         default="kubetune",
         description="kubetune: `kubetune serve` (the operator's default server image); vllm: the vLLM OpenAI server "

@@ -19,7 +19,6 @@ from ophelpers import NS, OPERATOR_TOKEN
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
-NETWORK_POLICIES = {"networking.k8s.io/v1/networkpolicies": {"kind": "NetworkPolicy", "namespaced": True}}
 PEM = "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n"
 
 
@@ -36,7 +35,6 @@ def network_policy(name: str) -> dict:
 
 
 async def test_a_kind_found_by_discovery_is_created_read_listed_and_patched(emulator):
-    emulator.declare(NETWORK_POLICIES)
     kube = client_for(emulator)
     try:
         created = await kube.create(network_policy("api"))

@@ -60,6 +60,11 @@ def mdep(**spec):
     return parse_object(doc, "test")
 
 
+def planned(dep, ftj=None):
+    """The ModelDeployment's children by kind."""
+    return {child["kind"]: child for child in plan_deployment(dep, ftj)}
+
+
 # ---- EvalJob ----------------------------------------------------------------------------------
 
 
@@ -196,8 +201,8 @@ def test_dependency_order_puts_references_first_and_refuses_cycles():
 
 
 def test_deployment_serves_the_finetunejobs_adapter_by_its_name_with_probes_and_no_downtime_rollouts():
-    service, deployment = plan_deployment(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body())
-    for obj in (service, deployment):
+    service, policy, deployment = plan_deployment(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body())
+    for obj in (service, policy, deployment):
         kubernetes_validate.validate(obj, K8S, strict=True)
         assert obj["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
     spec = deployment["spec"]
@@ -215,15 +220,15 @@ def test_deployment_serves_the_finetunejobs_adapter_by_its_name_with_probes_and_
     assert set(spec["selector"]["matchLabels"].items()) <= set(spec["template"]["metadata"]["labels"].items())
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     # Same input, same hash; a new FineTuneJob output (a re-run) changes the template and the hash.
-    again = plan_deployment(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body())[1]
+    again = planned(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body())["Deployment"]
     assert again["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == deployment["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-    rerun = plan_deployment(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body(uid="ftj-uid-2"))[1]
+    rerun = planned(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body(uid="ftj-uid-2"))["Deployment"]
     assert rerun["metadata"]["annotations"][SPEC_HASH_ANNOTATION] != deployment["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
 
 
 def test_vllm_arguments_are_vllms_documented_flags():
     dep = mdep(runtime="vllm", maxModelLen=4096, resources={"gpusPerNode": 4}, extraArgs=["--gpu-memory-utilization", "0.85"])
-    _, deployment = plan_deployment(dep, ftj_body())
+    deployment = planned(dep, ftj_body())["Deployment"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     argv = container["command"]
     assert argv[:2] == VLLM["command"] and argv[2] == "/mnt/model/llama"
@@ -254,14 +259,71 @@ def test_vllm_arguments_are_vllms_documented_flags():
 def test_autoscaling_makes_an_hpa_and_leaves_replicas_to_it():
     dep = mdep(model={"source": "pvc://models/llama"}, resources={"gpusPerNode": 1, "requests": {"cpu": "4"}},
                autoscaling={"minReplicas": 1, "maxReplicas": 4})
-    service, deployment, hpa = plan_deployment(dep)
+    service, _policy, deployment, hpa = plan_deployment(dep)
     kubernetes_validate.validate(hpa, K8S, strict=True)
     assert "replicas" not in deployment["spec"]
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "bot"}
     assert hpa["spec"]["metrics"][0]["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
     in_flight = mdep(model={"source": "pvc://models/llama"}, autoscaling={"maxReplicas": 3, "metric": "requestsInFlight", "target": 6})
-    pods_metric = plan_deployment(in_flight)[2]["spec"]["metrics"][0]["pods"]
+    pods_metric = planned(in_flight)["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]
     assert pods_metric == {"metric": {"name": "kubetune_serve_running_sequences"}, "target": {"type": "AverageValue", "averageValue": "6"}}
+
+
+def server_pod(children):
+    return children["Deployment"]["spec"]["template"]["spec"]
+
+
+def test_api_key_secret_reaches_the_server_as_a_mounted_file_never_as_a_value():
+    key = {"name": "bot-keys", "key": "keys"}
+    children = planned(mdep(apiKeySecret=key), ftj_body())
+    kubernetes_validate.validate(children["Deployment"], K8S, strict=True)
+    pod = server_pod(children)
+    (container,) = pod["containers"]
+    argv = container["command"]
+    path = argv[argv.index("--api-key-file") + 1]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "bot-keys" and volume["secret"]["items"] == [{"key": "keys", "path": "keys"}]
+    assert volume["secret"]["defaultMode"] & 0o007 == 0  # not world-readable
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] and path == f"{mount['mountPath']}/keys"
+    # The server reads exactly this flag (a key file, one key per line).
+    from kubetune.cli import build_parser
+
+    args = build_parser().parse_args(["serve", *argv[2:]])
+    assert args.api_key_file == path and args.api_key == []
+    # The kubetune server's env does not touch the Secret; vLLM gets its one key through secretKeyRef.
+    assert "bot-keys" not in json.dumps(container["env"])
+    vllm = server_pod(planned(mdep(apiKeySecret=key, runtime="vllm"), ftj_body()))["containers"][0]
+    assert {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": key}} in vllm["env"]
+    assert "--api-key" not in vllm["command"] and "--api-key-file" not in vllm["command"]
+    assert "--api-key-file" not in server_pod(planned(mdep(), ftj_body()))["containers"][0]["command"]
+    # Naming the Secret needs the right to read it (the admission webhook's SubjectAccessReview).
+    from kubetune.operator.tenancy import Access, needs
+
+    assert ("spec.apiKeySecret", (Access("get", "secrets", "bot-keys"),)) in [(n.field, n.any_of) for n in needs(mdep(apiKeySecret=key))]
+
+
+def test_network_policy_admits_only_the_api_port_from_the_allowed_peers():
+    default = planned(mdep(port=8080), ftj_body())
+    policy = default["NetworkPolicy"]
+    kubernetes_validate.validate(policy, K8S, strict=True)
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "mdep-uid"
+    # It selects exactly the server pods, and denies every other ingress to them.
+    assert policy["spec"]["podSelector"]["matchLabels"] == default["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+    assert rule["from"] == [{"podSelector": {}}]  # default: every pod of the ModelDeployment's namespace
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}},
+              "podSelector": {"matchLabels": {"app": "ingress"}}},
+             {"podSelector": {"matchLabels": {"role": "client"}}}]
+    custom = planned(mdep(networkPolicy={"from": peers}), ftj_body())["NetworkPolicy"]
+    kubernetes_validate.validate(custom, K8S, strict=True)
+    assert custom["spec"]["ingress"][0]["from"] == peers
+    assert custom["metadata"]["annotations"][SPEC_HASH_ANNOTATION] != policy["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+    assert "NetworkPolicy" not in planned(mdep(networkPolicy={"enabled": False}), ftj_body())
+    with pytest.raises(KubetuneError, match="networkPolicy.*podSelector, namespaceSelector"):
+        mdep(networkPolicy={"from": [{}]})
 
 
 def test_deployment_refusals_name_the_field():
@@ -301,5 +363,5 @@ def test_the_example_pipeline_plans_on_the_example_finetunejob():
     assert promotion_metric_error(vllm.spec.promotion, evaljob) is None  # lm-eval tasks: any metric name
     for obj in plan_eval(evaljob, ftj) + plan_deployment(vllm, ftj) + plan_deployment(support):
         kubernetes_validate.validate(obj, K8S, strict=True)
-    argv = plan_deployment(vllm, ftj)[1]["spec"]["template"]["spec"]["containers"][0]["command"]
+    argv = planned(vllm, ftj)["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert argv[argv.index("--lora-modules") + 1] == "llama31-8b-lora=/mnt/output/adapter"
