@@ -29,6 +29,8 @@ _PLURALS = {
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "NetworkPolicy": "networkpolicies",
     "SubjectAccessReview": "subjectaccessreviews",
+    "ClusterKopfPeering": "clusterkopfpeerings",  # kopf's peering objects (operator/peering.py)
+    "KopfPeering": "kopfpeerings",
 }
 
 

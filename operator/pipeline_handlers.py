@@ -31,7 +31,7 @@ from typing import Any, Optional
 import kopf
 
 from kubetune.errors import KubetuneError
-from kubetune.operator.api import API_VERSION, GROUP, VERSION, parse_object
+from kubetune.operator.api import API_VERSION, GROUP, VERSION, describe, parse_object
 from kubetune.operator.api.common import TERMINAL_PHASES
 from kubetune.operator.deployplanner import (
     MODEL_ID_ANNOTATION,
@@ -173,7 +173,7 @@ class PipelineReconciler:
     async def loop(self) -> None:
         while True:
             await asyncio.sleep(self.state.config.sync_interval)
-            if self.state.connection is None:
+            if self.state.connection is None or not await self.state.serving():
                 continue
             await self.round()
 
@@ -489,7 +489,7 @@ def eval_admission_error(body: dict[str, Any]) -> Optional[str]:
     """What is wrong with an EvalJob, naming the field; None when it can run. The model of a
     FineTuneJob is known only once that job succeeds: spec.config is checked with a stand-in path."""
     try:
-        evj = parse_object(body, f"EvalJob {body.get('metadata', {}).get('name', '?')}")
+        evj = parse_object(body, describe("EvalJob", body))
         if evj.spec.fine_tune_job is None:
             plan_eval(evj)
         else:
@@ -504,7 +504,7 @@ def eval_admission_error(body: dict[str, Any]) -> Optional[str]:
 def deployment_admission_error(body: dict[str, Any]) -> Optional[str]:
     """What is wrong with a ModelDeployment, naming the field; None when it can run."""
     try:
-        mdep = parse_object(body, f"ModelDeployment {body.get('metadata', {}).get('name', '?')}")
+        mdep = parse_object(body, describe("ModelDeployment", body))
         if mdep.spec.fine_tune_job is None:
             plan_deployment(mdep)
         else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kubetune.operator.api.common import (
     API_VERSION,
@@ -25,10 +25,26 @@ from kubetune.operator.api.common import (
     Secrets,
     Source,
 )
+from kubetune.operator.api.names import object_name_error
 
 
 class FineTuneJobRef(ApiModel):
     name: str = Field(min_length=1, max_length=253, description="A FineTuneJob in the same namespace; waits for it")
+
+    @field_validator("name")
+    @classmethod
+    def _kubernetes_name(cls, name: str) -> str:
+        error = object_name_error(name)  # no FineTuneJob can have another name: say so now, not never
+        if error:
+            raise ValueError(error)
+        return name
+
+
+def one_model(spec: Any) -> Any:
+    """Exactly one of spec.model and spec.fineTuneJob (the CRD's CEL rule, for every path in)."""
+    if (spec.model is None) == (spec.fine_tune_job is None):
+        raise ValueError("set exactly one of spec.model and spec.fineTuneJob")
+    return spec
 
 
 class LocalTask(ApiModel):
@@ -61,6 +77,8 @@ class EvalJobSpec(PodOptions):
         default=None, max_length=63, description="Kueue LocalQueue; the Job is created suspended and admitted by Kueue"
     )
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
+
+    _one_model = model_validator(mode="after")(one_model)
 
 
 class EvalResult(ApiModel):
@@ -210,6 +228,8 @@ class ModelDeploymentSpec(PodOptions):
     promotion: Optional[Promotion] = Field(
         default=None, description="Hold a new model's rollout until an EvalJob of it passes a threshold"
     )
+
+    _one_model = model_validator(mode="after")(one_model)
 
 
 class ModelDeploymentStatus(ApiModel):

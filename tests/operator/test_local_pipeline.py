@@ -153,7 +153,7 @@ def test_apply_without_detach_serves_in_the_foreground_until_ctrl_c(tmp_path):
             assert [m["id"] for m in yaml.safe_load(resp.read())["data"]] == ["tiny-bot"]
         assert apply.poll() is None  # still in the foreground, serving
         apply.send_signal(signal.SIGINT)
-        out, err = apply.communicate(timeout=120)  # stop_server waits up to 30 s for a drain, then kills
+        out, err = apply.communicate(timeout=120)  # idle: ~0.2 s to stop the server (stop_server kills after 30 s)
     finally:
         if apply.poll() is None:
             apply.kill()
