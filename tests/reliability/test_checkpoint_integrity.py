@@ -167,3 +167,79 @@ def test_saving_a_step_again_never_leaves_neither_copy(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_5"]
     assert verify_checkpoint(tmp_path / "checkpoints" / "step_5") is None
+
+
+# ------------------------------------------------------------------------------------ full disk
+
+CHILD = r"""
+import json, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from kubetune.errors import KubetuneError
+from kubetune.trainer.training.checkpointing import CheckpointManager, verify_checkpoint
+
+out = Path(sys.argv[1])
+manager = CheckpointManager(out, keep_last=2)
+
+def weights(n):
+    def write(folder):
+        folder.mkdir()
+        save_file({"w": torch.ones(n)}, str(folder / "model.safetensors"))
+    return write
+
+manager.save(1, weights(25_000), {"step": 1})  # 100 kB: fits
+try:
+    manager.save(2, weights(1_000_000), {"step": 2})  # 4 MB: does not
+    error = None
+except KubetuneError as err:
+    error = str(err)
+print(json.dumps({"error": error, "left": sorted(p.name for p in (out / "checkpoints").iterdir()),
+                  "intact": verify_checkpoint(out / "checkpoints" / "step_1") is None}))
+"""
+
+
+def _tmpfs_works() -> bool:
+    import shutil
+    import subprocess
+
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            'd=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs "$d"'], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "rlimit"])
+def test_a_full_disk_during_a_checkpoint_write_is_a_clear_error_and_keeps_the_previous_one(tmp_path, disk):
+    """tmpfs: a 1 MiB tmpfs in a user+mount namespace (writes past it fail with ENOSPC, a real full
+    disk); rlimit: RLIMIT_FSIZE of 1 MiB in the child (writes past it fail with EFBIG), where
+    namespaces are not allowed."""
+    import resource
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    out = tmp_path / "out"
+    if disk == "tmpfs":
+        if not _tmpfs_works():
+            pytest.skip("no unshare, or unprivileged user namespaces are off: the rlimit case covers this")
+        out.mkdir()
+        argv = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$1"', "sh", str(out), sys.executable, str(script)]
+        limit = None
+    else:
+        argv, limit = [sys.executable, str(script), str(out)], 1 << 20
+
+    def limited():
+        if limit:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    child = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=limited)
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    reason = "No space left on device" if disk == "tmpfs" else "File too large"
+    assert result["error"].startswith("could not write the step-2 checkpoint") and reason in result["error"], result
+    assert "step_1 is untouched and resume: auto continues from it" in result["error"]
+    assert result["left"] == ["step_1"] and result["intact"]  # no half-written step_2, step_1 whole

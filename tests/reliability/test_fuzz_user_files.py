@@ -15,6 +15,8 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -105,11 +107,10 @@ def write_dataset(folder: Path, suffix: str, rows: list, draw) -> Path:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        try:
-            table = pa.Table.from_pylist([r if isinstance(r, dict) else {"value": r} for r in rows])
+        try:  # the rows as columns where Arrow can store them, else as JSON text
+            pq.write_table(pa.Table.from_pylist([r if isinstance(r, dict) else {"value": r} for r in rows]), path)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
-            table = pa.table({"text": [json.dumps(r) for r in rows]})
-        pq.write_table(table, path)
+            pq.write_table(pa.table({"text": [json.dumps(r) for r in rows]}), path)
         data = path.read_bytes()
         path.write_bytes(damaged(data, draw) if draw(st.booleans()) else data)
         return path
@@ -277,3 +278,32 @@ def test_fuzzed_manifests_plan_or_fail_with_error_and_exit_2(content):
         assert code in (0, 2), err
         if code == 2:
             assert err.startswith("error: ") and "Traceback" not in err, err
+
+
+# ------------------------------------------------------------- the same, through the real CLI
+
+def kubetune(*argv: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kubetune", *argv], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_the_cli_refuses_damaged_files_with_exit_2_naming_file_line_and_field(tmp_path):
+    """One damaged file of each kind, through `kubetune run`, `validate` and `apply` as a user types them."""
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": 3}\n')
+    run = kubetune("run", "full_finetune", "--config", "tiny_full", f"dataset.source={data}", "max_steps=1",
+                   f"output_dir={tmp_path / 'out'}", "device=cpu", "progress_bar=false")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert f"error: {data} record 2 (line 2): field 'output' must be a string" in run.stderr
+
+    config = tmp_path / "config.yaml"
+    config.write_bytes(b"recipe: full_finetune\nmax_steps: 3\noutput_dir: caf\xe9\n")  # Latin-1, not UTF-8
+    validate = kubetune("validate", str(config))
+    assert validate.returncode == 2 and "Traceback" not in validate.stderr, validate.stderr
+    assert validate.stderr.startswith(f"error: {config} line 3: not UTF-8 text")
+
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text((REPO / "examples" / "finetune-tiny.yaml").read_text().replace("kind: FineTuneJob", "kind: [FineTuneJob]"))
+    apply = kubetune("apply", "-f", str(manifest), "--runs-dir", str(tmp_path / "runs"))
+    assert apply.returncode == 2 and "Traceback" not in apply.stderr, apply.stderr
+    assert apply.stderr.startswith(f"error: {manifest}: kind must be one of FineTuneJob")
