@@ -90,7 +90,6 @@ def damage_newest_then_resume(recipe_name, corruption, tmp_path, uninterrupted):
     _, err = finish(start(recipe, tmp_path))
     assert f"checkpoint {newest} is damaged: {name}" in err, err[-3000:]
     assert f"resuming from the previous one, {previous.name}, instead" in err
-    assert f"from {previous}" in err or f"resumed from {previous}" in err, err[-3000:]
     assert_same_run(recipe, tmp_path, reference)
     # What is left is intact, and the damaged folder did not outlive a newer good one.
     for step in checkpoint_steps(tmp_path):
