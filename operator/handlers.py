@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import kopf
 
 from kubetune.errors import KubetuneError
-from kubetune.operator.api import API_VERSION, GROUP, VERSION, parse_object
+from kubetune.operator.api import API_VERSION, GROUP, VERSION, describe, parse_object
 from kubetune.operator.accounting import accounting, ephemeral_output_condition
 from kubetune.operator.api.common import DEFAULT_SERVER_IMAGE, DEFAULT_TRAINER_IMAGE, TERMINAL_PHASES
 from kubetune.operator.api.finetune import FineTuneJob
@@ -200,7 +200,7 @@ def plain(body: Any) -> dict[str, Any]:
 def admission_error(body: dict[str, Any]) -> Optional[str]:
     """What is wrong with a FineTuneJob, naming the field; None when it can run."""
     try:
-        job = parse_object(body, f"FineTuneJob {body.get('metadata', {}).get('name', '?')}")
+        job = parse_object(body, describe("FineTuneJob", body))
         plan(job, ClusterInfo())  # validates spec.config with the recipe's config model, and the sources
     except KubetuneError as err:
         return str(err)

@@ -31,7 +31,7 @@ from typing import Any, Optional
 import kopf
 
 from kubetune.errors import KubetuneError
-from kubetune.operator.api import API_VERSION, GROUP, VERSION, parse_object
+from kubetune.operator.api import API_VERSION, GROUP, VERSION, describe, parse_object
 from kubetune.operator.api.common import TERMINAL_PHASES
 from kubetune.operator.deployplanner import (
     MODEL_ID_ANNOTATION,
@@ -100,15 +100,16 @@ async def ensure_owned(kube: KubeClient, child: dict[str, Any], owner_uid: str) 
 
 
 async def apply_owned(kube: KubeClient, child: dict[str, Any], owner_uid: str) -> dict[str, Any]:
-    """ensure_owned, then bring a child that carries a spec hash (the NetworkPolicy) up to date
-    when the spec it was made from changed."""
+    """ensure_owned, then bring a child that carries a spec hash (the NetworkPolicy, the
+    initializer's ConfigMap) up to date when what it was made from changed."""
     existing = await ensure_owned(kube, child, owner_uid)
     want = (child["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
     have = ((existing.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
     if want is None or want == have:
         return existing
     meta = child["metadata"]
-    patch = {"metadata": {"annotations": meta["annotations"]}, "spec": child["spec"]}
+    body = "data" if child["kind"] == "ConfigMap" else "spec"
+    patch = {"metadata": {"annotations": meta["annotations"]}, body: child[body]}
     return await kube.patch(child["apiVersion"], child["kind"], meta.get("namespace"), meta["name"], patch)
 
 
@@ -489,7 +490,7 @@ def eval_admission_error(body: dict[str, Any]) -> Optional[str]:
     """What is wrong with an EvalJob, naming the field; None when it can run. The model of a
     FineTuneJob is known only once that job succeeds: spec.config is checked with a stand-in path."""
     try:
-        evj = parse_object(body, f"EvalJob {body.get('metadata', {}).get('name', '?')}")
+        evj = parse_object(body, describe("EvalJob", body))
         if evj.spec.fine_tune_job is None:
             plan_eval(evj)
         else:
@@ -504,7 +505,7 @@ def eval_admission_error(body: dict[str, Any]) -> Optional[str]:
 def deployment_admission_error(body: dict[str, Any]) -> Optional[str]:
     """What is wrong with a ModelDeployment, naming the field; None when it can run."""
     try:
-        mdep = parse_object(body, f"ModelDeployment {body.get('metadata', {}).get('name', '?')}")
+        mdep = parse_object(body, describe("ModelDeployment", body))
         if mdep.spec.fine_tune_job is None:
             plan_deployment(mdep)
         else:

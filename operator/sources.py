@@ -50,8 +50,9 @@ def split_scheme(source: str) -> tuple[str, str]:
 
 def _remote(source: str, field: str, fetch: bool, *, output: bool = False) -> Optional["RemoteSource"]:
     """The hf:// model or s3:// source the initializer fetches (None: the trainer reads `source`
-    itself). Only callers that plan the initializer pass fetch=True (FineTuneJobs for now);
-    for the others a source that would need it is refused, naming the field."""
+    itself). Callers that plan the initializer pass fetch=True (models, adapters and datasets of
+    every kind); for the others (EvalJob task files) a source that would need it is refused,
+    naming the field."""
     from kubetune.operator.initializers import remote_sources  # it imports this module
 
     if output and split_scheme(source)[0] in ("hf", "s3"):
@@ -60,7 +61,7 @@ def _remote(source: str, field: str, fetch: bool, *, output: bool = False) -> Op
     if found:
         return found[0]
     if not fetch and split_scheme(source)[0] == "s3":
-        raise SourceError(f"{field}: {source!r}: s3:// sources are fetched by a FineTuneJob's initializer only; "
+        raise SourceError(f"{field}: {source!r}: the initializer fetches s3:// models, adapters and datasets only; "
                           "put the files in a volume (pvc://CLAIM/path) or a local folder")
     if not fetch and field.startswith("spec.model.source") and source.startswith("hf://"):
         name = source[len("hf://"):]

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kubetune.operator.api.common import (
     API_VERSION,
     ApiModel,
+    CacheOptions,
     Condition,
     EnvVar,
     ModelSource,
@@ -21,14 +22,31 @@ from kubetune.operator.api.common import (
     Resources,
     RunPolicy,
     RunStatus,
+    S3Options,
     SecretKeyRef,
     Secrets,
     Source,
 )
+from kubetune.operator.api.names import object_name_error
 
 
 class FineTuneJobRef(ApiModel):
     name: str = Field(min_length=1, max_length=253, description="A FineTuneJob in the same namespace; waits for it")
+
+    @field_validator("name")
+    @classmethod
+    def _kubernetes_name(cls, name: str) -> str:
+        error = object_name_error(name)  # no FineTuneJob can have another name: say so now, not never
+        if error:
+            raise ValueError(error)
+        return name
+
+
+def one_model(spec: Any) -> Any:
+    """Exactly one of spec.model and spec.fineTuneJob (the CRD's CEL rule, for every path in)."""
+    if (spec.model is None) == (spec.fine_tune_job is None):
+        raise ValueError("set exactly one of spec.model and spec.fineTuneJob")
+    return spec
 
 
 class LocalTask(ApiModel):
@@ -52,6 +70,8 @@ class EvalJobSpec(PodOptions):
     resources: Resources = Field(default_factory=Resources)
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment")
     secrets: Secrets = Field(default_factory=Secrets)
+    s3: S3Options = Field(default_factory=S3Options, description="Where s3:// model and adapter sources live (the initializer fetches them)")
+    cache: CacheOptions = Field(default_factory=CacheOptions, description="Where the initializer puts hf:// and s3:// models and adapters")
     baseline: bool = Field(
         default=False,
         description="Also evaluate the model the FineTuneJob started from (with spec.model: the model without "
@@ -61,6 +81,8 @@ class EvalJobSpec(PodOptions):
         default=None, max_length=63, description="Kueue LocalQueue; the Job is created suspended and admitted by Kueue"
     )
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
+
+    _one_model = model_validator(mode="after")(one_model)
 
 
 class EvalResult(ApiModel):
@@ -186,6 +208,11 @@ class ModelDeploymentSpec(PodOptions):
     resources: Resources = Field(default_factory=Resources)
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment")
     secrets: Secrets = Field(default_factory=Secrets)
+    s3: S3Options = Field(default_factory=S3Options, description="Where s3:// model and adapter sources live (the initializer fetches them)")
+    cache: CacheOptions = Field(
+        default_factory=CacheOptions,
+        description="Where the initializer puts hf:// and s3:// models and adapters (a PVC: each new replica skips the download)",
+    )
     api_key_secret: Optional[SecretKeyRef] = Field(
         default=None,
         description="API keys clients must send (Authorization: Bearer), from a key of a Secret: one key per line "
@@ -210,6 +237,8 @@ class ModelDeploymentSpec(PodOptions):
     promotion: Optional[Promotion] = Field(
         default=None, description="Hold a new model's rollout until an EvalJob of it passes a threshold"
     )
+
+    _one_model = model_validator(mode="after")(one_model)
 
 
 class ModelDeploymentStatus(ApiModel):

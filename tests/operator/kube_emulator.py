@@ -23,7 +23,11 @@ API server adds; each addition below says which behaviour of Kubernetes it stand
   - OwnerReferencesPermissionEnforcement (`enforce_owner_references`, on by default on OpenShift):
     kube-apiserver's plugin/pkg/admission/gc/gc_admission.go refuses (403) an object whose
     ownerReferences set blockOwnerDeletion unless the writer may `update` the owner's
-    `<plural>/finalizers`; the emulator has no RBAC objects, so the test says whether it may.
+    `<plural>/finalizers`; the emulator has no RBAC objects, so the test says whether it may;
+  - discovery paths with a trailing slash (/api/v1/, as the generated kubernetes_asyncio client
+    asks for the core resource list): the API server serves them as without it, kmock 0.8 404s;
+  - the discovery entry of authorization.k8s.io/v1 subjectaccessreviews (create only), so a
+    client that finds plurals by discovery can post reviews (answered by `grant`, above).
 """
 from __future__ import annotations
 
@@ -65,6 +69,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "apps/v1/deployments": {"kind": "Deployment", "namespaced": True, "subresources": {"status"}},
     "autoscaling/v2/horizontalpodautoscalers": {"kind": "HorizontalPodAutoscaler", "namespaced": True, "subresources": {"status"}},
     "networking.k8s.io/v1/networkpolicies": {"kind": "NetworkPolicy", "namespaced": True},
+    "authorization.k8s.io/v1/subjectaccessreviews": {"kind": "SubjectAccessReview", "namespaced": False, "verbs": {"create"}},
 }
 PYTORCHJOBS = {"kubeflow.org/v1/pytorchjobs": {"kind": "PyTorchJob", "namespaced": True, "subresources": {"status"}}}
 JOBSETS = {"jobset.x-k8s.io/v1alpha2/jobsets": {"kind": "JobSet", "namespaced": True, "subresources": {"status"}}}
@@ -86,6 +91,12 @@ def _parse_path(path: str) -> parsing.ParsedPath:
 
 _kmock_parse_path = parsing.parse_path
 parsing.parse_path = _parse_path  # kmock's request parser looks it up in its module on every request
+
+
+def _is_discovery(path: str) -> bool:
+    """/api, /api/v1, /apis, /apis/GROUP, /apis/GROUP/VERSION (with or without a trailing slash)."""
+    parts = path.strip("/").split("/")
+    return (parts[0] == "api" and len(parts) <= 2) or (parts[0] == "apis" and len(parts) <= 3)
 
 
 @dataclass(frozen=True)
@@ -152,7 +163,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     def declare(self, resources: dict[str, dict[str, Any]]) -> None:
         for key, info in resources.items():
-            self.resources[key] = {**info, "verbs": VERBS}
+            self.resources[key] = {"verbs": VERBS, **info}
 
     def bind_role(self, token: str, namespaces: set[str]) -> None:
         """Requests with this bearer token get only what Roles in these namespaces allow."""
@@ -172,6 +183,8 @@ class Emulator(kmock.KubernetesEmulator):
         return aiohttp.web.json_response({**review, "status": {"allowed": allowed}}, status=201)
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if raw_request.path != "/" and raw_request.path.endswith("/") and _is_discovery(raw_request.path):
+            raw_request = raw_request.clone(rel_url=raw_request.rel_url.with_path(raw_request.path.rstrip("/")))
         _raw_request.set(raw_request)
         if raw_request.method == "POST" and raw_request.path.rstrip("/") == "/apis/authorization.k8s.io/v1/subjectaccessreviews":
             return await self._access_review(raw_request)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.errors import KubetuneError
+from kubetune.safe_yaml import read_user_text
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 BUILTIN_SOURCES = ("builtin://tiny_instruct", "builtin://tiny_preference")
@@ -89,11 +90,15 @@ def _split_file(folder: Path, split: str) -> Path:
 
 def _read_jsonl(path: Path) -> list[SourceRecord]:
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path} record {len(records) + 1} (line {line_number})"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path} record {len(records) + 1} (line {line_number})"
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -102,9 +107,13 @@ def _read_jsonl(path: Path) -> list[SourceRecord]:
     return records
 
 
+def read_utf8(path: Path) -> str:
+    return read_user_text(path, DatasetError)
+
+
 def _read_json(path: Path) -> list[SourceRecord]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     if not isinstance(data, list):
@@ -127,10 +136,7 @@ def _read_parquet(path: Path) -> list[SourceRecord]:
 
 def _read_txt(path: Path, text_key: str, documents: str) -> list[SourceRecord]:
     """A plain text file as text records: the whole file, or each blank-line-separated block."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_utf8(path)
     if documents == "file":
         return [SourceRecord({text_key: text}, f"{path}")] if text.strip() else []
     blocks, current, first_line = [], [], 1
