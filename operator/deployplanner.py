@@ -1,5 +1,7 @@
 """The ModelDeployment planner: a ModelDeployment (and the FineTuneJob it names) -> a Service, a
 NetworkPolicy, an apps/v1 Deployment and, with spec.autoscaling, a HorizontalPodAutoscaler. Pure.
+hf:// and s3:// models and adapters are fetched by the initializer (an init container, its plan
+in a ConfigMap `<name>-sources`) into the cache volume (spec.cache) before the server starts.
 
 Runtimes (an argv list each, no shell):
 - kubetune: `kubetune serve MODEL --host 0.0.0.0 --port P --served-model-name NAME
@@ -31,15 +33,18 @@ from typing import Any, Optional
 from kubetune.errors import KubetuneError
 from kubetune.operator.api.common import DEFAULT_SERVER_IMAGE
 from kubetune.operator.api.evaljob import ModelDeployment
+from kubetune.operator.initializers import SOURCES_KEY
 from kubetune.operator.inputs import ModelInputs, cluster_inputs
-from kubetune.operator.planner import base_name
+from kubetune.operator.planner import CONFIG_DIR, base_name, initializer_plan
 from kubetune.operator.podspec import (
     base_labels,
     container_security,
     env,
+    initializer_wiring,
     metadata,
     pod_spec,
     pvc_volumes,
+    remote_sources_of,
     resources,
     scratch_volumes,
 )
@@ -153,6 +158,18 @@ def api_key_wiring(mdep: ModelDeployment) -> tuple[list[dict[str, Any]], list[di
     return [volume], [mount], []
 
 
+def sources_config_map(mdep: ModelDeployment, name: str, plan: str) -> dict[str, Any]:
+    """The initializer's plan (CONFIG_DIR/sources.yaml in its container). It carries a hash of its
+    data, so the reconciler updates it when the sources change (before the Deployment rolls)."""
+    data = {SOURCES_KEY: plan}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(mdep, name, labels(mdep), {SPEC_HASH_ANNOTATION: spec_hash(data)}),
+        "data": data,
+    }
+
+
 def network_policy(mdep: ModelDeployment, name: str) -> dict[str, Any]:
     """Ingress to the server pods: the API port only, from the peers of spec.networkPolicy.from
     (default: every pod of the namespace). Probes come from the kubelet, which policies do not block."""
@@ -211,7 +228,7 @@ def plan_deployment(
     adapter_sources: list[MappedSource] = []
 
     def map_adapter(source: str, index: int) -> MappedSource:
-        mapped = map_cluster_source(source, f"adapter-{index}", f"spec.adapters[{index}].source")
+        mapped = map_cluster_source(source, f"adapter-{index}", f"spec.adapters[{index}].source", fetch=True)
         adapter_sources.append(mapped)
         return mapped
 
@@ -220,13 +237,22 @@ def plan_deployment(
     volumes, mounts = scratch_volumes(spec.resources.shm_size)
     pvc_v, pvc_m = pvc_volumes([inputs.model, inputs.adapter, *adapter_sources])
     key_v, key_m, key_env = api_key_wiring(mdep)
+    # hf:// and s3:// models and adapters: an init container fetches them into the cache first,
+    # with kubetune's server image (vLLM's image has no `kubetune initialize`), from a plan in a
+    # ConfigMap of its own.
+    remote = remote_sources_of([inputs.model, inputs.adapter, *adapter_sources])
+    init_image = spec.image if spec.image and spec.runtime == "kubetune" else server_image
+    init_containers, cache_v, cache_m = initializer_wiring(mdep, remote, image=init_image)
+    sources_map = sources_config_map(mdep, f"{name}-sources", initializer_plan(spec, remote)) if remote else None
+    if sources_map is not None:
+        cache_v.append({"name": "config", "configMap": {"name": sources_map["metadata"]["name"]}})
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image or (DEFAULT_VLLM_IMAGE if spec.runtime == "vllm" else server_image),
         "command": argv,
         "env": env(mdep) + key_env,
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
-        "volumeMounts": mounts + pvc_m + key_m,
+        "volumeMounts": mounts + pvc_m + key_m + cache_m,
         "securityContext": container_security(),
         **probes(mdep),
     }
@@ -238,7 +264,8 @@ def plan_deployment(
     template = {
         "metadata": {"labels": labels(mdep), "annotations": {MODEL_ID_ANNOTATION: inputs.identity}},
         # In-flight requests finish on SIGTERM (readiness turns 503 first): give them time.
-        "spec": pod_spec(mdep, [container], volumes + pvc_v + key_v, terminationGracePeriodSeconds=120),
+        "spec": pod_spec(mdep, [container], volumes + pvc_v + key_v + cache_v, terminationGracePeriodSeconds=120,
+                         **({"initContainers": init_containers} if init_containers else {})),
     }
     deployment_spec: dict[str, Any] = {
         "selector": {"matchLabels": selector(mdep)},
@@ -266,7 +293,7 @@ def plan_deployment(
         },
     }
     # The policy before the Deployment: its pods never run unprotected.
-    children = [service] + ([network_policy(mdep, name)] if spec.network_policy.enabled else []) + [deployment]
+    children = [service] + ([network_policy(mdep, name)] if spec.network_policy.enabled else []) + ([sources_map] if sources_map else []) + [deployment]
     if spec.autoscaling is not None:
         children.append(autoscaler(mdep, name))
     return children

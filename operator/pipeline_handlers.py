@@ -100,15 +100,16 @@ async def ensure_owned(kube: KubeClient, child: dict[str, Any], owner_uid: str) 
 
 
 async def apply_owned(kube: KubeClient, child: dict[str, Any], owner_uid: str) -> dict[str, Any]:
-    """ensure_owned, then bring a child that carries a spec hash (the NetworkPolicy) up to date
-    when the spec it was made from changed."""
+    """ensure_owned, then bring a child that carries a spec hash (the NetworkPolicy, the
+    initializer's ConfigMap) up to date when what it was made from changed."""
     existing = await ensure_owned(kube, child, owner_uid)
     want = (child["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
     have = ((existing.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
     if want is None or want == have:
         return existing
     meta = child["metadata"]
-    patch = {"metadata": {"annotations": meta["annotations"]}, "spec": child["spec"]}
+    body = "data" if child["kind"] == "ConfigMap" else "spec"
+    patch = {"metadata": {"annotations": meta["annotations"]}, body: child[body]}
     return await kube.patch(child["apiVersion"], child["kind"], meta.get("namespace"), meta["name"], patch)
 
 

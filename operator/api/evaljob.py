@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from kubetune.operator.api.common import (
     API_VERSION,
     ApiModel,
+    CacheOptions,
     Condition,
     EnvVar,
     ModelSource,
@@ -21,6 +22,7 @@ from kubetune.operator.api.common import (
     Resources,
     RunPolicy,
     RunStatus,
+    S3Options,
     SecretKeyRef,
     Secrets,
     Source,
@@ -68,6 +70,8 @@ class EvalJobSpec(PodOptions):
     resources: Resources = Field(default_factory=Resources)
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment")
     secrets: Secrets = Field(default_factory=Secrets)
+    s3: S3Options = Field(default_factory=S3Options, description="Where s3:// model and adapter sources live (the initializer fetches them)")
+    cache: CacheOptions = Field(default_factory=CacheOptions, description="Where the initializer puts hf:// and s3:// models and adapters")
     baseline: bool = Field(
         default=False,
         description="Also evaluate the model the FineTuneJob started from (with spec.model: the model without "
@@ -204,6 +208,11 @@ class ModelDeploymentSpec(PodOptions):
     resources: Resources = Field(default_factory=Resources)
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment")
     secrets: Secrets = Field(default_factory=Secrets)
+    s3: S3Options = Field(default_factory=S3Options, description="Where s3:// model and adapter sources live (the initializer fetches them)")
+    cache: CacheOptions = Field(
+        default_factory=CacheOptions,
+        description="Where the initializer puts hf:// and s3:// models and adapters (a PVC: each new replica skips the download)",
+    )
     api_key_secret: Optional[SecretKeyRef] = Field(
         default=None,
         description="API keys clients must send (Authorization: Bearer), from a key of a Secret: one key per line "

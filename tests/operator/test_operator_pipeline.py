@@ -10,6 +10,7 @@ import json
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from kubetune.operator.local import format_table
 from ophelpers import NS, eventually, manifest
@@ -339,3 +340,26 @@ async def test_api_refusals_become_conditions_403_retried_422_failed(api, operat
         await eventually(lambda: status(api, "evaljobs", "refused").get("phase") == "Failed", what="422 -> Failed")
         failed = condition(api, "evaljobs", "refused", "Failed")
         assert failed["reason"] == "ApiRefused" and "create Job refused" in failed["message"]
+
+
+async def test_modeldeployment_of_an_s3_model_gets_its_initializer_plan_and_follows_a_new_model(api, operator):
+    """hf:// and s3:// models go through the initializer: a ConfigMap with its plan comes before
+    the Deployment, whose pods fetch first; a new model patches the plan and rolls out."""
+    async with operator():
+        await api.post(f"{KT}/modeldeployments", modeldeployment(model={"source": "s3://weights/v1"}, secrets={"s3": {"name": "s3-keys"}}))
+        await eventually(lambda: api.children("apps/v1/deployments"), what="Deployment created")
+        (plan_map,) = [c for c in api.children("v1/configmaps") if c["metadata"]["name"].endswith("-sources")]
+        plan = yaml.safe_load(plan_map["data"]["sources.yaml"])
+        assert [s["uri"] for s in plan["sources"]] == ["s3://weights/v1"]
+        pod = api.children("apps/v1/deployments")[0]["spec"]["template"]["spec"]
+        assert [c["name"] for c in pod["initContainers"]] == ["initializer"]
+        assert pod["containers"][0]["command"][2] == plan["sources"][0]["dest"]
+        await api.patch(f"{KT}/modeldeployments/bot", {"spec": {"model": {"source": "s3://weights/v2"}}})
+
+        def plan_uris():
+            (cm,) = [c for c in api.children("v1/configmaps") if c["metadata"]["name"].endswith("-sources")]
+            return [s["uri"] for s in yaml.safe_load(cm["data"]["sources.yaml"])["sources"]]
+
+        await eventually(lambda: plan_uris() == ["s3://weights/v2"], what="the plan patched")
+        await eventually(lambda: "weights--v2" in api.children("apps/v1/deployments")[0]["spec"]["template"]["spec"]["containers"][0]["command"][2],
+                         what="the new model rolled out")

@@ -107,11 +107,10 @@ def write_dataset(folder: Path, suffix: str, rows: list, draw) -> Path:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        try:
-            table = pa.Table.from_pylist([r if isinstance(r, dict) else {"value": r} for r in rows])
+        try:  # the rows as columns where Arrow can store them, else as JSON text
+            pq.write_table(pa.Table.from_pylist([r if isinstance(r, dict) else {"value": r} for r in rows]), path)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
-            table = pa.table({"text": [json.dumps(r) for r in rows]})
-        pq.write_table(table, path)
+            pq.write_table(pa.table({"text": [json.dumps(r) for r in rows]}), path)
         data = path.read_bytes()
         path.write_bytes(damaged(data, draw) if draw(st.booleans()) else data)
         return path

@@ -365,3 +365,110 @@ def test_the_example_pipeline_plans_on_the_example_finetunejob():
         kubernetes_validate.validate(obj, K8S, strict=True)
     argv = planned(vllm, ftj)["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert argv[argv.index("--lora-modules") + 1] == "llama31-8b-lora=/mnt/output/adapter"
+
+
+# --- initializers: hf:// and s3:// models and adapters of EvalJobs and ModelDeployments ---------
+
+
+def init_of(pod):
+    return {c["name"]: c for c in pod.get("initContainers") or []}
+
+
+def restricted(pod_spec):
+    from pss import restricted_violations
+
+    return restricted_violations({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod_spec})
+
+
+def test_evaljob_fetches_hub_and_s3_models_with_the_initializer_before_the_baseline():
+    job = evj(model={"source": "hf://org/base@v1"}, adapter={"source": "s3://adapters/demo/lora"}, s3={"endpoint": "http://minio:9000"},
+              secrets={"hfToken": {"name": "hf", "key": "token"}, "s3": {"name": "s3-keys"}}, cache={"claimName": "model-cache"})
+    config_map, job_ = plan_eval(job)
+    pod = job_["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["initializer", "baseline"]  # fetched before anything reads it
+    init = init_of(pod)["initializer"]
+    assert init["command"] == ["kubetune", "initialize", "--plan", "/etc/kubetune/sources.yaml"]
+    plan = yaml.safe_load(config_map["data"]["sources.yaml"])
+    cfg = resolve_config("eval", yaml.safe_load(config_map["data"]["config.yaml"]))
+    assert plan == {"sources": [
+        {"field": "spec.model.source", "uri": "hf://org/base@v1", "dest": cfg.model.path},
+        {"field": "spec.adapter.source", "uri": "s3://adapters/demo/lora", "dest": cfg.adapter},
+    ], "s3": {"endpoint": "http://minio:9000"}}
+    assert cfg.model.path.startswith("/mnt/cache/hf/org--base-") and cfg.adapter.startswith("/mnt/cache/s3/adapters--demo--lora-")
+    baseline = yaml.safe_load(config_map["data"]["baseline.yaml"])
+    assert baseline["model"]["path"] == cfg.model.path and baseline["adapter"] is None
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in init["env"] if "valueFrom" in e}
+    assert secrets == {"HF_TOKEN": "hf", "AWS_ACCESS_KEY_ID": "s3-keys", "AWS_SECRET_ACCESS_KEY": "s3-keys"}
+    assert not any("AWS" in e["name"] for c in pod["containers"] + [init_of(pod)["baseline"]] for e in c["env"])  # only the initializer
+    assert {v["name"]: v for v in pod["volumes"]}["cache"] == {"name": "cache", "persistentVolumeClaim": {"claimName": "model-cache"}}
+    for container in pod["containers"] + [init_of(pod)["baseline"]]:
+        assert {"name": "cache", "mountPath": "/mnt/cache", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "cache", "mountPath": "/mnt/cache"} in init["volumeMounts"]  # the only writer
+    assert restricted(pod) == []
+    kubernetes_validate.validate(job_, K8S, strict=True)
+
+
+def test_evaljob_of_a_finetunejob_on_a_hub_model_fetches_that_base_model():
+    ftj = ftj_body()
+    ftj["spec"]["model"]["source"] = "hf://org/base"
+    config_map, job = plan_eval(evj(), ftj)
+    plan = yaml.safe_load(config_map["data"]["sources.yaml"])
+    assert [(s["field"], s["uri"]) for s in plan["sources"]] == [("spec.model.source of FineTuneJob demo", "hf://org/base")]
+    cfg = yaml.safe_load(config_map["data"]["config.yaml"])
+    assert cfg["model"]["path"] == plan["sources"][0]["dest"] and cfg["adapter"] == "/mnt/output/runs/demo/adapter"
+    assert init_of(job["spec"]["template"]["spec"])["initializer"]["image"] == job["spec"]["template"]["spec"]["containers"][0]["image"]
+
+
+def test_evaljob_without_remote_sources_has_no_initializer():
+    config_map, job = plan_eval(evj(), ftj_body())
+    assert "sources.yaml" not in config_map["data"]
+    assert [c["name"] for c in job["spec"]["template"]["spec"]["initContainers"]] == ["baseline"]
+    assert "cache" not in {v["name"] for v in job["spec"]["template"]["spec"]["volumes"]}
+
+
+@pytest.mark.parametrize("runtime", ["kubetune", "vllm"])
+def test_deployment_fetches_hub_and_s3_models_and_adapters_with_kubetunes_image(runtime):
+    md = mdep(model={"source": "s3://weights/llama"}, adapters=[{"name": "sql", "source": "hf://org/sql-lora"}], runtime=runtime,
+              secrets={"s3": {"name": "s3-keys"}})
+    children = plan_deployment(md, server_image="registry.example/kubetune-server:1")
+    kinds = [c["kind"] for c in children]
+    assert kinds.index("ConfigMap") < kinds.index("Deployment")  # the plan exists before any pod
+    sources_map = next(c for c in children if c["kind"] == "ConfigMap")
+    deployment = next(c for c in children if c["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["image"] == "registry.example/kubetune-server:1"  # vLLM's image has no `kubetune initialize`
+    assert {v["name"]: v for v in pod["volumes"]}["config"] == {"name": "config", "configMap": {"name": sources_map["metadata"]["name"]}}
+    plan = yaml.safe_load(sources_map["data"]["sources.yaml"])
+    dests = {s["field"]: s["dest"] for s in plan["sources"]}
+    argv = pod["containers"][0]["command"]
+    assert argv[2] == dests["spec.model.source"]
+    assert any(arg.endswith(f"sql={dests['spec.adapters[0].source']}") for arg in argv)
+    assert [e["name"] for e in init["env"] if "valueFrom" in e] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]  # no HF token was set
+    assert {v["name"]: v for v in pod["volumes"]}["cache"] == {"name": "cache", "emptyDir": {}}
+    assert restricted(pod) == []
+    for child in children:
+        kubernetes_validate.validate(child, K8S, strict=True)
+    # Another model: the plan changes and says so by its hash (the reconciler patches it).
+    other = plan_deployment(mdep(model={"source": "s3://weights/other"}, runtime=runtime), server_image="registry.example/kubetune-server:1")
+    other_map = next(c for c in other if c["kind"] == "ConfigMap")
+    assert other_map["metadata"]["annotations"][SPEC_HASH_ANNOTATION] != sources_map["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+
+
+def test_task_files_on_s3_are_still_refused_naming_the_field():
+    job = evj(tasks=[{"name": "t", "type": "generate", "source": "s3://bucket/tasks.jsonl"}])
+    with pytest.raises(KubetuneError, match=r"spec.tasks\[0\].source.*models, adapters and datasets only"):
+        plan_eval(job, ftj_body())
+
+
+@pytest.mark.parametrize("kind", ["EvalJob", "ModelDeployment", "FineTuneJob"])
+def test_the_cache_claim_is_a_claim_the_requester_must_be_allowed_to_read(kind):
+    from kubetune.operator.tenancy import Access, needs
+
+    if kind == "FineTuneJob":
+        doc = yaml.safe_load((REPO / "examples" / "finetune-tiny.yaml").read_text())
+        doc["spec"]["cache"] = {"claimName": "team-b-cache"}
+        obj = parse_object(doc, "test")
+    else:
+        obj = (evj if kind == "EvalJob" else mdep)(model={"source": "hf://org/base"}, cache={"claimName": "team-b-cache"})
+    assert ("spec.cache.claimName", (Access("get", "persistentvolumeclaims", "team-b-cache"),)) in [(n.field, n.any_of) for n in needs(obj)]
