@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -220,7 +221,11 @@ def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_one_and_resume
     assert returncode == 2, err[-3000:]
     error = err.strip().splitlines()[-1]
     assert error.startswith("error: could not write the step-") and "Traceback" not in err, err[-3000:]
-    assert ("No space left on device" if how == "tmpfs" else "File too large") in error
+    # The DCP shard is what no longer fits; its writer can lose the errno, so the message also says the room left.
+    if how == "tmpfs":
+        assert re.search(r"No space left on device|\b[01] MiB free there", error), error
+    else:
+        assert "File too large" in error or "unexpected pos" in error, error
     assert f"{kept} is untouched and resume: auto continues from it" in error
     # No half-written folder, the previous checkpoints as they were.
     assert not [p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith("step_") or "." in p.name]

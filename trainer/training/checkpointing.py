@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from kubetune.errors import KubetuneError
 from kubetune.trainer.training.resume import RUN_FILE, ResumeError, RunRecord  # noqa: F401 (ResumeError re-exported)
@@ -149,13 +150,15 @@ class CheckpointManager:
             self._write(tmp, final, write_model, training_state, world, sharded_state, rank_state)
         except KubetuneError:
             raise
-        except Exception as err:  # a full disk, a file-size limit, a lost volume: say so, and what is kept
+        # A full disk, a file-size limit, a lost volume: say so, and what is kept. torch.distributed.
+        # checkpoint wraps a failed write in CheckpointException (a BaseException, not an Exception).
+        except (Exception, CheckpointException) as err:
             previous = [f.name for _, f in self.complete_checkpoints(self.run.run_id if self.run else None)]
             kept = (f"the previous checkpoint {self.dir / previous[-1]} is untouched and resume: auto continues from it"
                     if previous else "no earlier checkpoint exists")
             raise CheckpointWriteError(
-                f"could not write the step-{step} checkpoint into {self.dir} ({type(err).__name__}: {err}); "
-                f"nothing of it was left behind, {kept}; free space on that volume (or lower "
+                f"could not write the step-{step} checkpoint into {self.dir} ({describe_error(err)}; "
+                f"{_free_space(self.dir)}); nothing of it was left behind, {kept}; free space on that volume (or lower "
                 f"keep_last_checkpoints, or save less often) and run again"
             ) from err
         finally:
@@ -340,8 +343,14 @@ def load_sharded_training_state(checkpoint: Path, model: torch.nn.Module, optimi
             "or is damaged; resume from another checkpoint, or set resume: never"
         )
     state = sharded_training_state(model, optimizer)
-    with _single_process_is_intended():
-        dcp.load(state, checkpoint_id=str(folder), no_dist=not torch.distributed.is_initialized())
+    try:
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=str(folder), no_dist=not torch.distributed.is_initialized())
+    except (Exception, CheckpointException) as err:  # checksums passed (or a pre-checksum checkpoint): still unusable
+        raise ResumeError(
+            f"{checkpoint}: {SHARDED_STATE}/ does not load ({describe_error(err)}); resume from another checkpoint "
+            "(resume: <folder>), or set resume: never"
+        ) from None
     # strict=False: the frozen base is left out on purpose (dcp.load has already checked that every
     # trainable tensor and its optimizer state was in the checkpoint).
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
@@ -355,6 +364,22 @@ def _single_process_is_intended() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+def _free_space(folder: Path) -> str:
+    """How much room the volume has left (torch's own writers can lose the errno: "unexpected pos")."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for an I/O failure; a CheckpointException is reduced to each rank's own error (its
+    str() is a multi-line traceback)."""
+    if isinstance(err, CheckpointException):
+        return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in sorted(err.failures.items()))
+    return f"{type(err).__name__}: {err}"
 
 
 def _replace_folder(new: Path, final: Path) -> None:
