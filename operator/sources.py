@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from kubetune.errors import KubetuneError
+from kubetune.operator.api.names import object_name_error
 
 if TYPE_CHECKING:
     from kubetune.operator.initializers import RemoteSource
@@ -86,6 +87,12 @@ def map_cluster_source(source: str, role: str, field: str, read_only: bool = Tru
         claim, _, sub = rest.partition("/")
         if not claim:
             raise SourceError(f"{field}: {source!r} names no claim; write pvc://CLAIM/path/inside/it")
+        claim_error = object_name_error(claim)
+        if claim_error:
+            raise SourceError(f"{field}: {source!r}: claim {claim_error}")
+        if ".." in sub.split("/"):  # the path must stay inside the claim's mount
+            raise SourceError(f"{field}: {source!r}: '..' would leave the volume; write pvc://CLAIM/path/inside/it")
+        sub = "/".join(part for part in sub.split("/") if part not in ("", "."))
         mount_path = f"{MOUNT_ROOT}/{role}"
         path = f"{mount_path}/{sub}".rstrip("/") if sub else mount_path
         return MappedSource(path, PvcMount(role, claim, mount_path, read_only))
