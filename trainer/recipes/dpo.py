@@ -106,22 +106,23 @@ def recipe_main(cfg: DPOConfig) -> dict[str, Any]:
     # The policy always starts from model.path; on resume its trainable weights (every one, or
     # the adapters) and AdamW state come from the checkpoint's distcp/ shards, at any world size.
     model = load_pretrained(model_path, device=world.load_device, dtype=dtype)
-    reference: Optional[torch.nn.Module] = None
     if use_lora:
         if cfg.model.quantize_base == "nf4":
             from kubetune.trainer.quant import quantize_base
 
             quantize_base(model, shards=world.size)  # decoder projections -> NF4; lm_head stays in dtype
         apply_lora(model, cfg.lora)  # freezes every base parameter; the reference = adapters off
-    elif needs_reference:
-        # Full DPO: a frozen copy of model.path, sharded like the policy (1/N of it per rank).
-        reference = load_pretrained(model_path, device=world.load_device, dtype=dtype).eval().requires_grad_(False)
-        shard_model(reference, world, cfg.distributed, dtype)
     model.enable_activation_checkpointing(cfg.activation_checkpointing)
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()  # in place: parameter names (and checkpoints) stay the same
     shard_model(model, world, cfg.distributed, dtype)
+    reference: Optional[torch.nn.Module] = None
+    if not use_lora and needs_reference:
+        # Full DPO: a frozen copy of model.path, loaded once the policy is sharded (under torchrun a
+        # rank never holds two whole models) and sharded like it.
+        reference = load_pretrained(model_path, device=world.load_device, dtype=dtype).eval().requires_grad_(False)
+        shard_model(reference, world, cfg.distributed, dtype)
     trained = trainable_parameters(model)  # LoRA: the adapters; full: every parameter
     optimizer = build_optimizer(((n, p) for n, p in model.named_parameters() if p.requires_grad), cfg.optimizer, device)
     # On resume the schedule keeps the plan the run started with (lr_scheduler.on_resume).
