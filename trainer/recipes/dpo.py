@@ -44,6 +44,7 @@ from kubetune.trainer.tokenizers import check_vocab_matches, load_tokenizer
 from kubetune.trainer.training.checkpointing import CheckpointManager, load_training_state
 from kubetune.trainer.training.metrics import PREFERENCE_GAUGES, MetricsLog, PrometheusExporter, peak_memory_bytes
 from kubetune.trainer.training.optim import build_lr_scheduler, build_optimizer
+from kubetune.trainer.training.plots import write_loss_plot
 from kubetune.trainer.training.preference_loss import REFERENCE_FREE, PreferenceLoss, preference_loss, sequence_logps
 from kubetune.trainer.training.progress import ProgressBar
 from kubetune.trainer.training.rng import load_rng_state, rng_state, seed_everything
@@ -257,6 +258,8 @@ def recipe_main(cfg: DPOConfig) -> dict[str, Any]:
         progress.close()
         metrics.close()
         exporter.close()
+    if not stop.requested:
+        write_loss_plot(output_dir)  # output_dir/loss.png; a plotting error is only a warning
     if stop.requested:
         raise SystemExit(SIGTERM_EXIT_CODE)
     return summary
