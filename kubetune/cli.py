@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run a recipe: kubetune run [--nproc-per-node G] RECIPE --config F [key=value ...]",
         description="Run a recipe in this process, or with --nproc-per-node G (and --nnodes N) as N x G "
-        "processes through torch's launcher (torch.distributed.run, i.e. torchrun): full_finetune and "
-        "lora_finetune then train with FSDP2 (NCCL on GPUs, gloo on CPUs; config key distributed.*). "
+        "processes through torch's launcher (torch.distributed.run, i.e. torchrun): full_finetune, "
+        "lora_finetune and dpo then train with FSDP2 (NCCL on GPUs, gloo on CPUs; config key distributed.*). "
         "Recipes that run in one process only (eval, generate) refuse to start with several.",
         epilog="examples:\n"
         "  kubetune run full_finetune --config tiny_full\n"

@@ -25,6 +25,17 @@ class YamlLimitError(KubetuneError):
     """A user's YAML file is larger, or expands to more values, than the limits allow."""
 
 
+def read_user_text(path: Any, error: type[KubetuneError] = KubetuneError) -> str:
+    """A user's text file (config, manifest, dataset, task file), or `error` naming the file, line
+    and byte where it is not UTF-8 (rather than a UnicodeDecodeError traceback)."""
+    data = open(path, "rb").read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise error(f"{path} line {line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def safe_load(text: str, source: str = "<yaml>") -> Any:
     """One document, like yaml.safe_load, within the limits."""
     _check_size(text, source)

@@ -14,14 +14,17 @@ from kubetune.errors import KubetuneError
 from kubetune.operator.api.common import DEFAULT_TRAINER_IMAGE
 from kubetune.operator.api.evaljob import EvalJob, LocalTask
 from kubetune.operator.inputs import ModelInputs, cluster_inputs
-from kubetune.operator.planner import KUEUE_QUEUE_LABEL, TERMINATION_LOG, _optional_limits, child_names, render_config
+from kubetune.operator.initializers import SOURCES_KEY
+from kubetune.operator.planner import KUEUE_QUEUE_LABEL, TERMINATION_LOG, _optional_limits, child_names, initializer_plan, render_config
 from kubetune.operator.podspec import (
     base_labels,
     container_security,
     env,
+    initializer_wiring,
     metadata,
     pod_spec,
     pvc_volumes,
+    remote_sources_of,
     resources,
     scratch_volumes,
 )
@@ -116,11 +119,18 @@ def plan_eval(evj: EvalJob, ftj: Optional[dict[str, Any]] = None, *, image: str 
     else:
         results = MappedSource(RESULTS_DIR)
     configs = eval_configs(evj, inputs, tasks, results.path)
+    image = evj.spec.image or image
+    # hf:// and s3:// models and adapters: fetched into the cache by an init container first.
+    remote = remote_sources_of([inputs.model, inputs.adapter, inputs.base] if evj.spec.baseline else [inputs.model, inputs.adapter])
+    init_containers, cache_volumes, cache_mounts = initializer_wiring(evj, remote, image=image)
+    data = {file: render_config("eval", config) for file, config in configs.items()}
+    if remote:
+        data[SOURCES_KEY] = initializer_plan(evj.spec, remote)
     config_map = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(evj, names.config_map, labels(evj)),
-        "data": {file: render_config("eval", config) for file, config in configs.items()},
+        "data": data,
     }
 
     volumes, mounts = scratch_volumes(evj.spec.resources.shm_size)
@@ -132,11 +142,13 @@ def plan_eval(evj: EvalJob, ftj: Optional[dict[str, Any]] = None, *, image: str 
     if results.mount is None:
         volumes.append({"name": "results", "emptyDir": {}})
         mounts.append({"name": "results", "mountPath": RESULTS_DIR})
+    volumes += cache_volumes
+    mounts += cache_mounts
 
     def container(name: str, config_file: str) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": name,
-            "image": evj.spec.image or image,
+            "image": image,
             "command": ["kubetune", "run", "eval", "--config", f"{CONFIG_DIR}/{config_file}"],
             "env": env(evj),
             "volumeMounts": mounts,
@@ -155,7 +167,9 @@ def plan_eval(evj: EvalJob, ftj: Optional[dict[str, Any]] = None, *, image: str 
     if evj.spec.baseline:
         # An init container: it runs (and leaves its summary) before the model's eval, on the same
         # GPUs; a pod's effective request is the larger of the two, not the sum.
-        extra["initContainers"] = [container(BASELINE_CONTAINER, "baseline.yaml")]
+        init_containers = init_containers + [container(BASELINE_CONTAINER, "baseline.yaml")]
+    if init_containers:
+        extra["initContainers"] = init_containers
     pod = pod_spec(evj, [container(EVAL_CONTAINER, "config.yaml")], volumes, **extra)
     policy = evj.spec.run_policy
     job_labels = {**labels(evj), **({KUEUE_QUEUE_LABEL: evj.spec.queue_name} if evj.spec.queue_name else {})}

@@ -2,7 +2,9 @@
 (`kubetune initialize --plan FILE`) and `kubetune apply` run before the trainer starts.
 
 - hf://org/name[@revision]: the revision (default branch, tag or commit) is resolved to a commit
-  with huggingface_hub, then that commit's files are downloaded (snapshot_download);
+  with huggingface_hub, then that commit's files are downloaded (snapshot_download); a model
+  repository for model fields, a dataset repository for dataset fields (hf://org/name/CONFIG:
+  only that folder);
 - s3://bucket/prefix: every object under the prefix (a folder, or one object) is listed and
   downloaded with boto3; `endpoint` points at an S3-compatible store (MinIO, Ceph, moto, ...).
 
@@ -99,13 +101,23 @@ def fetch_hf(source: RemoteSource, dest: Path, env: Mapping[str, str]) -> Fetche
     endpoint = env.get("HF_ENDPOINT") or None
     where = endpoint or "the Hugging Face Hub"
     try:
-        commit = HfApi(endpoint=endpoint, token=token).model_info(source.repo, revision=source.revision).sha
+        api = HfApi(endpoint=endpoint, token=token)
+        info = api.dataset_info if source.repo_type == "dataset" else api.model_info
+        commit = info(source.repo, revision=source.revision).sha
         identity = {"revision": commit}
         if _up_to_date(dest, source, identity):
             return Fetched(source, dest, True, identity)
+        # A dataset config is a folder of the repository: only its files (and none of the others').
+        patterns = [f"{source.subset}/**"] if source.subset else None
         tmp = _tmp_for(dest)
         try:
-            snapshot_download(source.repo, revision=commit, local_dir=tmp, token=token, endpoint=endpoint)
+            snapshot_download(source.repo, repo_type=source.repo_type, revision=commit, local_dir=tmp, token=token,
+                              endpoint=endpoint, allow_patterns=patterns)
+            if source.subset and not (tmp / source.subset).is_dir():
+                raise FetchError(
+                    f"{source.field}: {source.uri}: the dataset has no folder {source.subset!r} (its config); "
+                    "name one of its folders after the repository, or none"
+                )
             shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping for local_dir
             _install(tmp, dest, source, identity)
         finally:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import kopf
 
 from kubetune.errors import KubetuneError
-from kubetune.operator.api import API_VERSION, GROUP, VERSION, parse_object
+from kubetune.operator.api import API_VERSION, GROUP, VERSION, describe, parse_object
 from kubetune.operator.accounting import accounting, ephemeral_output_condition
 from kubetune.operator.api.common import DEFAULT_SERVER_IMAGE, DEFAULT_TRAINER_IMAGE, TERMINAL_PHASES
 from kubetune.operator.api.finetune import FineTuneJob
@@ -31,6 +31,7 @@ from kubetune.operator.backends import jobset, trainjob
 from kubetune.operator.initializers import initializer_failure
 from kubetune.operator.kube import ApiError, KubeClient
 from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.peering import Peering
 from kubetune.operator.planner import JOB_LABEL, MANAGED_BY, ClusterInfo, choose_backend, plan
 from kubetune.operator.scrape import scrape_metrics
 from kubetune.operator.status import (
@@ -41,6 +42,7 @@ from kubetune.operator.status import (
     metrics_url,
     next_status,
     now_iso,
+    pod_failure,
     pod_problem,
     pytorchjob_state,
     rank0_pod,
@@ -87,6 +89,7 @@ class OperatorConfig:
     tenancy: Policy = field(default_factory=Policy)  # allow-lists checked at admission (operator/tenancy.py)
     cpu_per_gpu: str = "4"  # the platform's default pod requests, per GPU (KUBETUNE_CPU_PER_GPU)
     memory_per_gpu: str = "32Gi"  # (KUBETUNE_MEMORY_PER_GPU)
+    peering: Optional[Peering] = None  # under kopf peering, the sync loops run only while this replica serves
 
 
 @dataclass
@@ -119,6 +122,12 @@ class OperatorState:
                     cpu_per_gpu=self.config.cpu_per_gpu, memory_per_gpu=self.config.memory_per_gpu,
                 )
         return self.cluster
+
+    async def serving(self) -> bool:
+        """Whether this replica's own loops may run (always, without peering: operator/peering.py)."""
+        if self.config.peering is None:
+            return True
+        return await self.config.peering.serving(self.kube)
 
     async def close(self) -> None:
         if self.sync_task is not None:
@@ -191,7 +200,7 @@ def plain(body: Any) -> dict[str, Any]:
 def admission_error(body: dict[str, Any]) -> Optional[str]:
     """What is wrong with a FineTuneJob, naming the field; None when it can run."""
     try:
-        job = parse_object(body, f"FineTuneJob {body.get('metadata', {}).get('name', '?')}")
+        job = parse_object(body, describe("FineTuneJob", body))
         plan(job, ClusterInfo())  # validates spec.config with the recipe's config model, and the sources
     except KubetuneError as err:
         return str(err)
@@ -429,7 +438,7 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
     async def sync_loop() -> None:
         while True:
             await asyncio.sleep(config.sync_interval)
-            if state.connection is None:
+            if state.connection is None or not await state.serving():
                 continue
             due = [body for body in list(state.jobs.values()) if needs_sync(body)]
             by_namespace: dict[str, list[dict[str, Any]]] = {}
@@ -513,6 +522,10 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         fetch_failed = initializer_failure(pods) if current.phase in ("Pending", "Failed") else None
         if fetch_failed:  # say why, rather than the workload's generic backoff message
             current = WorkloadState(current.phase, "InitializerFailed", f"the initializer could not fetch a source: {fetch_failed}", current.started)
+        if current.phase == "Failed" and not fetch_failed and current.reason != "DeadlineExceeded":
+            died = pod_failure(pods)  # which rank died and why (the workload only says that it failed)
+            if died is not None:
+                current = WorkloadState("Failed", died.reason, f"{died.message} (the {ref['kind']} failed: {current.reason})", True)
         if current.phase == "Pending":
             pod_uids = {(p.get("metadata") or {}).get("uid") for p in pods}
             image = job.spec.image or config.trainer_image

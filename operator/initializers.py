@@ -1,4 +1,4 @@
-"""Initializers: `hf://org/name[@revision]` and `s3://bucket/prefix` sources, downloaded before
+"""Initializers: `hf://org/name[@revision]` (models and datasets) and `s3://bucket/prefix` sources, downloaded before
 the trainer starts, as Kubeflow Trainer v2's initializers do. Pure planning (no I/O here).
 
 On a cluster an init container (`kubetune initialize --plan /etc/kubetune/sources.yaml`, the
@@ -31,6 +31,7 @@ S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 _HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_SUBSET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -44,22 +45,43 @@ class RemoteSource:
     revision: Optional[str] = None  # hf: branch, tag or commit (None: the default branch)
     bucket: str = ""  # s3
     prefix: str = ""  # s3: a folder (or one object) in the bucket
+    repo_type: str = "model"  # hf: "dataset" for dataset fields (the Hub keeps them apart)
+    subset: Optional[str] = None  # hf datasets: hf://org/name/CONFIG reads the repository's CONFIG/ folder
 
     def cache_path(self, root: str) -> str:
-        """<root>/<scheme>/<readable name>-<hash of the URI>: stable, distinct per URI."""
+        """<root>/<scheme>/<readable name>-<hash of the URI>: stable, distinct per URI. Where the
+        download goes."""
         name = self.repo.replace("/", "--") if self.scheme == "hf" else f"{self.bucket}--{self.prefix.strip('/').replace('/', '--')}"
         name = re.sub(r"[^A-Za-z0-9._-]", "-", name).strip("-.")[:80] or self.scheme
         return f"{root.rstrip('/')}/{self.scheme}/{name}-{hashlib.sha256(self.uri.encode()).hexdigest()[:10]}"
 
+    def local_path(self, root: str) -> str:
+        """What the trainer (or server) reads: the download, or its CONFIG folder."""
+        return self.cache_path(root) + (f"/{self.subset}" if self.subset else "")
+
+
+def is_dataset_field(field: str) -> bool:
+    return field.startswith("spec.dataset.")
+
 
 def parse_remote(source: str, field: str) -> Optional[RemoteSource]:
-    """hf:// and s3:// sources (None for any other); errors name the field and the form to use."""
+    """hf:// and s3:// sources (None for any other); errors name the field and the form to use.
+    Datasets may name a config (a folder of the repository): hf://ORG/NAME/CONFIG[@REVISION]."""
     scheme, rest = split_scheme(source)
     if scheme == "hf":
-        repo, _, revision = rest.partition("@")
+        path, _, revision = rest.partition("@")
+        dataset = is_dataset_field(field)
+        repo, subset = path, None
+        if dataset and path.count("/") == 2:
+            org, name, subset = path.split("/")
+            repo = f"{org}/{name}"
+            if not _SUBSET.match(subset):
+                raise SourceError(f"{field}: {source!r}: {subset!r} is not a config name; write hf://ORG/NAME/CONFIG")
         if not _HF_REPO.match(repo) or (revision == "" and "@" in rest):
-            raise SourceError(f"{field}: {source!r} is not a Hub repository; write hf://ORG/NAME or hf://ORG/NAME@REVISION")
-        return RemoteSource(source, field, "hf", repo=repo, revision=revision or None)
+            form = "hf://ORG/NAME[/CONFIG][@REVISION]" if dataset else "hf://ORG/NAME or hf://ORG/NAME@REVISION"
+            raise SourceError(f"{field}: {source!r} is not a Hub repository; write {form}")
+        return RemoteSource(source, field, "hf", repo=repo, revision=revision or None,
+                            repo_type="dataset" if dataset else "model", subset=subset)
     if scheme == "s3":
         bucket, _, prefix = rest.partition("/")
         if not _BUCKET.match(bucket):
@@ -69,11 +91,11 @@ def parse_remote(source: str, field: str) -> Optional[RemoteSource]:
 
 
 def remote_sources(fields: dict[str, Optional[str]]) -> list[RemoteSource]:
-    """The remote sources among `fields` ({field name: source}). hf:// datasets stay with the
-    trainer (it reads them with the `datasets` library and HF_TOKEN)."""
+    """The remote sources among `fields` ({field name: source}), hf:// datasets included (the
+    trainer then reads the downloaded files: no network, no token, no `datasets` library)."""
     out = []
     for field, source in fields.items():
-        if source is None or (field == "spec.dataset.source" and source.startswith("hf://")):
+        if source is None:
             continue
         remote = parse_remote(source, field)
         if remote is not None:

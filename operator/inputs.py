@@ -40,14 +40,15 @@ def _finetune_inputs(name: str, ftj: dict[str, Any], *, model: MappedSource, out
 
 
 def cluster_inputs(obj: Any, ftj: Optional[dict[str, Any]]) -> ModelInputs:
-    """Sources as the pods see them (PVCs mounted read-only). Raises KubetuneError naming the field."""
+    """Sources as the pods see them (PVCs mounted read-only; hf:// and s3:// models and adapters in
+    the initializer's cache). Raises KubetuneError naming the field."""
     spec = obj.spec
     if spec.fine_tune_job is not None:
         assert ftj is not None
         job = FineTuneJob.model_validate(ftj)
         name = spec.fine_tune_job.name
         where = f"spec.model.source of FineTuneJob {name}"
-        model = map_cluster_source(job.spec.model.source, "model", where)
+        model = map_cluster_source(job.spec.model.source, "model", where, fetch=True)  # an adapter's hf:// base
         if not job.spec.output.source:
             raise KubetuneError(
                 f"spec.fineTuneJob: FineTuneJob {name} wrote its output to an emptyDir (it has no spec.output.source), "
@@ -55,9 +56,9 @@ def cluster_inputs(obj: Any, ftj: Optional[dict[str, Any]]) -> ModelInputs:
             )
         output = map_cluster_source(job.spec.output.source, "output", f"spec.output.source of FineTuneJob {name}")
         return _finetune_inputs(name, ftj, model=model, output_mount=output)
-    model = map_cluster_source(spec.model.source, "model", "spec.model.source")
+    model = map_cluster_source(spec.model.source, "model", "spec.model.source", fetch=True)
     adapter_spec = getattr(spec, "adapter", None)
-    adapter = map_cluster_source(adapter_spec.source, "adapter", "spec.adapter.source") if adapter_spec else None
+    adapter = map_cluster_source(adapter_spec.source, "adapter", "spec.adapter.source", fetch=True) if adapter_spec else None
     identity = source_identity(spec.model.source, adapter_spec.source if adapter_spec else None)
     return ModelInputs(model, adapter, model, spec.model.source, identity)
 

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from kubetune.errors import KubetuneError
-from kubetune.safe_yaml import YamlLimitError, safe_load, safe_load_all
+from kubetune.safe_yaml import read_user_text, YamlLimitError, safe_load, safe_load_all
 from kubetune.operator.api import KINDS, ManifestError, kind_for, parse_object
 from kubetune.operator.api.finetune import FineTuneJob
 from kubetune.operator.crdgen import write_atomic
@@ -50,7 +50,7 @@ STATUS_FILE = "status.yaml"
 def load_manifest(path: Path) -> list[Any]:
     """Every document of a manifest file, parsed by the API models (errors name the field)."""
     try:
-        docs = [d for d in safe_load_all(path.read_text(), str(path)) if d is not None]
+        docs = [d for d in safe_load_all(read_user_text(path, ManifestError), str(path)) if d is not None]
     except FileNotFoundError:
         raise ManifestError(f"{path}: no such file") from None
     except yaml.YAMLError as err:

@@ -343,6 +343,9 @@ def deploy(mdep: Any, runs_dir: Path, base_dir: Path) -> Deployed:
         names = served_models(mdep, inputs)
     except KubetuneError as err:
         return finish("Failed", "InvalidSpec", str(err), False)
+    if mdep.spec.api_key_secret is not None:
+        return finish("Failed", "InvalidSpec", "spec.apiKeySecret needs a cluster; locally the server listens on 127.0.0.1 "
+                      "only, or export KUBETUNE_SERVE_API_KEY in your shell and remove spec.apiKeySecret", False)
     if running and old.get("modelId") == inputs.identity and old.get("specHash") == spec_hash(mdep):
         print(f"modeldeployment.kubetune.dev/{name} unchanged: {old.get('url')}", file=sys.stderr)
         return Deployed(old, False)

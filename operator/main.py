@@ -12,6 +12,7 @@ import kopf
 
 from kubetune.errors import KubetuneError
 from kubetune.operator.handlers import OperatorConfig, OperatorState, build_registry
+from kubetune.operator.peering import Peering, own_identity
 from kubetune.operator.planner import scale_quantity
 from kubetune.operator.tenancy import Policy
 
@@ -111,6 +112,9 @@ async def run_operator(
     state = state or OperatorState(config)
     settings = settings or make_settings(peering=peering)
     confine_to_namespaces(settings, namespaces)
+    identity = own_identity()
+    if peering is not None:  # the sync loops pause with kopf's watches (operator/peering.py)
+        state.config.peering = Peering(peering, identity, settings.peering.priority, tuple(namespaces))
     await kopf.operator(
         registry=build_registry(state),
         settings=settings,
@@ -118,6 +122,7 @@ async def run_operator(
         namespaces=list(namespaces),
         standalone=peering is None,
         peering_name=peering,
+        identity=identity,
         liveness_endpoint=liveness,
         stop_flag=stop_flag,
         ready_flag=ready_flag,

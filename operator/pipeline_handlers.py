@@ -31,7 +31,7 @@ from typing import Any, Optional
 import kopf
 
 from kubetune.errors import KubetuneError
-from kubetune.operator.api import API_VERSION, GROUP, VERSION, parse_object
+from kubetune.operator.api import API_VERSION, GROUP, VERSION, describe, parse_object
 from kubetune.operator.api.common import TERMINAL_PHASES
 from kubetune.operator.deployplanner import (
     MODEL_ID_ANNOTATION,
@@ -99,6 +99,31 @@ async def ensure_owned(kube: KubeClient, child: dict[str, Any], owner_uid: str) 
     )
 
 
+async def apply_owned(kube: KubeClient, child: dict[str, Any], owner_uid: str) -> dict[str, Any]:
+    """ensure_owned, then bring a child that carries a spec hash (the NetworkPolicy, the
+    initializer's ConfigMap) up to date when what it was made from changed."""
+    existing = await ensure_owned(kube, child, owner_uid)
+    want = (child["metadata"].get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+    have = ((existing.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+    if want is None or want == have:
+        return existing
+    meta = child["metadata"]
+    body = "data" if child["kind"] == "ConfigMap" else "spec"
+    patch = {"metadata": {"annotations": meta["annotations"]}, body: child[body]}
+    return await kube.patch(child["apiVersion"], child["kind"], meta.get("namespace"), meta["name"], patch)
+
+
+async def open_owned_policy(kube: KubeClient, ns: Optional[str], name: str, owner_uid: str) -> None:
+    """spec.networkPolicy.enabled turned false: the policy this resource made (if any) admits all
+    ingress to the server pods from now on. Patched, not deleted: the operator holds no delete
+    right on anything (children go with their owner)."""
+    existing = await kube.get("networking.k8s.io/v1", "NetworkPolicy", ns, name)
+    if existing is None or not owned_by(existing, owner_uid) or (existing.get("spec") or {}).get("ingress") == [{}]:
+        return
+    await kube.patch("networking.k8s.io/v1", "NetworkPolicy", ns, name,
+                     {"metadata": {"annotations": {SPEC_HASH_ANNOTATION: None}}, "spec": {"ingress": [{}]}})
+
+
 def api_refusal(err: ApiError, what: str) -> Optional[tuple[bool, str, str]]:
     """(terminal, reason, message) for an API answer no retry will change by itself: 403 (the
     operator's RBAC: retried, since someone may grant it) and 400/422 (the object is refused:
@@ -149,7 +174,7 @@ class PipelineReconciler:
     async def loop(self) -> None:
         while True:
             await asyncio.sleep(self.state.config.sync_interval)
-            if self.state.connection is None:
+            if self.state.connection is None or not await self.state.serving():
                 continue
             await self.round()
 
@@ -378,8 +403,11 @@ class PipelineReconciler:
         try:
             for child in children:
                 if child["kind"] != "Deployment":
-                    await ensure_owned(self.kube, child, uid)
-            child = desired
+                    await apply_owned(self.kube, child, uid)
+            if not mdep.spec.network_policy.enabled:
+                verb, child = "patch", {"kind": "NetworkPolicy", "metadata": {"name": base_name(name)}}
+                await open_owned_policy(self.kube, ns, base_name(name), uid)
+            verb, child = "create", desired
             if deployment is None:
                 deployment = await ensure_owned(self.kube, desired, uid)
                 event_ = ("Normal", "Created", f"created Deployment {base_name(name)} serving {inputs.description}")
@@ -396,7 +424,10 @@ class PipelineReconciler:
             terminal, reason, message = refusal
             conds = set_condition(conds, "Reconciled", False, reason, message, now=now, generation=generation)
             return await self.write_served(body, mdep, deployment, new, conds, ("Warning", reason, message), failed=terminal)
-        conds = set_condition(conds, "Reconciled", True, "ChildrenApplied", "the Service, Deployment (and autoscaler) match the spec",
+        except ChildConflict as err:  # e.g. a NetworkPolicy of that name made by someone else
+            conds = set_condition(conds, "Reconciled", False, "NameConflict", str(err), now=now, generation=generation)
+            return await self.write_served(body, mdep, deployment, new, conds, ("Warning", "NameConflict", str(err)), failed=True)
+        conds = set_condition(conds, "Reconciled", True, "ChildrenApplied", "the Service, NetworkPolicy, Deployment (and autoscaler) match the spec",
                               now=now, generation=generation)
         new.update(model=inputs.description, modelId=inputs.identity)
         new["servedModels"] = served_models(mdep, inputs)
@@ -459,7 +490,7 @@ def eval_admission_error(body: dict[str, Any]) -> Optional[str]:
     """What is wrong with an EvalJob, naming the field; None when it can run. The model of a
     FineTuneJob is known only once that job succeeds: spec.config is checked with a stand-in path."""
     try:
-        evj = parse_object(body, f"EvalJob {body.get('metadata', {}).get('name', '?')}")
+        evj = parse_object(body, describe("EvalJob", body))
         if evj.spec.fine_tune_job is None:
             plan_eval(evj)
         else:
@@ -474,7 +505,7 @@ def eval_admission_error(body: dict[str, Any]) -> Optional[str]:
 def deployment_admission_error(body: dict[str, Any]) -> Optional[str]:
     """What is wrong with a ModelDeployment, naming the field; None when it can run."""
     try:
-        mdep = parse_object(body, f"ModelDeployment {body.get('metadata', {}).get('name', '?')}")
+        mdep = parse_object(body, describe("ModelDeployment", body))
         if mdep.spec.fine_tune_job is None:
             plan_deployment(mdep)
         else:

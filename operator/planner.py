@@ -315,13 +315,14 @@ def _volumes(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> tuple[
         volumes.append({"name": "output", "emptyDir": {}})
         mounts.append({"name": "output", "mountPath": paths.output.path})
     if paths.remote:
-        volumes.append(_cache_volume(job))
+        volumes.append(cache_volume(job.spec))
         mounts.append({"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT, "readOnly": True})  # the initializer writes it
     return volumes, mounts
 
 
-def _cache_volume(job: FineTuneJob) -> dict[str, Any]:
-    cache = job.spec.cache
+def cache_volume(spec: Any) -> dict[str, Any]:
+    """The initializer's cache (any kind's spec.cache): a PVC kept across runs, else an emptyDir."""
+    cache = spec.cache
     if cache.claim_name:
         return {"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache.claim_name}}
     return {"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": str(cache.size_limit)} if cache.size_limit is not None else {}}
@@ -337,11 +338,12 @@ def _security_context() -> dict[str, Any]:
     }
 
 
-def initializer_container(job: FineTuneJob, paths: ClusterPaths) -> dict[str, Any]:
-    """The init container that fetches hf:// and s3:// sources into the cache volume: the
-    trainer image running `kubetune initialize` on the plan in the ConfigMap. It gets the Hub
-    token and the S3 keys from their Secrets, and no other secret of the trainer."""
-    spec = job.spec
+def initializer_container(spec: Any, sources: list[RemoteSource], *, image: str) -> dict[str, Any]:
+    """The init container that fetches hf:// and s3:// `sources` into the cache volume, for any
+    kind (FineTuneJob, EvalJob, ModelDeployment): `image` (one with kubetune: the trainer or the
+    kubetune server image) running `kubetune initialize` on the plan the kind's ConfigMap holds
+    at CONFIG_DIR/sources.yaml (initializer_plan). It gets the Hub token and the S3 keys from
+    their Secrets, and no other secret of the spec."""
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf-home"},
@@ -349,24 +351,23 @@ def initializer_container(job: FineTuneJob, paths: ClusterPaths) -> dict[str, An
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     env += [{"name": var.name, "value": var.value or ""} for var in spec.env if var.secret_key_ref is None]  # e.g. HF_ENDPOINT
-    if spec.secrets.hf_token:
+    if spec.secrets.hf_token and any(s.scheme == "hf" for s in sources):
         ref = spec.secrets.hf_token
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    if spec.secrets.s3:
+    if spec.secrets.s3 and any(s.scheme == "s3" for s in sources):
         for key in S3_SECRET_KEYS:
             env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": spec.secrets.s3.name, "key": key}}})
-    mounts = [
-        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "tmp", "mountPath": "/tmp"},
-    ]
-    if paths.remote:
-        mounts.append({"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT})
     container: dict[str, Any] = {
         "name": INIT_CONTAINER,
-        "image": spec.image,
+        "image": image,
         "command": list(INIT_ARGV),
         "env": env,
-        "volumeMounts": mounts,
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            # the only writer of the cache (a TrainJob's runtime runs the initializer with no sources too)
+            *([{"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT}] if sources else []),
+        ],
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": _security_context(),
@@ -374,6 +375,11 @@ def initializer_container(job: FineTuneJob, paths: ClusterPaths) -> dict[str, An
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
     return container
+
+
+def initializer_plan(spec: Any, sources: list[RemoteSource]) -> str:
+    """The initializer's plan (the ConfigMap's sources.yaml): each remote source and its place in the cache."""
+    return render_sources(sources_document(sources, CACHE_MOUNT, endpoint=spec.s3.endpoint, region=spec.s3.region))
 
 
 def _container(
@@ -408,7 +414,7 @@ def _pod_spec(job: FineTuneJob, names: ChildNames, paths: ClusterPaths, containe
         "volumes": volumes,
     }
     if paths.remote:
-        pod["initContainers"] = [initializer_container(job, paths)]
+        pod["initContainers"] = [initializer_container(spec, paths.remote, image=spec.image)]
     pod.update(pod_account_and_scheduling(spec))
     return pod
 
@@ -476,16 +482,10 @@ def render_config(recipe: str, config: dict[str, Any]) -> str:
     return f"recipe: {recipe}\n" + yaml.dump(config, Dumper=_YAML_DUMPER, sort_keys=True)
 
 
-def initializer_plan(job: FineTuneJob, paths: ClusterPaths) -> str:
-    """The initializer's plan (the ConfigMap's sources.yaml): each remote source and its place in the cache."""
-    s3 = job.spec.s3
-    return render_sources(sources_document(paths.remote, CACHE_MOUNT, endpoint=s3.endpoint, region=s3.region))
-
-
 def config_map(job: FineTuneJob, names: ChildNames, config: dict[str, Any], paths: Optional[ClusterPaths] = None) -> dict[str, Any]:
     data = {"config.yaml": render_config(job.spec.recipe, config)}
     if paths is not None:
-        data[SOURCES_KEY] = initializer_plan(job, paths)
+        data[SOURCES_KEY] = initializer_plan(job.spec, paths.remote)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

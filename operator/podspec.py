@@ -9,10 +9,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from kubetune.operator.api import API_VERSION
+from kubetune.operator.initializers import CACHE_MOUNT, CACHE_VOLUME, RemoteSource
 from kubetune.operator.planner import (
     MANAGED_BY,
     _env,
     _resources,
+    cache_volume,
+    initializer_container,
     pod_account_and_scheduling,
     pod_security_context,
 )
@@ -97,3 +100,23 @@ def pvc_volumes(sources: list[Optional[MappedSource]]) -> tuple[list[dict[str, A
     volumes = [{"name": m.volume, "persistentVolumeClaim": {"claimName": m.claim, "readOnly": m.read_only}} for m in seen.values()]
     mounts = [{"name": m.volume, "mountPath": m.mount_path, "readOnly": m.read_only} for m in seen.values()]
     return volumes, mounts
+
+
+def remote_sources_of(sources: list[Optional[MappedSource]]) -> list[RemoteSource]:
+    """The hf:// and s3:// sources among the mapped ones, each URI once (the model and the
+    baseline are often the same)."""
+    seen: dict[str, RemoteSource] = {}
+    for source in sources:
+        if source is not None and source.remote is not None:
+            seen.setdefault(source.remote.uri, source.remote)
+    return list(seen.values())
+
+
+def initializer_wiring(obj: Any, remote: list[RemoteSource], *, image: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(init containers, volumes, mounts of the main containers) that fetch `remote` into the
+    cache before the main containers start, which read it read-only. The pod must also have the
+    `config` volume with the plan (planner.initializer_plan) at /etc/kubetune, and `tmp`."""
+    if not remote:
+        return [], [], []
+    init = initializer_container(obj.spec, remote, image=image)
+    return [init], [cache_volume(obj.spec)], [{"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT, "readOnly": True}]

@@ -3,8 +3,8 @@
 | source                | on a cluster (planner)                          | locally (kubetune apply)        |
 |-----------------------|-------------------------------------------------|---------------------------------|
 | builtin://tiny        | passed to the trainer as-is                     | same                            |
-| hf://org/name[@rev]   | models: fetched by the initializer into the      | fetched into runs/.cache        |
-|                       | cache volume; datasets: passed as-is (HF_TOKEN)  | (datasets: as-is)               |
+| hf://org/name[@rev]   | fetched by the initializer into the cache volume | fetched into runs/.cache        |
+|                       | (datasets: also hf://org/name/config)           |                                 |
 | s3://bucket/prefix    | fetched by the initializer into the cache volume | fetched into runs/.cache        |
 | pvc://claim/sub/path  | the claim mounted at /mnt/<role>, path inside it | an error: there is no cluster   |
 | file:///abs/path      | /abs/path inside the trainer image              | /abs/path on this machine       |
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from kubetune.errors import KubetuneError
+from kubetune.operator.api.names import object_name_error
 
 if TYPE_CHECKING:
     from kubetune.operator.initializers import RemoteSource
@@ -50,8 +51,9 @@ def split_scheme(source: str) -> tuple[str, str]:
 
 def _remote(source: str, field: str, fetch: bool, *, output: bool = False) -> Optional["RemoteSource"]:
     """The hf:// model or s3:// source the initializer fetches (None: the trainer reads `source`
-    itself). Only callers that plan the initializer pass fetch=True (FineTuneJobs for now);
-    for the others a source that would need it is refused, naming the field."""
+    itself). Callers that plan the initializer pass fetch=True (models, adapters and datasets of
+    every kind); for the others (EvalJob task files) a source that would need it is refused,
+    naming the field."""
     from kubetune.operator.initializers import remote_sources  # it imports this module
 
     if output and split_scheme(source)[0] in ("hf", "s3"):
@@ -60,7 +62,7 @@ def _remote(source: str, field: str, fetch: bool, *, output: bool = False) -> Op
     if found:
         return found[0]
     if not fetch and split_scheme(source)[0] == "s3":
-        raise SourceError(f"{field}: {source!r}: s3:// sources are fetched by a FineTuneJob's initializer only; "
+        raise SourceError(f"{field}: {source!r}: the initializer fetches s3:// models, adapters and datasets only; "
                           "put the files in a volume (pvc://CLAIM/path) or a local folder")
     if not fetch and field.startswith("spec.model.source") and source.startswith("hf://"):
         name = source[len("hf://"):]
@@ -79,12 +81,18 @@ def map_cluster_source(source: str, role: str, field: str, read_only: bool = Tru
 
     remote = _remote(source, field, fetch, output=not read_only)
     if remote is not None:
-        return MappedSource(remote.cache_path(CACHE_MOUNT), remote=remote)
+        return MappedSource(remote.local_path(CACHE_MOUNT), remote=remote)
     scheme, rest = split_scheme(source)
     if scheme == "pvc":
         claim, _, sub = rest.partition("/")
         if not claim:
             raise SourceError(f"{field}: {source!r} names no claim; write pvc://CLAIM/path/inside/it")
+        claim_error = object_name_error(claim)
+        if claim_error:
+            raise SourceError(f"{field}: {source!r}: claim {claim_error}")
+        if ".." in sub.split("/"):  # the path must stay inside the claim's mount
+            raise SourceError(f"{field}: {source!r}: '..' would leave the volume; write pvc://CLAIM/path/inside/it")
+        sub = "/".join(part for part in sub.split("/") if part not in ("", "."))
         mount_path = f"{MOUNT_ROOT}/{role}"
         path = f"{mount_path}/{sub}".rstrip("/") if sub else mount_path
         return MappedSource(path, PvcMount(role, claim, mount_path, read_only))
@@ -98,7 +106,7 @@ def map_local_source(source: str, field: str, base_dir: Path, cache_dir: Optiona
     apply` fetches them."""
     remote = _remote(source, field, cache_dir is not None, output=output)
     if remote is not None:
-        return remote.cache_path(str(cache_dir))
+        return remote.local_path(str(cache_dir))
     scheme, rest = split_scheme(source)
     if scheme == "pvc":
         raise SourceError(

@@ -129,6 +129,53 @@ def pod_problem(pods: list[dict[str, Any]], image: str) -> Optional[WorkloadStat
     return None
 
 
+def _rank_of(pod: dict[str, Any]) -> str:
+    """The pod's rank as a user names it: the Job's completion index, or the PyTorchJob replica."""
+    meta = pod.get("metadata") or {}
+    found = {**(meta.get("labels") or {}), **(meta.get("annotations") or {})}
+    if COMPLETION_INDEX in found:
+        return f"rank {found[COMPLETION_INDEX]}"
+    replica, index = found.get(PYTORCHJOB_REPLICA_TYPE), found.get("training.kubeflow.org/replica-index")
+    if replica:
+        return f"{replica} {index}" if index is not None else replica
+    return "a trainer pod"
+
+
+def pod_failure(pods: list[dict[str, Any]]) -> Optional[WorkloadState]:
+    """Why the trainer failed, from its pods' terminated containers: the first failure (the
+    others are usually collateral: torchrun stops the ranks left when one dies). An OOM kill
+    (exit 137, reason OOMKilled) says how to use less memory; any other exit names the rank,
+    the exit code and where its last words are. None when no container failed."""
+    failures = []
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name", "a trainer pod")
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            for state in ((cs.get("state") or {}).get("terminated"), (cs.get("lastState") or {}).get("terminated")):
+                if state and state.get("exitCode") not in (None, 0):
+                    oom = state.get("reason") == "OOMKilled"
+                    failures.append((state.get("finishedAt") or "", not oom, name, _rank_of(pod), cs.get("name", "trainer"), state))
+    if not failures:
+        return None
+    _, _, name, rank, container, state = min(failures, key=lambda f: f[:2])
+    code, why = state.get("exitCode"), state.get("reason") or "Error"
+    if why == "OOMKilled":
+        return WorkloadState(
+            "Failed", "OOMKilled",
+            f"{rank} (pod {name}, container {container}) was killed for using more memory than its limit (exit {code}, OOMKilled): "
+            "raise spec.resources.limits.memory (or the requests), or use less: lower batch_size or max_seq_len in spec.config, "
+            "or set activation_checkpointing: true",
+            True,
+        )
+    last_words = (state.get("message") or "").strip().splitlines()
+    detail = f": {last_words[-1][:300]}" if last_words else ""
+    return WorkloadState(
+        "Failed", "RankFailed",
+        f"{rank} (pod {name}, container {container}) exited with code {code} ({why}){detail}; "
+        f"`kubectl logs {name} -c {container}` shows its last words",
+        True,
+    )
+
+
 def _scheduling_fix(message: str) -> str:
     """What to do about a scheduler's 'Unschedulable' message."""
     if "Insufficient nvidia.com/gpu" in message:

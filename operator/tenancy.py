@@ -9,8 +9,8 @@ can-i --as` asks), and against the allow-lists the platform team configures:
 | field | the requester must be allowed to (any one of) |
 |---|---|
 | `spec.serviceAccountName: X` | `impersonate` serviceaccounts `X`, or `create` pods, in the namespace |
-| `spec.secrets.hfToken`, `spec.secrets.s3`, `spec.env[].secretKeyRef` (Secret `S`) | `get` secrets `S` in the namespace |
-| `pvc://C/...` anywhere in the spec (model, dataset, output, adapter, adapters, tasks) | `get` persistentvolumeclaims `C` in the namespace |
+| `spec.secrets.hfToken`, `spec.secrets.s3`, `spec.env[].secretKeyRef`, `spec.apiKeySecret` (Secret `S`) | `get` secrets `S` in the namespace |
+| `pvc://C/...` anywhere in the spec (model, dataset, output, adapter, adapters, tasks), `spec.cache.claimName: C` | `get` persistentvolumeclaims `C` in the namespace |
 | `spec.image` | (allow-list) start with one of `KUBETUNE_ALLOWED_REGISTRIES`, when set |
 | `spec.tolerations[].key` | (allow-list) be in `KUBETUNE_ALLOWED_TOLERATIONS` (default `nvidia.com/gpu`; `*` any) |
 | `spec.priorityClassName` | (allow-list) be in `KUBETUNE_ALLOWED_PRIORITY_CLASSES`, when set |
@@ -101,10 +101,15 @@ def needs(job: Any) -> list[Need]:
     for index, var in enumerate(spec.env):
         if var.secret_key_ref is not None:
             secrets.append((f"spec.env[{index}].secretKeyRef", var.secret_key_ref.name))
+    if getattr(spec, "api_key_secret", None) is not None:  # ModelDeployment: mounted into the server
+        secrets.append(("spec.apiKeySecret", spec.api_key_secret.name))
     for field_name, secret in secrets:
         out.append(Need(field_name, (Access("get", "secrets", secret),)))
     for field_name, claim in _pvc_claims(spec.model_dump(by_alias=True, exclude_none=True)):
         out.append(Need(field_name, (Access("get", "persistentvolumeclaims", claim),)))
+    cache = getattr(spec, "cache", None)
+    if cache is not None and cache.claim_name:  # the initializer writes into it
+        out.append(Need("spec.cache.claimName", (Access("get", "persistentvolumeclaims", cache.claim_name),)))
     return out
 
 

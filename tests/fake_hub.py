@@ -1,7 +1,8 @@
 """A loopback stand-in for the Hugging Face Hub's HTTP API, serving one small repository, for
 testing hf:// initialization with the real huggingface_hub client (HF_ENDPOINT points here).
 
-What it serves, as the Hub does (huggingface_hub 2.x reads exactly these):
+What it serves, as the Hub does (huggingface_hub 2.x reads exactly these), for a model repository
+(a dataset repository: /api/datasets/... and /datasets/ORG/NAME/resolve/...):
   GET  /api/models/ORG/NAME[/revision/REV] repo info: {"id", "sha", "siblings"}; REV a branch, tag or commit
   GET  /api/models/ORG/NAME/tree/COMMIT    the file listing (recursive, one page)
   HEAD/GET /ORG/NAME/resolve/COMMIT/PATH   a file, with X-Repo-Commit, ETag and Content-Length
@@ -9,7 +10,7 @@ What it serves, as the Hub does (huggingface_hub 2.x reads exactly these):
   without the right token: 401), RevisionNotFound (404), EntryNotFound (404).
 What it does not cover: LFS/Xet transfers (files are served inline, as the Hub does for small
 regular files; LFS pointers and the Xet CAS protocol are not emulated), redirects to a CDN,
-pagination of long listings, datasets and spaces, rate limits.
+pagination of long listings, spaces, rate limits, dataset viewer/parquet-conversion branches.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class FakeRepo:
     files: dict[str, bytes]
     token: Optional[str] = None  # set: a private repository readable with this token only
     tags: dict[str, str] = field(default_factory=dict)  # tag -> commit
+    repo_type: str = "model"  # or "dataset": served under /api/datasets/ and /datasets/
 
     @property
     def commit(self) -> str:
@@ -94,7 +96,11 @@ class FakeHub:
         self.requests.append(f"{handler.command} {path}")
         repo = self.repo
         parts = path.strip("/").split("/")
-        api = parts[:2] == ["api", "models"]
+        api = parts[:2] == ["api", f"{repo.repo_type}s"]
+        if repo.repo_type == "dataset" and not api:
+            if parts[:1] != ["datasets"]:
+                return self._error(handler, 404, "RepoNotFound", body)
+            parts = parts[1:]  # files of a dataset: /datasets/ORG/NAME/resolve/...
         repo_parts = parts[2:4] if api else parts[0:2]
         if "/".join(repo_parts) != repo.repo_id:
             return self._error(handler, 404, "RepoNotFound", body)

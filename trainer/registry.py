@@ -40,8 +40,9 @@ RECIPES: dict[str, RecipeInfo] = {
             "dpo",
             "kubetune.trainer.recipes.dpo",
             "kubetune.trainer.config.dpo:DPOConfig",
-            "Preference alignment on chosen/rejected pairs: DPO, IPO or SimPO; full or LoRA/QLoRA (lora: section).",
+            "Preference alignment on chosen/rejected pairs: DPO, IPO or SimPO; full or LoRA/QLoRA (lora: section). FSDP2 under torchrun.",
             trains=True,
+            distributed=True,
         ),
         RecipeInfo(
             "generate",

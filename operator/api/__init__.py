@@ -171,8 +171,16 @@ def format_errors(err: ValidationError, source: str) -> str:
         dotted = ".".join(str(part) for part in error["loc"])
         given = error.get("input")
         hint = "" if error["type"] == "missing" else f" (got {given!r})"
-        lines.append(f"{dotted}: {error['msg']}{hint}")
+        message = error["msg"].removeprefix("Value error, ")  # a validator's own sentence
+        lines.append(f"{dotted}: {message}{hint}")
     return f"{source}: invalid manifest:\n  " + "\n  ".join(lines)
+
+
+def describe(kind: str, body: Any) -> str:
+    """`Kind name` for messages, whatever shape the body has (a refusal must not crash on it)."""
+    meta = body.get("metadata") if isinstance(body, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return f"{kind} {name if isinstance(name, str) and name else '?'}"
 
 
 def parse_object(obj: dict[str, Any], source: str = "manifest") -> BaseModel:
@@ -182,7 +190,7 @@ def parse_object(obj: dict[str, Any], source: str = "manifest") -> BaseModel:
     api_version, kind = obj.get("apiVersion"), obj.get("kind")
     if api_version != API_VERSION:
         raise ManifestError(f"{source}: apiVersion must be {API_VERSION}, got {api_version!r}")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ManifestError(f"{source}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     model = KINDS[kind].model
     try:
@@ -201,6 +209,7 @@ __all__ = [
     "PrinterColumn",
     "Rule",
     "kind_for",
+    "describe",
     "parse_object",
     "FineTuneJob",
     "EvalJob",

@@ -11,8 +11,10 @@ import fnmatch
 import os
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from kubetune.operator.api.names import namespace_error, object_name_error
 
 GROUP = "kubetune.dev"
 VERSION = "v1alpha1"
@@ -69,6 +71,24 @@ class ObjectMeta(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
     creation_timestamp: Optional[str] = Field(default=None, alias="creationTimestamp")
+
+    # The API server's own name rules (operator/api/names.py), so the local backend refuses what a
+    # cluster would: the same check runs in `kubetune apply` and in the operator's admission.
+    @field_validator("name")
+    @classmethod
+    def _kubernetes_name(cls, name: str) -> str:
+        error = object_name_error(name)
+        if error:
+            raise ValueError(error)
+        return name
+
+    @field_validator("namespace")
+    @classmethod
+    def _kubernetes_namespace(cls, namespace: Optional[str]) -> Optional[str]:
+        error = namespace_error(namespace) if namespace is not None else None
+        if error:
+            raise ValueError(error)
+        return namespace
 
 
 class Source(ApiModel):

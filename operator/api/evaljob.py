@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kubetune.operator.api.common import (
     API_VERSION,
     ApiModel,
+    CacheOptions,
     Condition,
     EnvVar,
     ModelSource,
@@ -21,13 +22,31 @@ from kubetune.operator.api.common import (
     Resources,
     RunPolicy,
     RunStatus,
+    S3Options,
+    SecretKeyRef,
     Secrets,
     Source,
 )
+from kubetune.operator.api.names import object_name_error
 
 
 class FineTuneJobRef(ApiModel):
     name: str = Field(min_length=1, max_length=253, description="A FineTuneJob in the same namespace; waits for it")
+
+    @field_validator("name")
+    @classmethod
+    def _kubernetes_name(cls, name: str) -> str:
+        error = object_name_error(name)  # no FineTuneJob can have another name: say so now, not never
+        if error:
+            raise ValueError(error)
+        return name
+
+
+def one_model(spec: Any) -> Any:
+    """Exactly one of spec.model and spec.fineTuneJob (the CRD's CEL rule, for every path in)."""
+    if (spec.model is None) == (spec.fine_tune_job is None):
+        raise ValueError("set exactly one of spec.model and spec.fineTuneJob")
+    return spec
 
 
 class LocalTask(ApiModel):
@@ -51,6 +70,8 @@ class EvalJobSpec(PodOptions):
     resources: Resources = Field(default_factory=Resources)
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment")
     secrets: Secrets = Field(default_factory=Secrets)
+    s3: S3Options = Field(default_factory=S3Options, description="Where s3:// model and adapter sources live (the initializer fetches them)")
+    cache: CacheOptions = Field(default_factory=CacheOptions, description="Where the initializer puts hf:// and s3:// models and adapters")
     baseline: bool = Field(
         default=False,
         description="Also evaluate the model the FineTuneJob started from (with spec.model: the model without "
@@ -60,6 +81,8 @@ class EvalJobSpec(PodOptions):
         default=None, max_length=63, description="Kueue LocalQueue; the Job is created suspended and admitted by Kueue"
     )
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
+
+    _one_model = model_validator(mode="after")(one_model)
 
 
 class EvalResult(ApiModel):
@@ -135,6 +158,45 @@ class Promotion(ApiModel):
         return self
 
 
+class LabelSelector(ApiModel):
+    match_labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels the object must have (all of them)", json_schema_extra={"maxProperties": 32}
+    )
+
+
+class NetworkPeer(ApiModel):
+    """Who may connect, as a NetworkPolicy peer: podSelector alone means pods of this namespace;
+    namespaceSelector alone, every pod of those namespaces; both, those pods of those namespaces."""
+
+    pod_selector: Optional[LabelSelector] = Field(default=None, description="Pods allowed to connect")
+    namespace_selector: Optional[LabelSelector] = Field(
+        default=None, description="Namespaces allowed to connect (kubernetes.io/metadata.name names one)"
+    )
+
+    @model_validator(mode="after")
+    def _some_selector(self) -> "NetworkPeer":
+        if self.pod_selector is None and self.namespace_selector is None:
+            raise ValueError("set podSelector, namespaceSelector or both")
+        return self
+
+
+class NetworkPolicyOptions(ApiModel):
+    """The NetworkPolicy of the server pods: only the API port, only from these peers."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Plan the NetworkPolicy (false: none; one made before is changed to admit all ingress). Enforced only where "
+        "the cluster's network plugin implements NetworkPolicies",
+    )
+    from_: list[NetworkPeer] = Field(
+        default_factory=list,
+        alias="from",
+        max_length=32,
+        description="Who may connect to the server port (default: every pod of this namespace); all other ingress "
+        "to the server pods is denied",
+    )
+
+
 class ModelDeploymentSpec(PodOptions):
     model: Optional[ModelSource] = Field(default=None, description="Model to serve (or fineTuneJob)")
     fine_tune_job: Optional[FineTuneJobRef] = Field(default=None, description="Serve this FineTuneJob's output")
@@ -146,6 +208,20 @@ class ModelDeploymentSpec(PodOptions):
     resources: Resources = Field(default_factory=Resources)
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment")
     secrets: Secrets = Field(default_factory=Secrets)
+    s3: S3Options = Field(default_factory=S3Options, description="Where s3:// model and adapter sources live (the initializer fetches them)")
+    cache: CacheOptions = Field(
+        default_factory=CacheOptions,
+        description="Where the initializer puts hf:// and s3:// models and adapters (a PVC: each new replica skips the download)",
+    )
+    api_key_secret: Optional[SecretKeyRef] = Field(
+        default=None,
+        description="API keys clients must send (Authorization: Bearer), from a key of a Secret: one key per line "
+        "(runtime kubetune: mounted as a file; vllm: a single key, as VLLM_API_KEY). Default: no authentication",
+    )
+    network_policy: NetworkPolicyOptions = Field(
+        default_factory=NetworkPolicyOptions,
+        description="Ingress to the server pods: only the API port, from this namespace's pods unless `from` says otherwise",
+    )
     runtime: Literal["kubetune", "vllm"] = Field(
         default="kubetune",
         description="kubetune: `kubetune serve` (the operator's default server image); vllm: the vLLM OpenAI server "
@@ -161,6 +237,8 @@ class ModelDeploymentSpec(PodOptions):
     promotion: Optional[Promotion] = Field(
         default=None, description="Hold a new model's rollout until an EvalJob of it passes a threshold"
     )
+
+    _one_model = model_validator(mode="after")(one_model)
 
 
 class ModelDeploymentStatus(ApiModel):

@@ -94,7 +94,7 @@ def trainjob(job: FineTuneJob, names: ChildNames, paths: ClusterPaths) -> dict[s
     pod_patch["containers"] = [{"name": CONTAINER, **{key: container[key] for key in CONTAINER_PATCH_KEYS}}]
     # The runtime runs kubetune's initializer in every TrainJob (a patch cannot add a container):
     # it gets its mounts, Secrets and security context here; with no remote source its plan is empty.
-    init = initializer_container(job, paths)
+    init = initializer_container(job.spec, paths.remote, image=container["image"])
     pod_patch["initContainers"] = [{"name": init["name"], "env": init["env"], **{k: init[k] for k in CONTAINER_PATCH_KEYS}}]
     patch = {
         "manager": PATCH_MANAGER,

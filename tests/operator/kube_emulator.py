@@ -7,7 +7,9 @@ API server adds; each addition below says which behaviour of Kubernetes it stand
   - the status subresource: PATCH on the object ignores `status`, PATCH on /status only `status`;
   - label selectors on list (equality-based, comma-separated), as the operator lists pods;
   - the garbage collector: deleting an owner deletes objects whose ownerReferences name its uid;
-  - fault injection for tests: answer the next N matching requests with an error, or end a watch;
+  - fault injection for tests: answer the next N matching requests with an error (before or
+    after applying the request: a write that went through but whose answer was lost), late (a
+    slow or timing-out API), with no answer at all (a connection dropped), or end a watch;
   - max_history: kmock matches each request against all earlier ones (quadratic), fine for a
     test, not for 500 jobs: the benchmark keeps only the latest requests;
   - the Namespace resource itself (/api/v1/namespaces[/NAME]): kmock 0.8 reads `namespaces` there
@@ -21,10 +23,16 @@ API server adds; each addition below says which behaviour of Kubernetes it stand
   - OwnerReferencesPermissionEnforcement (`enforce_owner_references`, on by default on OpenShift):
     kube-apiserver's plugin/pkg/admission/gc/gc_admission.go refuses (403) an object whose
     ownerReferences set blockOwnerDeletion unless the writer may `update` the owner's
-    `<plural>/finalizers`; the emulator has no RBAC objects, so the test says whether it may.
+    `<plural>/finalizers`; the emulator has no RBAC objects, so the test says whether it may;
+  - discovery paths with a trailing slash (/api/v1/, as the generated kubernetes_asyncio client
+    asks for the core resource list): the API server serves them as without it, kmock 0.8 404s;
+  - the discovery entry of authorization.k8s.io/v1 subjectaccessreviews (create only), so a
+    client that finds plurals by discovery can post reviews (answered by `grant`, above).
 """
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import datetime as dt
 import itertools
 import re
@@ -60,6 +68,8 @@ RESOURCES: dict[str, dict[str, Any]] = {
     },
     "apps/v1/deployments": {"kind": "Deployment", "namespaced": True, "subresources": {"status"}},
     "autoscaling/v2/horizontalpodautoscalers": {"kind": "HorizontalPodAutoscaler", "namespaced": True, "subresources": {"status"}},
+    "networking.k8s.io/v1/networkpolicies": {"kind": "NetworkPolicy", "namespaced": True},
+    "authorization.k8s.io/v1/subjectaccessreviews": {"kind": "SubjectAccessReview", "namespaced": False, "verbs": {"create"}},
 }
 PYTORCHJOBS = {"kubeflow.org/v1/pytorchjobs": {"kind": "PyTorchJob", "namespaced": True, "subresources": {"status"}}}
 JOBSETS = {"jobset.x-k8s.io/v1alpha2/jobsets": {"kind": "JobSet", "namespaced": True, "subresources": {"status"}}}
@@ -81,6 +91,12 @@ def _parse_path(path: str) -> parsing.ParsedPath:
 
 _kmock_parse_path = parsing.parse_path
 parsing.parse_path = _parse_path  # kmock's request parser looks it up in its module on every request
+
+
+def _is_discovery(path: str) -> bool:
+    """/api, /api/v1, /apis, /apis/GROUP, /apis/GROUP/VERSION (with or without a trailing slash)."""
+    parts = path.strip("/").split("/")
+    return (parts[0] == "api" and len(parts) <= 2) or (parts[0] == "apis" and len(parts) <= 3)
 
 
 @dataclass(frozen=True)
@@ -111,13 +127,22 @@ def forbidden(request: aiohttp.web.BaseRequest) -> aiohttp.web.Response:
     return aiohttp.web.json_response(body, status=403)
 
 
+DROP = -1  # Fault.status: close the connection without an answer
+PASS = 200  # Fault.status: answer normally (with a delay: a slow API)
+
+
 @dataclass
 class Fault:
     method: str  # GET, POST, PATCH, DELETE, WATCH
     path: re.Pattern
-    status: int  # 0: end a watch stream at once (a dropped watch)
+    status: int  # an HTTP error; 0: end a watch stream at once (a dropped watch); DROP; PASS
     times: int
     message: str = "injected fault"
+    delay: float = 0.0  # seconds before the answer (longer than the client's timeout: a timeout)
+    after: bool = False  # apply the request first, then answer with the fault (the write happened)
+
+
+_raw_request: contextvars.ContextVar[aiohttp.web.BaseRequest] = contextvars.ContextVar("raw_request")
 
 
 @attrs.define(kw_only=True)
@@ -138,7 +163,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     def declare(self, resources: dict[str, dict[str, Any]]) -> None:
         for key, info in resources.items():
-            self.resources[key] = {**info, "verbs": VERBS}
+            self.resources[key] = {"verbs": VERBS, **info}
 
     def bind_role(self, token: str, namespaces: set[str]) -> None:
         """Requests with this bearer token get only what Roles in these namespaces allow."""
@@ -158,6 +183,9 @@ class Emulator(kmock.KubernetesEmulator):
         return aiohttp.web.json_response({**review, "status": {"allowed": allowed}}, status=201)
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if raw_request.path != "/" and raw_request.path.endswith("/") and _is_discovery(raw_request.path):
+            raw_request = raw_request.clone(rel_url=raw_request.rel_url.with_path(raw_request.path.rstrip("/")))
+        _raw_request.set(raw_request)
         if raw_request.method == "POST" and raw_request.path.rstrip("/") == "/apis/authorization.k8s.io/v1/subjectaccessreviews":
             return await self._access_review(raw_request)
         if self.role is not None and self.role.applies_to(raw_request) and not self.role.allows(raw_request.path):
@@ -165,8 +193,11 @@ class Emulator(kmock.KubernetesEmulator):
             return forbidden(raw_request)
         return await super().__call__(raw_request)
 
-    def fail(self, method: str, path: str, status: int, times: int = 1, message: str = "injected fault") -> None:
-        self.faults.append(Fault(method.upper(), re.compile(path), status, times, message))
+    def fail(
+        self, method: str, path: str, status: int, times: int = 1, message: str = "injected fault", *, delay: float = 0.0, after: bool = False
+    ) -> None:
+        """Answer the next `times` requests matching method and path (a regex) with `status`."""
+        self.faults.append(Fault(method.upper(), re.compile(path), status, times, message, delay, after))
 
     def enforce_owner_references(self, *, allowed: bool) -> None:
         """Turn on OwnerReferencesPermissionEnforcement; `allowed`: whether the writer may update
@@ -221,14 +252,27 @@ class Emulator(kmock.KubernetesEmulator):
             del self._requests[: -self.max_history]
         fault = self._fault_for(request) if request.resource is not None else None
         if fault is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.after or fault.status == PASS:
+                response = await self._apply(request)
+                if fault.status == PASS:
+                    return response
             if fault.status == 0:
                 response = aiohttp.web.StreamResponse(status=200)
                 response.content_type = "application/json"
                 return response  # an empty, finished watch stream
+            if fault.status == DROP:
+                _raw_request.get().transport.close()  # the client sees the connection end, no answer
+                return aiohttp.web.Response(status=500)
             return aiohttp.web.json_response(
                 {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": fault.status, "reason": "Injected", "message": fault.message},
                 status=fault.status,
             )
+        return await self._apply(request)
+
+    async def _apply(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        """What the API server does with a request that meets no fault."""
         refusal = self._owner_reference_refusal(request) if request.resource is not None else None
         if refusal is not None:
             return refusal

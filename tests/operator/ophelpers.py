@@ -33,15 +33,18 @@ async def serving_emulator() -> AsyncIterator[Emulator]:
 
 @contextlib.asynccontextmanager
 async def running_operator(
-    emu: Emulator, webhook: Any = None, namespaces: Sequence[str] = (), **config: Any
+    emu: Emulator, webhook: Any = None, namespaces: Sequence[str] = (), *,
+    settings: Any = None, token: str = OPERATOR_TOKEN, peering: Any = None, **config: Any
 ) -> AsyncIterator[OperatorState]:
     """The operator in its own thread and event loop, as in production a separate process:
     it only talks HTTP to the emulator (and kopf's shutdown sees only its own tasks).
-    namespaces: watch only these (`kubetune operator --namespace NS`); none: cluster-wide."""
+    namespaces: watch only these (`kubetune operator --namespace NS`); none: cluster-wide.
+    settings/peering: a replica of a peering (make_settings(peering=...)); token: its identity
+    in the emulator's request log (each replica its own)."""
     options = dict(sync_interval=0.2, metrics_port=0, metrics_addr="127.0.0.1", retry_delay=0.2, scrape_timeout=1.0)
     options.update(config)
-    state = OperatorState(OperatorConfig(login=lambda **_: kopf.ConnectionInfo(server=emu.base_url, token=OPERATOR_TOKEN), **options))
-    settings = make_settings(peering=None, webhook=webhook)
+    state = OperatorState(OperatorConfig(login=lambda **_: kopf.ConnectionInfo(server=emu.base_url, token=token), **options))
+    settings = settings or make_settings(peering=None, webhook=webhook)
     assert settings.admission.managed is None  # the operator never writes webhook configurations
     settings.watching.server_timeout = 5  # the emulator never ends watches itself
     stop, ready = threading.Event(), threading.Event()
@@ -50,7 +53,7 @@ async def running_operator(
     def main() -> None:
         try:
             asyncio.run(
-                run_operator(state.config, namespaces=namespaces, stop_flag=stop, ready_flag=ready, state=state, settings=settings)
+                run_operator(state.config, namespaces=namespaces, peering=peering, stop_flag=stop, ready_flag=ready, state=state, settings=settings)
             )
         except BaseException as err:  # surfaced in the test below
             errors.append(err)

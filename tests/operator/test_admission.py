@@ -212,6 +212,8 @@ async def test_evaljobs_and_modeldeployments_lend_no_rights_either(webhook, emul
         untouched_spec = await call(kind_review("UPDATE", relabelled, relabelled_old))
         grants = [("impersonate", "serviceaccounts", "cluster-admin-sa"), ("get", "secrets", "team-b-s3")]
         grants += [("get", "persistentvolumeclaims", claim) for claim in claims]
+        if kind == "ModelDeployment":  # the example's spec.apiKeySecret, mounted into the server
+            grants.append(("get", "secrets", doc["spec"]["apiKeySecret"]["name"]))
         for verb, resource, name in grants:
             emulator.grant("alice", verb, resource, NS, name)
         granted = await call(kind_review("CREATE", doc))
@@ -220,5 +222,6 @@ async def test_evaljobs_and_modeldeployments_lend_no_rights_either(webhook, emul
     assert "spec.serviceAccountName" in message and "spec.secrets.s3" in message
     if kind == "ModelDeployment":  # the base model and the adapter, each from its own claim
         assert "spec.model.source" in message and "spec.adapters[0].source" in message
+        assert "spec.apiKeySecret" in message and "'support-bot-keys'" in message
     assert untouched_spec["allowed"] is True  # an update that leaves the spec alone is not re-checked
     assert granted["allowed"] is True

@@ -203,3 +203,68 @@ def test_cache_paths_are_stable_and_distinct_per_uri():
     assert a.cache_path("/mnt/cache") != b.cache_path("/mnt/cache")
     assert a.cache_path("/mnt/cache").startswith("/mnt/cache/hf/acme--tiny-")
     assert json.dumps(a.cache_path("/c")).isascii()
+
+
+# --- hf:// datasets --------------------------------------------------------------------------
+
+
+def parquet_bytes(rows: list[dict]) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return out.getvalue()
+
+
+TRAIN = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+DATASET_FILES = {  # a Hub dataset repository's usual layout: sharded parquet under data/, a config folder
+    "README.md": b"---\nlicense: mit\n---\n",
+    "data/train-00000-of-00002.parquet": parquet_bytes(TRAIN[:3]),
+    "data/train-00001-of-00002.parquet": parquet_bytes(TRAIN[3:]),
+    "data/test-00000-of-00001.parquet": parquet_bytes([{"instruction": "t", "output": "u"}]),
+    "small/train.jsonl": b'{"instruction": "s", "output": "t"}\n',
+}
+
+
+@pytest.fixture
+def dataset_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with FakeHub(FakeRepo("acme/chat", dict(DATASET_FILES), repo_type="dataset")) as server:
+        yield server
+
+
+def test_hf_datasets_are_fetched_from_the_dataset_repository_and_read_as_local_shards(dataset_hub, tmp_path):
+    from kubetune.trainer.data.sources import has_split, load_records
+
+    source = parse_remote("hf://acme/chat", "spec.dataset.source")
+    assert (source.repo_type, source.subset) == ("dataset", None)
+    dest = Path(source.cache_path(str(tmp_path / "cache")))
+    assert not fetch(source, dest, env={"HF_ENDPOINT": dataset_hub.url}).skipped
+    assert files_under(dest) == DATASET_FILES
+    assert all(r.startswith(("GET /api/datasets/acme/chat", "HEAD /datasets/acme/chat", "GET /datasets/acme/chat")) for r in dataset_hub.requests)
+    path = source.local_path(str(tmp_path / "cache"))
+    assert [r.data for r in load_records(path, "train")] == TRAIN  # both shards, in order
+    assert [r.data["instruction"] for r in load_records(path, "test")] == ["t"] and has_split(path, "test")
+    assert fetch(source, dest, env={"HF_ENDPOINT": dataset_hub.url}).skipped  # the marker: nothing downloaded again
+
+    config = parse_remote("hf://acme/chat/small", "spec.dataset.source")
+    config_dest = Path(config.cache_path(str(tmp_path / "cache")))
+    fetch(config, config_dest, env={"HF_ENDPOINT": dataset_hub.url})
+    assert files_under(config_dest) == {"small/train.jsonl": DATASET_FILES["small/train.jsonl"]}  # only that config's files
+    assert [r.data for r in load_records(config.local_path(str(tmp_path / "cache")), "train")] == [{"instruction": "s", "output": "t"}]
+
+
+def test_hf_dataset_errors_name_the_field(dataset_hub, tmp_path):
+    env = {"HF_ENDPOINT": dataset_hub.url}
+    with pytest.raises(FetchError, match=r"spec\.dataset\.source: hf://acme/chat/nothere: the dataset has no folder 'nothere'"):
+        fetch(parse_remote("hf://acme/chat/nothere", "spec.dataset.source"), tmp_path / "a", env=env)
+    with pytest.raises(FetchError, match=r"spec\.dataset\.source: hf://acme/chat@v7: the repository has no revision 'v7'"):
+        fetch(parse_remote("hf://acme/chat@v7", "spec.dataset.source"), tmp_path / "b", env=env)
+    with pytest.raises(FetchError, match=r"spec\.model\.source: hf://acme/chat: no such repository"):  # a dataset is no model
+        fetch(parse_remote("hf://acme/chat", "spec.model.source"), tmp_path / "c", env=env)
+    with pytest.raises(SourceError, match=r"spec\.model\.source: .*write hf://ORG/NAME or"):
+        parse_remote("hf://acme/chat/small", "spec.model.source")  # configs are for datasets
+    assert not any(tmp_path.iterdir())

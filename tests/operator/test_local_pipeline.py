@@ -110,6 +110,16 @@ def test_the_gate_holds_a_new_model_locally_and_says_the_measured_value(tmp_path
     assert again.returncode == 1 and 'modeldeployments.kubetune.dev "bot" not found' in again.stderr
 
 
+def test_an_api_key_secret_is_refused_locally_saying_what_to_do_instead(tmp_path):
+    runs = tmp_path / "runs"
+    mdep = doc("ModelDeployment", "keyed", model={"source": "builtin://tiny"}, resources={"gpusPerNode": 0},
+               apiKeySecret={"name": "keys", "key": "keys"})
+    out = kubetune("apply", "-f", str(write(tmp_path / "m", mdep)), "--detach", runs=runs)
+    assert out.returncode == 1 and "spec.apiKeySecret needs a cluster" in out.stderr and "KUBETUNE_SERVE_API_KEY" in out.stderr
+    status = yaml.safe_load((runs / "keyed" / "status.yaml").read_text())["status"]
+    assert status["phase"] == "Failed" and "pid" not in status  # no server was started
+
+
 def test_get_shows_a_server_that_is_gone_as_not_ready(tmp_path):
     runs = tmp_path / "runs"
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -143,7 +153,7 @@ def test_apply_without_detach_serves_in_the_foreground_until_ctrl_c(tmp_path):
             assert [m["id"] for m in yaml.safe_load(resp.read())["data"]] == ["tiny-bot"]
         assert apply.poll() is None  # still in the foreground, serving
         apply.send_signal(signal.SIGINT)
-        out, err = apply.communicate(timeout=120)  # stop_server waits up to 30 s for a drain, then kills
+        out, err = apply.communicate(timeout=120)  # idle: ~0.2 s to stop the server (stop_server kills after 30 s)
     finally:
         if apply.poll() is None:
             apply.kill()

@@ -10,6 +10,7 @@ import json
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from kubetune.operator.local import format_table
 from ophelpers import NS, eventually, manifest
@@ -237,6 +238,51 @@ async def test_promotion_gate_holds_a_new_model_until_its_evaljob_passes(api, op
             e.get("reason") for e in api.children("v1/events") if e.get("involvedObject", {}).get("kind") == "ModelDeployment"}, what="events")
 
 
+def policy(api, name: str = "bot") -> dict | None:
+    return next((p for p in api.children("networking.k8s.io/v1/networkpolicies") if p["metadata"]["name"] == name), None)
+
+
+async def test_modeldeployment_network_policy_is_created_owned_followed_and_opened_when_turned_off(api, operator):
+    key = {"name": "bot-keys", "key": "keys"}
+    async with operator():
+        await api.post(f"{KT}/modeldeployments", modeldeployment(model={"source": "pvc://models/v1"}, apiKeySecret=key))
+        await eventually(lambda: api.children("apps/v1/deployments"), what="Deployment")
+        first = policy(api)
+        assert first is not None, "the NetworkPolicy is created with the Deployment"
+        kubernetes_validate.validate(first, "1.30.0", strict=True)
+        assert first["metadata"]["ownerReferences"][0]["uid"] == obj(api, "modeldeployments", "bot")["metadata"]["uid"]
+        (dep,) = api.children("apps/v1/deployments")
+        assert first["spec"]["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+        assert first["spec"]["ingress"] == [{"from": [{"podSelector": {}}], "ports": [{"protocol": "TCP", "port": 8000}]}]
+        # The key stays in its Secret: a file mount, not a value anywhere in the Deployment or status.
+        pod = dep["spec"]["template"]["spec"]
+        assert {"name": "api-keys", "secret": {"secretName": "bot-keys", "items": [{"key": "keys", "path": "keys"}],
+                                               "defaultMode": 0o440}} in pod["volumes"]
+        assert "--api-key-file" in pod["containers"][0]["command"]
+        assert "bot-keys" not in json.dumps(status(api, "modeldeployments", "bot"))
+
+        # A spec change of the allowed peers is applied to the existing policy.
+        peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}]
+        await api.patch(f"{KT}/modeldeployments/bot", {"spec": {"networkPolicy": {"from": peers}}})
+        await eventually(lambda: policy(api)["spec"]["ingress"][0]["from"] == peers, what="policy follows the spec")
+        assert policy(api)["metadata"]["uid"] == first["metadata"]["uid"]  # patched, not replaced
+
+        # Turned off: the operator (which may not delete) opens its policy to all ingress.
+        await api.patch(f"{KT}/modeldeployments/bot", {"spec": {"networkPolicy": {"enabled": False}}})
+        await eventually(lambda: policy(api)["spec"]["ingress"] == [{}], what="policy opened")
+        kubernetes_validate.validate(policy(api), "1.30.0", strict=True)
+        await eventually(lambda: condition(api, "modeldeployments", "bot", "Reconciled").get("status") == "True", what="reconciled")
+
+        # Someone else's NetworkPolicy under the name is never taken over.
+        foreign = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "other", "namespace": NS},
+                   "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
+        await api.post(f"/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies", foreign)
+        await api.post(f"{KT}/modeldeployments", modeldeployment("other", model={"source": "pvc://models/v1"}))
+        await eventually(lambda: condition(api, "modeldeployments", "other", "Reconciled").get("reason") == "NameConflict", what="conflict")
+        assert "NetworkPolicy other already exists" in condition(api, "modeldeployments", "other", "Reconciled")["message"]
+        assert "ownerReferences" not in policy(api, "other")["metadata"]
+
+
 async def test_admission_webhook_refuses_bad_evaljobs_and_modeldeployments_naming_the_field(operator):
     """kopf's real webhook server with AdmissionReviews as the API server sends them."""
     import asyncio
@@ -294,3 +340,26 @@ async def test_api_refusals_become_conditions_403_retried_422_failed(api, operat
         await eventually(lambda: status(api, "evaljobs", "refused").get("phase") == "Failed", what="422 -> Failed")
         failed = condition(api, "evaljobs", "refused", "Failed")
         assert failed["reason"] == "ApiRefused" and "create Job refused" in failed["message"]
+
+
+async def test_modeldeployment_of_an_s3_model_gets_its_initializer_plan_and_follows_a_new_model(api, operator):
+    """hf:// and s3:// models go through the initializer: a ConfigMap with its plan comes before
+    the Deployment, whose pods fetch first; a new model patches the plan and rolls out."""
+    async with operator():
+        await api.post(f"{KT}/modeldeployments", modeldeployment(model={"source": "s3://weights/v1"}, secrets={"s3": {"name": "s3-keys"}}))
+        await eventually(lambda: api.children("apps/v1/deployments"), what="Deployment created")
+        (plan_map,) = [c for c in api.children("v1/configmaps") if c["metadata"]["name"].endswith("-sources")]
+        plan = yaml.safe_load(plan_map["data"]["sources.yaml"])
+        assert [s["uri"] for s in plan["sources"]] == ["s3://weights/v1"]
+        pod = api.children("apps/v1/deployments")[0]["spec"]["template"]["spec"]
+        assert [c["name"] for c in pod["initContainers"]] == ["initializer"]
+        assert pod["containers"][0]["command"][2] == plan["sources"][0]["dest"]
+        await api.patch(f"{KT}/modeldeployments/bot", {"spec": {"model": {"source": "s3://weights/v2"}}})
+
+        def plan_uris():
+            (cm,) = [c for c in api.children("v1/configmaps") if c["metadata"]["name"].endswith("-sources")]
+            return [s["uri"] for s in yaml.safe_load(cm["data"]["sources.yaml"])["sources"]]
+
+        await eventually(lambda: plan_uris() == ["s3://weights/v2"], what="the plan patched")
+        await eventually(lambda: "weights--v2" in api.children("apps/v1/deployments")[0]["spec"]["template"]["spec"]["containers"][0]["command"][2],
+                         what="the new model rolled out")

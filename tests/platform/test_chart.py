@@ -253,7 +253,7 @@ def test_rbac_allows_every_create_the_planner_makes(rendered, scenario):
     children = planned_children() + pipeline_objects()
     kinds = {(c["apiVersion"].rpartition("/")[0], c["kind"]) for c in children}
     assert {("batch", "Job"), ("kubeflow.org", "PyTorchJob"), ("jobset.x-k8s.io", "JobSet"), ("apps", "Deployment"),
-            ("autoscaling", "HorizontalPodAutoscaler")} <= kinds
+            ("autoscaling", "HorizontalPodAutoscaler"), ("networking.k8s.io", "NetworkPolicy")} <= kinds
     for group, kind in kinds:
         for verb in ("create", "get", "patch"):
             assert allowed(rules, group, plural(kind), verb), f"the operator cannot {verb} {plural(kind)}.{group}"
@@ -364,15 +364,20 @@ def test_webhook_tenancy_checks_get_subject_access_reviews_and_nothing_else_clus
 def test_tenancy_allow_lists_and_pod_resources_reach_the_operator():
     env = env_of(operator_container(render({
         "tenancy": {"allowedRegistries": "registry.example/ml/", "allowedTolerations": "nvidia.com/gpu,spot",
-                    "allowedPriorityClasses": "team-low"},
+                    "allowedPriorityClasses": "team-low", "allowedEnv": "HF_ENDPOINT,HTTPS_PROXY"},
         "podResources": {"cpuPerGpu": "6", "memoryPerGpu": "48Gi"},
     })))
     assert env["KUBETUNE_ALLOWED_REGISTRIES"] == "registry.example/ml/"
     assert env["KUBETUNE_ALLOWED_TOLERATIONS"] == "nvidia.com/gpu,spot"
     assert env["KUBETUNE_ALLOWED_PRIORITY_CLASSES"] == "team-low"
     assert (env["KUBETUNE_CPU_PER_GPU"], env["KUBETUNE_MEMORY_PER_GPU"]) == ("6", "48Gi")
+    # The operator's env allow-list, read as the operator reads it: HF_ENDPOINT allowed, others still refused.
+    from kubetune.operator.api.common import redirecting_env_name
+
+    assert not redirecting_env_name("HF_ENDPOINT", env["KUBETUNE_ALLOWED_ENV"])
+    assert redirecting_env_name("AWS_ENDPOINT_URL", env["KUBETUNE_ALLOWED_ENV"])
     defaults = env_of(operator_container(render({})))
-    assert not {"KUBETUNE_ALLOWED_REGISTRIES", "KUBETUNE_CPU_PER_GPU"} & set(defaults)  # the operator's own defaults
+    assert not {"KUBETUNE_ALLOWED_REGISTRIES", "KUBETUNE_CPU_PER_GPU", "KUBETUNE_ALLOWED_ENV"} & set(defaults)  # the operator's own defaults
 
 
 def test_no_webhook_by_default(rendered):

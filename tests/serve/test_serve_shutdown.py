@@ -1,4 +1,5 @@
-"""`kubetune serve` as a process: SIGTERM lets the in-flight request finish, then the process exits 0."""
+"""`kubetune serve` as a process: SIGTERM lets the in-flight request finish, then the process exits 0
+at once, without the interpreter's teardown of torch (seconds on a busy box: the grace period)."""
 import json
 import signal
 import socket
@@ -9,13 +10,19 @@ import time
 import httpx
 
 
-def test_sigterm_drains_in_flight_requests_then_exits(tiny_dir):
+# `python -m kubetune`, plus an atexit hook that would leave a file if the interpreter's teardown ran.
+LAUNCH = ("import atexit, pathlib, sys; atexit.register(pathlib.Path(sys.argv.pop(1)).touch); "
+          "from kubetune.cli import main; sys.exit(main())")
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(tiny_dir, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
+    teardown_ran = tmp_path / "teardown-ran"
     server = subprocess.Popen(
-        [sys.executable, "-m", "kubetune", "serve", str(tiny_dir), "--served-model-name", "tiny",
+        [sys.executable, "-c", LAUNCH, str(teardown_ran), "serve", str(tiny_dir), "--served-model-name", "tiny",
          "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--allow-ignore-eos"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -45,6 +52,8 @@ def test_sigterm_drains_in_flight_requests_then_exits(tiny_dir):
         assert server.wait(timeout=60) == 0
         output = server.stdout.read()
         assert "Shutting down" in output or "shutting down" in output.lower()
+        assert "Finished server process" in output  # the log was flushed before the fast exit
+        assert not teardown_ran.exists(), "the interpreter's teardown ran after the drain (slow stop)"
     finally:
         if server.poll() is None:
             server.kill()

@@ -178,6 +178,12 @@ def test_distributed_checkpoints_hold_every_ranks_shards_and_are_complete(full_r
     assert ".metadata" in shards and len([s for s in shards if s.endswith(".distcp")]) == 2, shards  # one per rank
     assert (folder / "rng_rank_1.pt").is_file()
     assert not list((full_runs[2] / "checkpoints").glob("*.tmp-*"))
+    # checksums.json, written by rank 0 last, covers every rank's shards and RNG state
+    from kubetune.trainer.training.checkpointing import CHECKSUMS, verify_checkpoint
+
+    listed = json.loads((folder / CHECKSUMS).read_text())["files"]
+    assert {f"{SHARDED_STATE}/{s}" for s in shards} | {"rng_rank_1.pt", TRAINING_STATE} <= set(listed)
+    assert verify_checkpoint(folder) is None
     # only rank 0 wrote metrics.jsonl: one line per step and eval, no duplicates
     records = read_metrics(full_runs[2] / "metrics.jsonl")
     keys = [(r["step"], "eval_loss" in r) for r in records]

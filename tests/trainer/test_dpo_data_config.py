@@ -35,8 +35,6 @@ def test_builtin_dpo_configs_validate_and_name_their_recipe(name):
         ("model.quantize_base=nf4", "model.quantize_base: a quantized base cannot be trained in full"),
         ("dataset.format=alpaca", "dataset.format: the dpo recipe trains on preference pairs"),
         ("save_merged=true", "save_merged: only for LoRA-DPO"),
-        ("loggers=[tensorboard]", "loggers: the dpo recipe does not write to experiment trackers yet"),
-        ("early_stopping.patience=2", "early_stopping: not supported by the dpo recipe yet"),
     ],
 )
 def test_bad_dpo_settings_name_the_field(override, message):

@@ -77,7 +77,7 @@ def test_lora_recipe_resumes_exactly(tmp_path):
     assert {k.split(".")[1] for k in saved if k.startswith("optimizer.")} == {"state", "param_groups"}
     assert len({k for k in saved if k.startswith("optimizer.state.") and k.endswith(".exp_avg")}) == len(straight)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "distcp", "run.json", "training_state.pt",
+        "adapter_config.json", "adapter_model.safetensors", "checksums.json", "distcp", "run.json", "training_state.pt",
     ]
 
 

@@ -5,6 +5,7 @@ import torch
 from kubetune.trainer.training.checkpointing import (
     TRAINING_STATE,
     CheckpointManager,
+    CheckpointWriteError,
     ResumeError,
     load_training_state,
 )
@@ -35,7 +36,7 @@ def test_a_crash_while_writing_leaves_no_checkpoint_and_keeps_the_old_ones(tmp_p
         write_weights(folder)
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointWriteError, match="step-20 checkpoint.*disk full.*step_10 is untouched"):
         manager.save(20, crash, {"step": 20})
     # The old checkpoint was not pruned for a new one that never completed, and no half is left.
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_10"]

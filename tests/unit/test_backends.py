@@ -184,7 +184,7 @@ REMOTE_MODELS = {"spec.model.source": "s3://models/llama/3.1-8b", "spec.secrets.
 def test_every_backend_runs_the_same_pod_template(name, remote):
     job = trainjob_fits(example(name, **(REMOTE_MODELS if remote else {})))
     templates = {backend: normalized(pod_template_of(workload_of(job, backend))) for backend in AUTO_ORDER}
-    if not remote:
+    if not remote and not job.spec.dataset.source.startswith("hf://"):  # qwen2-qlora's dataset is on the Hub
         assert "initContainers" not in templates["job"]["spec"]
         (init,) = templates["trainjob"]["spec"].pop("initContainers")
         assert init["name"] == "initializer"

@@ -60,6 +60,11 @@ def mdep(**spec):
     return parse_object(doc, "test")
 
 
+def planned(dep, ftj=None):
+    """The ModelDeployment's children by kind."""
+    return {child["kind"]: child for child in plan_deployment(dep, ftj)}
+
+
 # ---- EvalJob ----------------------------------------------------------------------------------
 
 
@@ -196,8 +201,8 @@ def test_dependency_order_puts_references_first_and_refuses_cycles():
 
 
 def test_deployment_serves_the_finetunejobs_adapter_by_its_name_with_probes_and_no_downtime_rollouts():
-    service, deployment = plan_deployment(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body())
-    for obj in (service, deployment):
+    service, policy, deployment = plan_deployment(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body())
+    for obj in (service, policy, deployment):
         kubernetes_validate.validate(obj, K8S, strict=True)
         assert obj["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
     spec = deployment["spec"]
@@ -215,15 +220,15 @@ def test_deployment_serves_the_finetunejobs_adapter_by_its_name_with_probes_and_
     assert set(spec["selector"]["matchLabels"].items()) <= set(spec["template"]["metadata"]["labels"].items())
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     # Same input, same hash; a new FineTuneJob output (a re-run) changes the template and the hash.
-    again = plan_deployment(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body())[1]
+    again = planned(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body())["Deployment"]
     assert again["metadata"]["annotations"][SPEC_HASH_ANNOTATION] == deployment["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
-    rerun = plan_deployment(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body(uid="ftj-uid-2"))[1]
+    rerun = planned(mdep(adapters=[{"name": "support", "source": "pvc://adapters/support"}]), ftj_body(uid="ftj-uid-2"))["Deployment"]
     assert rerun["metadata"]["annotations"][SPEC_HASH_ANNOTATION] != deployment["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
 
 
 def test_vllm_arguments_are_vllms_documented_flags():
     dep = mdep(runtime="vllm", maxModelLen=4096, resources={"gpusPerNode": 4}, extraArgs=["--gpu-memory-utilization", "0.85"])
-    _, deployment = plan_deployment(dep, ftj_body())
+    deployment = planned(dep, ftj_body())["Deployment"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     argv = container["command"]
     assert argv[:2] == VLLM["command"] and argv[2] == "/mnt/model/llama"
@@ -254,14 +259,71 @@ def test_vllm_arguments_are_vllms_documented_flags():
 def test_autoscaling_makes_an_hpa_and_leaves_replicas_to_it():
     dep = mdep(model={"source": "pvc://models/llama"}, resources={"gpusPerNode": 1, "requests": {"cpu": "4"}},
                autoscaling={"minReplicas": 1, "maxReplicas": 4})
-    service, deployment, hpa = plan_deployment(dep)
+    service, _policy, deployment, hpa = plan_deployment(dep)
     kubernetes_validate.validate(hpa, K8S, strict=True)
     assert "replicas" not in deployment["spec"]
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "bot"}
     assert hpa["spec"]["metrics"][0]["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
     in_flight = mdep(model={"source": "pvc://models/llama"}, autoscaling={"maxReplicas": 3, "metric": "requestsInFlight", "target": 6})
-    pods_metric = plan_deployment(in_flight)[2]["spec"]["metrics"][0]["pods"]
+    pods_metric = planned(in_flight)["HorizontalPodAutoscaler"]["spec"]["metrics"][0]["pods"]
     assert pods_metric == {"metric": {"name": "kubetune_serve_running_sequences"}, "target": {"type": "AverageValue", "averageValue": "6"}}
+
+
+def server_pod(children):
+    return children["Deployment"]["spec"]["template"]["spec"]
+
+
+def test_api_key_secret_reaches_the_server_as_a_mounted_file_never_as_a_value():
+    key = {"name": "bot-keys", "key": "keys"}
+    children = planned(mdep(apiKeySecret=key), ftj_body())
+    kubernetes_validate.validate(children["Deployment"], K8S, strict=True)
+    pod = server_pod(children)
+    (container,) = pod["containers"]
+    argv = container["command"]
+    path = argv[argv.index("--api-key-file") + 1]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "bot-keys" and volume["secret"]["items"] == [{"key": "keys", "path": "keys"}]
+    assert volume["secret"]["defaultMode"] & 0o007 == 0  # not world-readable
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] and path == f"{mount['mountPath']}/keys"
+    # The server reads exactly this flag (a key file, one key per line).
+    from kubetune.cli import build_parser
+
+    args = build_parser().parse_args(["serve", *argv[2:]])
+    assert args.api_key_file == path and args.api_key == []
+    # The kubetune server's env does not touch the Secret; vLLM gets its one key through secretKeyRef.
+    assert "bot-keys" not in json.dumps(container["env"])
+    vllm = server_pod(planned(mdep(apiKeySecret=key, runtime="vllm"), ftj_body()))["containers"][0]
+    assert {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": key}} in vllm["env"]
+    assert "--api-key" not in vllm["command"] and "--api-key-file" not in vllm["command"]
+    assert "--api-key-file" not in server_pod(planned(mdep(), ftj_body()))["containers"][0]["command"]
+    # Naming the Secret needs the right to read it (the admission webhook's SubjectAccessReview).
+    from kubetune.operator.tenancy import Access, needs
+
+    assert ("spec.apiKeySecret", (Access("get", "secrets", "bot-keys"),)) in [(n.field, n.any_of) for n in needs(mdep(apiKeySecret=key))]
+
+
+def test_network_policy_admits_only_the_api_port_from_the_allowed_peers():
+    default = planned(mdep(port=8080), ftj_body())
+    policy = default["NetworkPolicy"]
+    kubernetes_validate.validate(policy, K8S, strict=True)
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "mdep-uid"
+    # It selects exactly the server pods, and denies every other ingress to them.
+    assert policy["spec"]["podSelector"]["matchLabels"] == default["Deployment"]["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8080}]
+    assert rule["from"] == [{"podSelector": {}}]  # default: every pod of the ModelDeployment's namespace
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}},
+              "podSelector": {"matchLabels": {"app": "ingress"}}},
+             {"podSelector": {"matchLabels": {"role": "client"}}}]
+    custom = planned(mdep(networkPolicy={"from": peers}), ftj_body())["NetworkPolicy"]
+    kubernetes_validate.validate(custom, K8S, strict=True)
+    assert custom["spec"]["ingress"][0]["from"] == peers
+    assert custom["metadata"]["annotations"][SPEC_HASH_ANNOTATION] != policy["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+    assert "NetworkPolicy" not in planned(mdep(networkPolicy={"enabled": False}), ftj_body())
+    with pytest.raises(KubetuneError, match="networkPolicy.*podSelector, namespaceSelector"):
+        mdep(networkPolicy={"from": [{}]})
 
 
 def test_deployment_refusals_name_the_field():
@@ -301,5 +363,112 @@ def test_the_example_pipeline_plans_on_the_example_finetunejob():
     assert promotion_metric_error(vllm.spec.promotion, evaljob) is None  # lm-eval tasks: any metric name
     for obj in plan_eval(evaljob, ftj) + plan_deployment(vllm, ftj) + plan_deployment(support):
         kubernetes_validate.validate(obj, K8S, strict=True)
-    argv = plan_deployment(vllm, ftj)[1]["spec"]["template"]["spec"]["containers"][0]["command"]
+    argv = planned(vllm, ftj)["Deployment"]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert argv[argv.index("--lora-modules") + 1] == "llama31-8b-lora=/mnt/output/adapter"
+
+
+# --- initializers: hf:// and s3:// models and adapters of EvalJobs and ModelDeployments ---------
+
+
+def init_of(pod):
+    return {c["name"]: c for c in pod.get("initContainers") or []}
+
+
+def restricted(pod_spec):
+    from pss import restricted_violations
+
+    return restricted_violations({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": pod_spec})
+
+
+def test_evaljob_fetches_hub_and_s3_models_with_the_initializer_before_the_baseline():
+    job = evj(model={"source": "hf://org/base@v1"}, adapter={"source": "s3://adapters/demo/lora"}, s3={"endpoint": "http://minio:9000"},
+              secrets={"hfToken": {"name": "hf", "key": "token"}, "s3": {"name": "s3-keys"}}, cache={"claimName": "model-cache"})
+    config_map, job_ = plan_eval(job)
+    pod = job_["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["initializer", "baseline"]  # fetched before anything reads it
+    init = init_of(pod)["initializer"]
+    assert init["command"] == ["kubetune", "initialize", "--plan", "/etc/kubetune/sources.yaml"]
+    plan = yaml.safe_load(config_map["data"]["sources.yaml"])
+    cfg = resolve_config("eval", yaml.safe_load(config_map["data"]["config.yaml"]))
+    assert plan == {"sources": [
+        {"field": "spec.model.source", "uri": "hf://org/base@v1", "dest": cfg.model.path},
+        {"field": "spec.adapter.source", "uri": "s3://adapters/demo/lora", "dest": cfg.adapter},
+    ], "s3": {"endpoint": "http://minio:9000"}}
+    assert cfg.model.path.startswith("/mnt/cache/hf/org--base-") and cfg.adapter.startswith("/mnt/cache/s3/adapters--demo--lora-")
+    baseline = yaml.safe_load(config_map["data"]["baseline.yaml"])
+    assert baseline["model"]["path"] == cfg.model.path and baseline["adapter"] is None
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in init["env"] if "valueFrom" in e}
+    assert secrets == {"HF_TOKEN": "hf", "AWS_ACCESS_KEY_ID": "s3-keys", "AWS_SECRET_ACCESS_KEY": "s3-keys"}
+    assert not any("AWS" in e["name"] for c in pod["containers"] + [init_of(pod)["baseline"]] for e in c["env"])  # only the initializer
+    assert {v["name"]: v for v in pod["volumes"]}["cache"] == {"name": "cache", "persistentVolumeClaim": {"claimName": "model-cache"}}
+    for container in pod["containers"] + [init_of(pod)["baseline"]]:
+        assert {"name": "cache", "mountPath": "/mnt/cache", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "cache", "mountPath": "/mnt/cache"} in init["volumeMounts"]  # the only writer
+    assert restricted(pod) == []
+    kubernetes_validate.validate(job_, K8S, strict=True)
+
+
+def test_evaljob_of_a_finetunejob_on_a_hub_model_fetches_that_base_model():
+    ftj = ftj_body()
+    ftj["spec"]["model"]["source"] = "hf://org/base"
+    config_map, job = plan_eval(evj(), ftj)
+    plan = yaml.safe_load(config_map["data"]["sources.yaml"])
+    assert [(s["field"], s["uri"]) for s in plan["sources"]] == [("spec.model.source of FineTuneJob demo", "hf://org/base")]
+    cfg = yaml.safe_load(config_map["data"]["config.yaml"])
+    assert cfg["model"]["path"] == plan["sources"][0]["dest"] and cfg["adapter"] == "/mnt/output/runs/demo/adapter"
+    assert init_of(job["spec"]["template"]["spec"])["initializer"]["image"] == job["spec"]["template"]["spec"]["containers"][0]["image"]
+
+
+def test_evaljob_without_remote_sources_has_no_initializer():
+    config_map, job = plan_eval(evj(), ftj_body())
+    assert "sources.yaml" not in config_map["data"]
+    assert [c["name"] for c in job["spec"]["template"]["spec"]["initContainers"]] == ["baseline"]
+    assert "cache" not in {v["name"] for v in job["spec"]["template"]["spec"]["volumes"]}
+
+
+@pytest.mark.parametrize("runtime", ["kubetune", "vllm"])
+def test_deployment_fetches_hub_and_s3_models_and_adapters_with_kubetunes_image(runtime):
+    md = mdep(model={"source": "s3://weights/llama"}, adapters=[{"name": "sql", "source": "hf://org/sql-lora"}], runtime=runtime,
+              secrets={"s3": {"name": "s3-keys"}})
+    children = plan_deployment(md, server_image="registry.example/kubetune-server:1")
+    kinds = [c["kind"] for c in children]
+    assert kinds.index("ConfigMap") < kinds.index("Deployment")  # the plan exists before any pod
+    sources_map = next(c for c in children if c["kind"] == "ConfigMap")
+    deployment = next(c for c in children if c["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["image"] == "registry.example/kubetune-server:1"  # vLLM's image has no `kubetune initialize`
+    assert {v["name"]: v for v in pod["volumes"]}["config"] == {"name": "config", "configMap": {"name": sources_map["metadata"]["name"]}}
+    plan = yaml.safe_load(sources_map["data"]["sources.yaml"])
+    dests = {s["field"]: s["dest"] for s in plan["sources"]}
+    argv = pod["containers"][0]["command"]
+    assert argv[2] == dests["spec.model.source"]
+    assert any(arg.endswith(f"sql={dests['spec.adapters[0].source']}") for arg in argv)
+    assert [e["name"] for e in init["env"] if "valueFrom" in e] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]  # no HF token was set
+    assert {v["name"]: v for v in pod["volumes"]}["cache"] == {"name": "cache", "emptyDir": {}}
+    assert restricted(pod) == []
+    for child in children:
+        kubernetes_validate.validate(child, K8S, strict=True)
+    # Another model: the plan changes and says so by its hash (the reconciler patches it).
+    other = plan_deployment(mdep(model={"source": "s3://weights/other"}, runtime=runtime), server_image="registry.example/kubetune-server:1")
+    other_map = next(c for c in other if c["kind"] == "ConfigMap")
+    assert other_map["metadata"]["annotations"][SPEC_HASH_ANNOTATION] != sources_map["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+
+
+def test_task_files_on_s3_are_still_refused_naming_the_field():
+    job = evj(tasks=[{"name": "t", "type": "generate", "source": "s3://bucket/tasks.jsonl"}])
+    with pytest.raises(KubetuneError, match=r"spec.tasks\[0\].source.*models, adapters and datasets only"):
+        plan_eval(job, ftj_body())
+
+
+@pytest.mark.parametrize("kind", ["EvalJob", "ModelDeployment", "FineTuneJob"])
+def test_the_cache_claim_is_a_claim_the_requester_must_be_allowed_to_read(kind):
+    from kubetune.operator.tenancy import Access, needs
+
+    if kind == "FineTuneJob":
+        doc = yaml.safe_load((REPO / "examples" / "finetune-tiny.yaml").read_text())
+        doc["spec"]["cache"] = {"claimName": "team-b-cache"}
+        obj = parse_object(doc, "test")
+    else:
+        obj = (evj if kind == "EvalJob" else mdep)(model={"source": "hf://org/base"}, cache={"claimName": "team-b-cache"})
+    assert ("spec.cache.claimName", (Access("get", "persistentvolumeclaims", "team-b-cache"),)) in [(n.field, n.any_of) for n in needs(obj)]

@@ -273,17 +273,23 @@ def test_generated_objects_validate_with_kubernetes_validate(name):
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
 
-def test_hub_models_are_fetched_by_the_initializer_and_hub_datasets_stay_with_the_trainer():
-    job = example("finetune-tiny.yaml", **{"spec.model.source": "hf://meta-llama/Llama-3.1-8B@main", "spec.dataset.source": "hf://tatsu-lab/alpaca"})
+def test_hub_models_and_datasets_are_fetched_by_the_initializer():
+    job = example("finetune-tiny.yaml", **{"spec.model.source": "hf://meta-llama/Llama-3.1-8B@main",
+                                            "spec.dataset.source": "hf://tatsu-lab/alpaca/default"})
     children = by_kind(plan(job, ClusterInfo()))
     cfg = yaml.safe_load(children["ConfigMap"]["data"]["config.yaml"])
     assert cfg["model"]["path"].startswith("/mnt/cache/hf/meta-llama--Llama-3.1-8B-")
-    assert cfg["dataset"]["source"] == "hf://tatsu-lab/alpaca"
+    assert cfg["dataset"]["source"].startswith("/mnt/cache/hf/tatsu-lab--alpaca-") and cfg["dataset"]["source"].endswith("/default")
     pod = children["Job"]["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     assert init["command"] == ["kubetune", "initialize", "--plan", "/etc/kubetune/sources.yaml"]
     sources = yaml.safe_load(children["ConfigMap"]["data"]["sources.yaml"])["sources"]
-    assert sources == [{"field": "spec.model.source", "uri": "hf://meta-llama/Llama-3.1-8B@main", "dest": cfg["model"]["path"]}]
+    assert sources == [
+        {"field": "spec.model.source", "uri": "hf://meta-llama/Llama-3.1-8B@main", "dest": cfg["model"]["path"]},
+        # the download's root; the trainer reads its config folder
+        {"field": "spec.dataset.source", "uri": "hf://tatsu-lab/alpaca/default", "dest": cfg["dataset"]["source"].removesuffix("/default")},
+    ]
+    assert {"name": "cache", "mountPath": "/mnt/cache", "readOnly": True} in pod["containers"][0]["volumeMounts"]
 
 
 # --- issue #26: pods a real cluster keeps, multi-node failures, restricted Pod Security ----------

@@ -36,5 +36,7 @@ def validate_config_file(path: str | Path, recipe: str | None = None) -> str:
     recipe = recipe or data.get("recipe")
     if not recipe:
         raise ConfigError(f"{path}: no `recipe:` key; pass --recipe NAME (see `kubetune ls`)")
+    if not isinstance(recipe, str):
+        raise ConfigError(f"{path}: recipe: must be a recipe name, got {type(recipe).__name__} {recipe!r} (see `kubetune ls`)")
     resolve_config(recipe, data)
     return recipe

@@ -48,10 +48,4 @@ class DPOConfig(TrainingConfig):
             raise ValueError("label_smoothing: not defined for loss ipo; set it to 0 or use loss dpo or simpo")
         if self.dataset.packed:
             raise ValueError("dataset.packed: preference pairs are not packed; set dataset.packed: false")
-        # The dpo recipe does not wire these yet: refuse them rather than accept and ignore them.
-        if self.loggers:
-            raise ValueError("loggers: the dpo recipe does not write to experiment trackers yet; remove loggers "
-                             "(its metrics are in output_dir/metrics.jsonl and on Prometheus)")
-        if self.early_stopping is not None:
-            raise ValueError("early_stopping: not supported by the dpo recipe yet; remove it and set max_steps")
         return self

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from kubetune.safe_yaml import safe_load
+from kubetune.safe_yaml import read_user_text, safe_load
 from kubetune.trainer.config.base import ConfigError, format_validation_error
 
 BUILTIN_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -31,7 +31,7 @@ def load_config(path_or_name: str | Path) -> dict[str, Any]:
             )
         path = builtin
     try:
-        data = safe_load(path.read_text(), str(path)) or {}
+        data = safe_load(read_user_text(path, ConfigError), str(path)) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -79,7 +79,7 @@ def _chat_pairs(data: dict[str, Any], where: str, tokenizer: Any) -> list[tuple[
 
 def split_conversations(data: dict[str, Any], where: str) -> tuple[list[dict], list[list[dict]]]:
     """(prompt messages, [chosen reply messages, rejected reply messages]) of a chat record."""
-    as_lists = {side: _as_messages(data[side], "assistant") for side in SIDES}
+    as_lists = {side: _as_messages(data[side], "assistant", where, side) for side in SIDES}
     shared = 0
     chosen, rejected = as_lists["chosen"], as_lists["rejected"]
     while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
@@ -88,7 +88,7 @@ def split_conversations(data: dict[str, Any], where: str) -> tuple[list[dict], l
     if not prompt:
         if data.get("prompt") is None:
             raise DatasetError(f"{where}: field 'prompt' is missing ({HINT})")
-        prompt = _as_messages(data["prompt"], "user")
+        prompt = _as_messages(data["prompt"], "user", where, "prompt")
     prompt = validate_messages(prompt + [{"role": "assistant", "content": ""}], where)[:-1]
     replies = []
     for side in SIDES:
@@ -99,8 +99,13 @@ def split_conversations(data: dict[str, Any], where: str) -> tuple[list[dict], l
     return prompt, replies
 
 
-def _as_messages(value: Any, role: str) -> list[dict]:
-    return [{"role": role, "content": value}] if isinstance(value, str) else list(value) if isinstance(value, list) else value
+def _as_messages(value: Any, role: str, where: str, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        return list(value)
+    raise DatasetError(f"{where}: field '{field}' must be a string or a list of {{role, content}} messages, "
+                       f"got {type(value).__name__}")
 
 
 def preference_records(seed: int = 0) -> list[dict[str, str]]:

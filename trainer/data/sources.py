@@ -3,7 +3,9 @@ folders, the optional Hugging Face `datasets` library, or the built-in synthetic
 
 Plain `.txt` files are text records: one document per file (`txt_documents: file`), or one per
 block of lines separated by a blank line (`txt_documents: blank_line`). A folder source holds
-`<split>.<ext>`; failing that, a folder of `.txt` files is read whole (sorted by name).
+`<split>.<ext>`, or the split's shards as a Hub dataset repository lays them out
+(`data/<split>-00000-of-00002.parquet`, `<split>/...`); failing that, a folder of `.txt` files is
+read whole (sorted by name).
 
 Every record keeps a note of where it came from ("train.jsonl record 12 (line 12)") so a
 malformed one is reported by file and record number. Torch-free.
@@ -11,11 +13,13 @@ malformed one is reported by file and record number. Torch-free.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubetune.errors import KubetuneError
+from kubetune.safe_yaml import read_user_text
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 BUILTIN_SOURCES = ("builtin://tiny_instruct", "builtin://tiny_preference")
@@ -48,18 +52,33 @@ def load_records(source: str, split: str = "train", text_key: str = "text", txt_
         if not has_split(source, split) and any(path.glob("*.txt")):
             files = sorted(path.glob("*.txt"))
             return [r for file in files for r in _read_txt(file, text_key, txt_documents)]
-        path = _split_file(path, split)
+        files = _split_files(path, split)
     elif not path.is_file():
         raise DatasetError(f"dataset.source {source}: no such file or folder")
-    if path.suffix.lower() == ".txt":
-        return _read_txt(path, text_key, txt_documents)
-    return read_file(path)
+    else:
+        files = [path]
+    return [r for file in files for r in (_read_txt(file, text_key, txt_documents) if file.suffix.lower() == ".txt" else read_file(file))]
 
 
 def has_split(source: str, split: str) -> bool:
-    """Whether a folder source holds a file for `split` (hf:// sources are asked at load time)."""
+    """Whether a folder source holds files for `split` (hf:// sources are asked at load time)."""
     path = Path(source).expanduser()
-    return path.is_dir() and any((path / f"{split}{suffix}").is_file() for suffix in FILE_SUFFIXES)
+    return path.is_dir() and bool(_hub_split_files(path, split) or any((path / f"{split}{suffix}").is_file() for suffix in FILE_SUFFIXES))
+
+
+def _hub_split_files(folder: Path, split: str) -> list[Path]:
+    """A split's files laid out as in a Hugging Face Hub dataset repository (what the initializer
+    downloads for an hf:// dataset), by the Hub's data-files convention: a `<split>/` folder, or
+    files named `<split>-...`, `<split>_...`, `<split>.N...` in the folder or its `data/` folder
+    (`data/train-00000-of-00002.parquet`). Shards in name order."""
+    named = re.compile(rf"^{re.escape(split)}([-_.][^/]*)?$")
+    found: list[Path] = []
+    for where in (folder, folder / "data"):
+        if (where / split).is_dir():
+            found += sorted(p for p in (where / split).rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+        if where.is_dir():
+            found += sorted(p for p in where.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES and named.match(p.stem))
+    return found
 
 
 def read_file(path: Path) -> list[SourceRecord]:
@@ -75,25 +94,33 @@ def read_file(path: Path) -> list[SourceRecord]:
     raise DatasetError(f"{path}: unsupported file type '{suffix}'; use .jsonl, .json, .parquet or .txt")
 
 
-def _split_file(folder: Path, split: str) -> Path:
+def _split_files(folder: Path, split: str) -> list[Path]:
     for suffix in FILE_SUFFIXES:
         candidate = folder / f"{split}{suffix}"
         if candidate.is_file():
-            return candidate
+            return [candidate]
+    hub = _hub_split_files(folder, split)
+    if hub:
+        return hub
     found = sorted(p.name for p in folder.iterdir() if p.suffix in FILE_SUFFIXES)
     raise DatasetError(
         f"dataset.source {folder}: no file for split '{split}' (looked for {split}.jsonl, {split}.json, "
-        f"{split}.parquet); found: {', '.join(found) or 'nothing'}; set dataset.split to one of them"
+        f"{split}.parquet, and {split}-*/{split}/ files there or in data/); found: {', '.join(found) or 'nothing'}; "
+        "set dataset.split to one of them"
     )
 
 
 def _read_jsonl(path: Path) -> list[SourceRecord]:
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path} record {len(records) + 1} (line {line_number})"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path} record {len(records) + 1} (line {line_number})"
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -102,9 +129,13 @@ def _read_jsonl(path: Path) -> list[SourceRecord]:
     return records
 
 
+def read_utf8(path: Path) -> str:
+    return read_user_text(path, DatasetError)
+
+
 def _read_json(path: Path) -> list[SourceRecord]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     if not isinstance(data, list):
@@ -127,10 +158,7 @@ def _read_parquet(path: Path) -> list[SourceRecord]:
 
 def _read_txt(path: Path, text_key: str, documents: str) -> list[SourceRecord]:
     """A plain text file as text records: the whole file, or each blank-line-separated block."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_utf8(path)
     if documents == "file":
         return [SourceRecord({text_key: text}, f"{path}")] if text.strip() else []
     blocks, current, first_line = [], [], 1

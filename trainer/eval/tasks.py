@@ -199,11 +199,15 @@ def load_samples(path: str | Path, task_type: str, options: dict[str, Any]) -> l
     if not path.is_file():
         raise TaskError(f"task file {path} not found; point the task's `path` at a local JSONL file")
     samples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TaskError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:

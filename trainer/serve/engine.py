@@ -5,8 +5,10 @@ between decode steps, waiting sequences join the running set up to max_concurren
 together, a few forwards of at most `max_prefill_tokens` padded tokens each; the choices of one
 prompt share its prefill: the others copy its cache row), then one batched decode step advances
 every running sequence by a token, sampled for the whole batch at once. Finished or cancelled sequences leave at once, freeing their row for the next waiting
-one. The model runs on a plain thread so the HTTP event loop stays responsive; results go back to
-each request's asyncio queue with `call_soon_threadsafe`.
+one. The model runs on a plain thread so the HTTP event loop stays responsive; the events of a
+prefill or a decode step go back to the requests' asyncio queues together, in one
+`call_soon_threadsafe` per event loop (one wake-up of the loop per step, not one per row: each
+cost ~0.4 ms of the engine thread, 32 per step at concurrency 32).
 
 Shared by every client, so (docs/security.md): a request is admitted all-or-nothing; waiting
 sequences join round-robin across clients (an API key, or one anonymous client) and a client may
@@ -103,10 +105,8 @@ class RequestHandle:
             self._queue.put_nowait(_CANCELLED)  # wake up a consumer waiting in events()
 
     def _put(self, event: Event) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
-            pass
+        """From the engine thread: queued with the step's other events, delivered by Engine._flush."""
+        self._engine._outbox.append((self, event))
 
     async def events(self) -> AsyncIterator[Event]:
         """Events of all choices as they come, until every choice finished."""
@@ -170,6 +170,7 @@ class Engine:
         self._stopping = False
         self._dead: Optional[str] = None  # why the worker thread died
         self._thread: Optional[threading.Thread] = None
+        self._outbox: list[tuple[RequestHandle, Event]] = []  # this step's events (engine thread only)
 
     @property
     def max_model_len(self) -> int:
@@ -326,9 +327,25 @@ class Engine:
             self._update_gauges()
             if admitted:
                 self._prefill(admitted)
+                self._flush()  # first tokens out before the next decode step
             self._drop_cancelled()
             if self._running:
                 self._decode()
+                self._flush()
+
+    def _flush(self) -> None:
+        """Hand the queued events to their event loops: one call_soon_threadsafe per loop."""
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Event]]] = {}
+        for handle, event in batch:
+            per_loop.setdefault(handle._loop, []).append((handle, event))
+        for loop, items in per_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+                pass
 
     def _die(self, err: BaseException) -> None:
         """The loop cannot go on: fail every waiting and running request now (nobody would ever answer them)."""
@@ -341,6 +358,7 @@ class Engine:
             self._load.clear()
         for seq in pending:
             seq.handle._put(Event(seq.choice, "", "error", error="generation failed"))
+        self._flush()
         self._update_gauges()
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
@@ -489,6 +507,11 @@ class Engine:
         if self.metrics:
             self.metrics.running.set(len(self._running))
             self.metrics.waiting.set(self._waiting_count)
+
+
+def _deliver(items: list[tuple[RequestHandle, Event]]) -> None:
+    for handle, event in items:
+        handle._queue.put_nowait(event)
 
 
 def engine_dead() -> ServeError:

@@ -222,6 +222,15 @@ class BatchedRunner:
                 out = out.index_add(0, rows, (x[rows] @ a.T @ b.T) * scale)
         return out
 
+    def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """q [B, heads, 1, D] over keys/values [B, kv_heads, L, D] with bias [B, 1, 1, L]: softmax(q k^T / sqrt(D) + bias) v."""
+        batch = q.shape[0]
+        group = self.n_heads // self.n_kv_heads
+        q = q.reshape(batch, self.n_kv_heads, group, self.head_dim)  # the heads sharing a K/V head, as rows
+        scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(self.head_dim ** -0.5).add_(bias)
+        out = torch.matmul(scores.softmax(dim=-1), values)  # [B, kv_heads, group, D]
+        return out.reshape(batch, self.n_heads, 1, self.head_dim)
+
     def _forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, *, rows: slice, adapters: Sequence[int]
     ) -> torch.Tensor:
@@ -237,6 +246,13 @@ class BatchedRunner:
         if self.sliding_window is not None:
             mask = mask & (positions[..., None] - key_positions[None, None, :] < self.sliding_window)
         mask = mask[:, None]
+        # Decode (one new token per row): attention as two batched matmuls, each query head group
+        # against its shared K/V head (no K/V repeated for GQA), with the mask as an additive bias
+        # built once for all layers. SDPA's CPU kernel is tuned for long queries and took ~11% of a
+        # decode step (benchmarks/serve_throughput.md).
+        decode_bias = None
+        if width == 1:
+            decode_bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(~mask, float("-inf"))
         batch_index = torch.arange(rows.start, rows.stop, device=self.device)[:, None].expand(batch, width)
 
         x = self.model.model.embed_tokens(tokens)
@@ -253,7 +269,10 @@ class BatchedRunner:
             self.v_cache[i][batch_index, :, positions] = v.transpose(1, 2)
             keys = self.k_cache[i, rows, :, :key_len]
             values = self.v_cache[i, rows, :, :key_len]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            if decode_bias is not None:
+                out = self._decode_attention(q, keys, values, decode_bias)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
             out = out.transpose(1, 2).reshape(batch, width, self.n_heads * self.head_dim)
             x = x + self._project(attn.o_proj, out, (i, "o_proj"), groups)
             h = layer.post_attention_layernorm(x)

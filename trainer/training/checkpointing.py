@@ -12,28 +12,49 @@ Several nodes must share output_dir (one ReadWriteMany volume), since every rank
 
 Given the run it belongs to (`run=`, a `resume.RunRecord`), each checkpoint also carries the
 run's `run.json`, and pruning and `latest_of(run_id)` only ever consider that run's checkpoints.
+
+Integrity: the last file written into a checkpoint, before the rename, is `checksums.json` (the
+size and sha256 of every other file, every rank's shards included). Resume verifies the newest
+checkpoint against it; one that fails (a truncated safetensors file, a damaged optimizer shard or
+training state, a missing file: disks and copies do that after the fact) is named in a warning and
+the next older checkpoint is used instead. A checkpoint written before checksums existed gets a
+structure check (the safetensors headers fit the file sizes, training_state.pt loads). Pruning
+counts only checkpoints not known to be damaged, so a damaged one never displaces a good one.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import os
 import re
+import struct
 import shutil
 import uuid
 import warnings
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
+from kubetune.errors import KubetuneError
 from kubetune.trainer.training.resume import RUN_FILE, ResumeError, RunRecord  # noqa: F401 (ResumeError re-exported)
 
 if TYPE_CHECKING:
     from kubetune.trainer.distributed import World
 
+log = logging.getLogger("kubetune.checkpoint")
 TRAINING_STATE = "training_state.pt"
+CHECKSUMS = "checksums.json"  # {"files": {relative path: {"size": bytes, "sha256": hex}}}, written last
 SHARDED_STATE = "distcp"  # torch.distributed.checkpoint folder: {"model": ..., "optimizer": ...}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointWriteError(KubetuneError):
+    """A checkpoint could not be written (a full disk, say); the message says what was kept."""
 
 
 class CheckpointManager:
@@ -42,6 +63,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.run = run  # resume.RunRecord: written into every checkpoint; pruning keeps to its checkpoints
         self.protected: set[int] = set()  # steps pruning keeps whatever keep_last says (the best checkpoint)
+        self.damaged: dict[Path, str] = {}  # checkpoints that failed verification -> what is wrong
 
     def complete_checkpoints(self, run_id: Optional[str] = None) -> list[tuple[int, Path]]:
         """(step, folder) of every complete checkpoint (of run `run_id` when given), oldest first."""
@@ -50,22 +72,36 @@ class CheckpointManager:
         found = []
         for child in self.dir.iterdir():
             match = _STEP_DIR.match(child.name)
-            if match and (child / TRAINING_STATE).is_file() and (run_id is None or checkpoint_run_id(child) == run_id):
+            if match and (child / TRAINING_STATE).is_file() and (run_id is None or _run_id_or_unreadable(child) in (run_id, "")):
                 found.append((int(match.group(1)), child))
         return sorted(found)
 
     def latest(self) -> Optional[Path]:
-        checkpoints = self.complete_checkpoints()
-        return checkpoints[-1][1] if checkpoints else None
+        """The newest intact complete checkpoint (damaged newer ones are skipped, with a warning)."""
+        return self._newest_intact(self.complete_checkpoints())
 
     def latest_of(self, run_id: str) -> Optional[Path]:
-        """The newest complete checkpoint of run `run_id` (what resume: auto continues from)."""
-        checkpoints = self.complete_checkpoints(run_id)
-        return checkpoints[-1][1] if checkpoints else None
+        """The newest intact complete checkpoint of run `run_id` (what resume: auto continues from)."""
+        return self._newest_intact(self.complete_checkpoints(run_id))
+
+    def _newest_intact(self, checkpoints: list[tuple[int, Path]]) -> Optional[Path]:
+        for _, folder in reversed(checkpoints):
+            problem = verify_checkpoint(folder)
+            if problem is None:
+                return folder
+            self.damaged[folder] = problem
+            older = [f.name for _, f in checkpoints if f not in self.damaged]
+            log.warning("checkpoint %s is damaged: %s; %s", folder, problem,
+                        f"resuming from the previous one, {older[-1]}, instead" if older else "no older checkpoint is left")
+        return None
+
+    def damage_report(self) -> str:
+        """The damaged checkpoints found so far and what is wrong with each (for error messages)."""
+        return "; ".join(f"{folder.name}: {problem}" for folder, problem in sorted(self.damaged.items()))
 
     def resume_from(self, resume: str) -> Optional[Path]:
-        """The checkpoint `resume:` names: auto = the newest complete one (or none), never = none,
-        anything else = that folder, which must be a complete checkpoint."""
+        """The checkpoint `resume:` names: auto = the newest intact complete one (or none), never =
+        none, anything else = that folder, which must be a complete, intact checkpoint."""
         if resume == "never":
             return None
         if resume == "auto":
@@ -75,6 +111,12 @@ class CheckpointManager:
             raise ResumeError(
                 f"resume: {resume} is not a complete checkpoint (no {TRAINING_STATE}); use resume: auto to pick "
                 f"the newest one in {self.dir}, or resume: never to start fresh"
+            )
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise ResumeError(
+                f"resume: {resume} is damaged: {problem}; name an older checkpoint, or use resume: auto to take "
+                f"the newest intact one in {self.dir}"
             )
         return path
 
@@ -105,26 +147,20 @@ class CheckpointManager:
             tmp = self.dir / f"step_{step}.tmp-{uuid.uuid4().hex[:8]}"
         tmp = world.broadcast_object(tmp)
         try:
-            write_model(tmp)
-            if world.is_main:
-                tmp.mkdir(exist_ok=True)
-                if self.run is not None:
-                    self.run.write(tmp / RUN_FILE)
-            world.barrier()  # the folder exists before the other ranks write into it
-            if sharded_state is not None:
-                import torch.distributed.checkpoint as dcp
-
-                with _single_process_is_intended():
-                    dcp.save(sharded_state, checkpoint_id=str(tmp / SHARDED_STATE), no_dist=not world.distributed)
-            if rank_state is not None and not world.is_main:
-                _save_fsynced(rank_state, tmp / rank_state_name(world.rank))
-            world.barrier()  # every rank's shards are on disk
-            if world.is_main:
-                _save_fsynced(training_state, tmp / TRAINING_STATE)
-                if final.exists():  # the same step saved again (e.g. SIGTERM right after a periodic save)
-                    shutil.rmtree(final)
-                os.rename(tmp, final)
-                _fsync_dir(self.dir)
+            self._write(tmp, final, write_model, training_state, world, sharded_state, rank_state)
+        except KubetuneError:
+            raise
+        # A full disk, a file-size limit, a lost volume: say so, and what is kept. torch.distributed.
+        # checkpoint wraps a failed write in CheckpointException (a BaseException, not an Exception).
+        except (Exception, CheckpointException) as err:
+            previous = [f.name for _, f in self.complete_checkpoints(self.run.run_id if self.run else None)]
+            kept = (f"the previous checkpoint {self.dir / previous[-1]} is untouched and resume: auto continues from it"
+                    if previous else "no earlier checkpoint exists")
+            raise CheckpointWriteError(
+                f"could not write the step-{step} checkpoint into {self.dir} ({describe_error(err)}; "
+                f"{_free_space(self.dir)}); nothing of it was left behind, {kept}; free space on that volume (or lower "
+                f"keep_last_checkpoints, or save less often) and run again"
+            ) from err
         finally:
             if world.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -133,14 +169,45 @@ class CheckpointManager:
         world.barrier()  # no rank runs ahead (and may be killed) before the checkpoint is in place
         return final
 
+    def _write(self, tmp: Path, final: Path, write_model: Callable[[Path], None], training_state: dict[str, Any],
+               world: "World", sharded_state: Optional[dict[str, Any]], rank_state: Optional[dict[str, Any]]) -> None:
+        """save()'s writing half: everything into `tmp`, then `tmp` renamed to `final` (rank 0)."""
+        write_model(tmp)
+        if world.is_main:
+            tmp.mkdir(exist_ok=True)
+            if self.run is not None:
+                self.run.write(tmp / RUN_FILE)
+        world.barrier()  # the folder exists before the other ranks write into it
+        if sharded_state is not None:
+            import torch.distributed.checkpoint as dcp
+
+            with _single_process_is_intended():
+                dcp.save(sharded_state, checkpoint_id=str(tmp / SHARDED_STATE), no_dist=not world.distributed)
+        if rank_state is not None and not world.is_main:
+            _save_fsynced(rank_state, tmp / rank_state_name(world.rank))
+        world.barrier()  # every rank's shards are on disk
+        if world.is_main:
+            _save_fsynced(training_state, tmp / TRAINING_STATE)
+            write_checksums(tmp)  # last: a folder with a valid checksums.json was written in full
+            _replace_folder(tmp, final)
+            self.damaged.pop(final, None)
+
     def prune(self) -> None:
         """Keep the newest keep_last complete checkpoints of the current run (and protected steps);
         remove leftovers of interrupted writes. Another run's checkpoints are never pruned here."""
         checkpoints = self.complete_checkpoints(self.run.run_id if self.run is not None else None)
-        for step, folder in checkpoints[: max(0, len(checkpoints) - self.keep_last)]:
+        # Only intact checkpoints count towards keep_last: a damaged one never displaces a good one.
+        # A damaged one goes once an intact newer one exists (nothing would resume from it).
+        intact = [(step, folder) for step, folder in checkpoints if folder not in self.damaged]
+        newest_intact = intact[-1][0] if intact else None
+        for step, folder in intact[: max(0, len(intact) - self.keep_last)]:
             if step not in self.protected:
                 shutil.rmtree(folder, ignore_errors=True)
-        for child in self.dir.glob("step_*.tmp-*"):
+        for step, folder in checkpoints:
+            if folder in self.damaged and newest_intact is not None and step < newest_intact:
+                log.warning("removing damaged checkpoint %s (%s)", folder, self.damaged.pop(folder))
+                shutil.rmtree(folder, ignore_errors=True)
+        for child in [*self.dir.glob("step_*.tmp-*"), *self.dir.glob("step_*.replaced-*")]:
             shutil.rmtree(child, ignore_errors=True)
 
 
@@ -148,6 +215,15 @@ def checkpoint_run_id(checkpoint: Path) -> Optional[str]:
     """The id of the run a checkpoint belongs to (None: written without a run record)."""
     record = RunRecord.read(checkpoint / RUN_FILE)
     return record.run_id if record else None
+
+
+def _run_id_or_unreadable(checkpoint: Path) -> Optional[str]:
+    """checkpoint_run_id, or "" when its run.json is damaged: such a checkpoint is listed with this
+    output_dir's run, so that verification names the damage (rather than it silently vanishing)."""
+    try:
+        return checkpoint_run_id(checkpoint)
+    except ResumeError:
+        return ""
 
 
 def load_training_state(checkpoint: Path, rank: int = 0) -> dict[str, Any]:
@@ -159,6 +235,78 @@ def load_training_state(checkpoint: Path, rank: int = 0) -> dict[str, Any]:
     if rank > 0 and own.is_file():
         state.update(torch.load(own, map_location="cpu", weights_only=True))
     return state
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def write_checksums(folder: Path) -> None:
+    """checksums.json: the size and sha256 of every file in `folder` (written atomically, fsynced).
+    Files are hashed in parallel threads (hashlib releases the GIL on large blocks)."""
+    files = _files(folder)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(_sha256, files))
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
+    tmp = folder / f".{CHECKSUMS}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump({"files": entries}, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, folder / CHECKSUMS)
+
+
+def verify_checkpoint(folder: Path) -> Optional[str]:
+    """What is wrong with a checkpoint folder (None: intact): every file checksums.json lists must
+    be there with its size and sha256; without checksums.json (an older kubetune), a structure check."""
+    manifest = folder / CHECKSUMS
+    if not manifest.is_file():
+        return _structure_problem(folder)
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        expected = {name: (int(e["size"]), str(e["sha256"])) for name, e in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{CHECKSUMS} is unreadable ({err})"
+    for name, (size, sha) in sorted(expected.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{name} has {actual} bytes, {size} were written (truncated or overwritten)"
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = dict(zip(expected, pool.map(_sha256, (folder / name for name in expected))))
+    for name, (_, sha) in sorted(expected.items()):
+        if digests[name] != sha:
+            return f"{name} does not match its sha256 in {CHECKSUMS} (its content changed after it was written)"
+    return None
+
+
+def _structure_problem(folder: Path) -> Optional[str]:
+    """For checkpoints without checksums: safetensors headers that fit their files, a loadable state."""
+    for path in sorted(folder.rglob("*.safetensors")):
+        try:
+            with open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+            return f"{path.relative_to(folder)} is not a readable safetensors file ({err})"
+        if path.stat().st_size != 8 + length + end:
+            return f"{path.relative_to(folder)} has {path.stat().st_size} bytes, its header says {8 + length + end} (truncated)"
+    try:
+        torch.load(folder / TRAINING_STATE, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (any unpickling failure means the same: unusable)
+        return f"{TRAINING_STATE} does not load ({type(err).__name__}: {err})"
+    return None
 
 
 def rank_state_name(rank: int) -> str:
@@ -195,8 +343,14 @@ def load_sharded_training_state(checkpoint: Path, model: torch.nn.Module, optimi
             "or is damaged; resume from another checkpoint, or set resume: never"
         )
     state = sharded_training_state(model, optimizer)
-    with _single_process_is_intended():
-        dcp.load(state, checkpoint_id=str(folder), no_dist=not torch.distributed.is_initialized())
+    try:
+        with _single_process_is_intended():
+            dcp.load(state, checkpoint_id=str(folder), no_dist=not torch.distributed.is_initialized())
+    except (Exception, CheckpointException) as err:  # checksums passed (or a pre-checksum checkpoint): still unusable
+        raise ResumeError(
+            f"{checkpoint}: {SHARDED_STATE}/ does not load ({describe_error(err)}); resume from another checkpoint "
+            "(resume: <folder>), or set resume: never"
+        ) from None
     # strict=False: the frozen base is left out on purpose (dcp.load has already checked that every
     # trainable tensor and its optimizer state was in the checkpoint).
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
@@ -210,6 +364,41 @@ def _single_process_is_intended() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+def _free_space(folder: Path) -> str:
+    """How much room the volume has left (torch's own writers can lose the errno: "unexpected pos")."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for an I/O failure; a CheckpointException is reduced to each rank's own error (its
+    str() is a multi-line traceback)."""
+    if isinstance(err, CheckpointException):
+        return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in sorted(err.failures.items()))
+    return f"{type(err).__name__}: {err}"
+
+
+def _replace_folder(new: Path, final: Path) -> None:
+    """Rename `new` to `final`. A `final` already there (the same step saved again, e.g. SIGTERM right
+    after a periodic save) is moved aside first and removed only once `new` is in place; if that
+    rename fails it is moved back: never a moment where a failure leaves neither."""
+    replaced = None
+    if final.exists():
+        replaced = final.with_name(f"{final.name}.replaced-{uuid.uuid4().hex[:8]}")
+        os.rename(final, replaced)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        if replaced is not None:
+            os.rename(replaced, final)
+        raise
+    _fsync_dir(final.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def _save_fsynced(obj: Any, path: Path) -> None:

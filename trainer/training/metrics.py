@@ -57,6 +57,10 @@ class PrometheusExporter:
 # metrics.jsonl keys -> the names experiment trackers see
 TRACKED = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
            "tokens_per_second": "train/tokens_per_second", "eval_loss": "eval/loss"}
+# The dpo recipe's rewards: rewards/chosen -> train/rewards/chosen, eval_rewards/... -> eval/rewards/...
+TRACKED.update({f"{prefix}rewards/{name}": f"{section}/rewards/{name}"
+                for prefix, section in (("", "train"), ("eval_", "eval"))
+                for name in ("chosen", "rejected", "margin", "accuracy")})
 
 
 class MetricsLog:
@@ -68,7 +72,8 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int = 0, enabled: bool = True, fresh: bool = False, trackers: Any = None):
         """enabled=False (ranks other than 0 under torchrun): writes nothing, touches no file.
         fresh=True (a new run): the file starts empty. `trackers` (trackers.Trackers) get every
-        record too, as train/loss, train/lr, train/grad_norm, train/tokens_per_second, eval/loss."""
+        record too, as train/loss, train/lr, train/grad_norm, train/tokens_per_second, eval/loss (and
+        the dpo recipe's train/rewards/* and eval/rewards/*)."""
         self.path = path
         self._file = None
         self.trackers = trackers

@@ -221,9 +221,11 @@ def plan_resume(cfg: Any, checkpoints: Any, total_steps: int, world_size: int = 
                 return ResumePlan(current, checkpoint, False, [f"resuming run {current.run_id} from {checkpoint}"])
             occupied = _occupants(output_dir)
             if occupied:  # finished without checkpoints: a fresh start would overwrite its outputs
+                damaged = checkpoints.damage_report()
                 raise ResumeError(
-                    f"output_dir {output_dir} holds run {current.run_id} ({', '.join(occupied)}) with no checkpoint "
-                    f"to resume from; {_ways_out(output_dir)}"
+                    f"output_dir {output_dir} holds run {current.run_id} ({', '.join(occupied)}) with no "
+                    + (f"intact checkpoint to resume from (damaged: {damaged})" if damaged else "checkpoint to resume from")
+                    + f"; {_ways_out(output_dir)}"
                 )
             return fresh(f"run {current.run_id} left no checkpoint in {output_dir}: starting it again from step 0")
 

@@ -1,0 +1,251 @@
+"""Checkpoint integrity, at the checkpoint manager: every checkpoint carries checksums.json (size and
+sha256 of every file, DCP shards included), written last; resume detects a damaged newest checkpoint
+(truncated safetensors, garbage optimizer or training state, a missing file, a damaged manifest),
+names what is wrong in a warning and takes the previous one; pruning never lets a damaged checkpoint
+displace a good one. The end-to-end half (a real resumed run equal to an uninterrupted one) is in
+test_resume_faults.py."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kubetune.trainer.training.checkpointing import (
+    CHECKSUMS,
+    TRAINING_STATE,
+    CheckpointManager,
+    ResumeError,
+    load_sharded_training_state,
+    sharded_training_state,
+    verify_checkpoint,
+)
+
+
+def tiny():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def save(manager, step, model, optimizer):
+    def write(folder):
+        folder.mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+
+    return manager.save(step, write, {"step": step, "optimizer_note": torch.arange(50)},
+                        sharded_state=sharded_training_state(model, optimizer))
+
+
+def truncate(path):
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def garbage_same_size(path):
+    path.write_bytes(os.urandom(path.stat().st_size))  # only a checksum can tell
+
+
+def flip_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "truncated safetensors": ("model.safetensors", truncate, "model.safetensors has"),
+    "one flipped byte in the weights": ("model.safetensors", flip_one_byte, "model.safetensors does not match its sha256"),
+    "garbage optimizer shard (same size)": ("distcp/__0_0.distcp", garbage_same_size, "distcp/__0_0.distcp does not match"),
+    "garbage training state": (TRAINING_STATE, lambda p: p.write_bytes(b"not a pickle"), f"{TRAINING_STATE} has"),
+    "missing DCP metadata": ("distcp/.metadata", lambda p: p.unlink(), "distcp/.metadata is missing"),
+    "missing weights": ("model.safetensors", lambda p: p.unlink(), "model.safetensors is missing"),
+    "damaged checksums.json": (CHECKSUMS, lambda p: p.write_text("{"), f"{CHECKSUMS} is unreadable"),
+}
+
+
+def test_every_file_of_a_checkpoint_is_in_its_checksums(tmp_path):
+    folder = save(CheckpointManager(tmp_path), 3, *tiny())
+    listed = json.loads((folder / CHECKSUMS).read_text())["files"]
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS}
+    assert set(listed) == on_disk >= {"model.safetensors", TRAINING_STATE, "distcp/.metadata", "distcp/__0_0.distcp"}
+    assert verify_checkpoint(folder) is None
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, caplog, kind):
+    name, corrupt, problem = CORRUPTIONS[kind]
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    model, optimizer = tiny()
+    save(manager, 3, model, optimizer)
+    state_at_3 = {k: v.clone() for k, v in model.state_dict().items()}
+    model.weight.data += 1  # the newer checkpoint holds other weights
+    newest = save(manager, 6, model, optimizer)
+    corrupt(newest / name)
+
+    with caplog.at_level(logging.WARNING, logger="kubetune.checkpoint"):
+        chosen = manager.resume_from("auto")
+    assert chosen == tmp_path / "checkpoints" / "step_3"
+    assert f"checkpoint {newest} is damaged: {problem}" in caplog.text
+    assert "resuming from the previous one, step_3, instead" in caplog.text
+    # What it resumes from is really the previous state.
+    fresh, fresh_optimizer = tiny()
+    fresh.weight.data.zero_()
+    load_sharded_training_state(chosen, fresh, fresh_optimizer)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state_at_3.items())
+    # Naming the damaged checkpoint explicitly is refused, with the reason.
+    with pytest.raises(ResumeError, match=f"step_6 is damaged: {problem}"):
+        manager.resume_from(str(newest))
+
+
+def test_checkpoints_without_checksums_get_a_structure_check(tmp_path):
+    """Written before checksums existed: a truncated safetensors file or an unloadable state is still caught."""
+    manager = CheckpointManager(tmp_path)
+    folder = save(manager, 3, *tiny())
+    (folder / CHECKSUMS).unlink()
+    assert verify_checkpoint(folder) is None
+    weights = folder / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 4)  # the header intact, the tensors cut short
+    assert verify_checkpoint(folder) == (f"model.safetensors has {weights.stat().st_size} bytes, its header says "
+                                         f"{weights.stat().st_size + 4} (truncated)")
+    os.truncate(weights, 20)  # the header cut
+    assert verify_checkpoint(folder).startswith("model.safetensors is not a readable safetensors file")
+    folder = save(manager, 4, *tiny())
+    (folder / CHECKSUMS).unlink()
+    (folder / TRAINING_STATE).write_bytes(b"garbage")
+    assert verify_checkpoint(folder).startswith(f"{TRAINING_STATE} does not load")
+
+
+def test_a_damaged_checkpoint_never_displaces_a_good_one_when_pruning(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    model, optimizer = tiny()
+    for step in (3, 6):
+        save(manager, step, model, optimizer)
+    truncate(tmp_path / "checkpoints" / "step_6" / "model.safetensors")
+    assert manager.latest() == tmp_path / "checkpoints" / "step_3"  # found damaged on resume
+    save(manager, 9, model, optimizer)
+    # Counting folders, keep_last=2 would have dropped step_3 and kept the damaged step_6.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3", "step_9"]
+
+
+def test_when_every_checkpoint_is_damaged_resume_auto_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from kubetune.trainer.training.resume import plan_resume, start_run
+
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    cfg = SimpleNamespace(resume="auto", overwrite_output_dir=False, lr_scheduler=SimpleNamespace(on_resume="keep"),
+                          model_dump=lambda mode: {"model": "m", "batch_size": 1})
+    start_run(plan_resume(cfg, manager, 10), tmp_path)
+    for step in (3, 6):
+        save(manager, step, *tiny())
+        truncate(tmp_path / "checkpoints" / f"step_{step}" / "model.safetensors")
+    with pytest.raises(ResumeError, match=r"no intact checkpoint to resume from \(damaged: step_3: model.safetensors has"):
+        plan_resume(cfg, CheckpointManager(tmp_path), 10)
+
+
+def test_saving_a_step_again_never_leaves_neither_copy(tmp_path, monkeypatch):
+    """The same step saved twice (SIGTERM right after a periodic save): if putting the new one in
+    place fails, the old one is still there, complete."""
+    manager = CheckpointManager(tmp_path)
+    model, optimizer = tiny()
+    save(manager, 5, model, optimizer)
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if os.path.basename(src).startswith("step_5.tmp-"):  # the finished folder being put in place
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(Exception, match="step-5 checkpoint.*No space left"):
+        save(manager, 5, model, optimizer)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_5"]
+    assert verify_checkpoint(tmp_path / "checkpoints" / "step_5") is None
+
+
+# ------------------------------------------------------------------------------------ full disk
+
+CHILD = r"""
+import json, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from kubetune.errors import KubetuneError
+from kubetune.trainer.training.checkpointing import CheckpointManager, verify_checkpoint
+
+out = Path(sys.argv[1])
+manager = CheckpointManager(out, keep_last=2)
+
+def weights(n):
+    def write(folder):
+        folder.mkdir()
+        save_file({"w": torch.ones(n)}, str(folder / "model.safetensors"))
+    return write
+
+big = sys.argv[2]  # which file of the step-2 checkpoint does not fit: the weights or the DCP shard
+manager.save(1, weights(25_000), {"step": 1})  # 100 kB: fits
+try:
+    if big == "weights":
+        manager.save(2, weights(1_000_000), {"step": 2})  # 4 MB: does not
+    else:
+        manager.save(2, weights(10), {"step": 2}, sharded_state={"optimizer": {"exp_avg": torch.ones(1_000_000)}})
+    error = None
+except KubetuneError as err:
+    error = str(err)
+print(json.dumps({"error": error, "left": sorted(p.name for p in (out / "checkpoints").iterdir()),
+                  "intact": verify_checkpoint(out / "checkpoints" / "step_1") is None}))
+"""
+
+
+def _tmpfs_works() -> bool:
+    import shutil
+    import subprocess
+
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            'd=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs "$d"'], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.parametrize("disk, big", [("tmpfs", "weights"), ("rlimit", "weights"), ("rlimit", "dcp shard")])
+def test_a_full_disk_during_a_checkpoint_write_is_a_clear_error_and_keeps_the_previous_one(tmp_path, disk, big):
+    """tmpfs: a 1 MiB tmpfs in a user+mount namespace (writes past it fail with ENOSPC, a real full
+    disk); rlimit: RLIMIT_FSIZE of 1 MiB in the child (writes past it fail with EFBIG), where
+    namespaces are not allowed."""
+    import resource
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    out = tmp_path / "out"
+    if disk == "tmpfs":
+        if not _tmpfs_works():
+            pytest.skip("no unshare, or unprivileged user namespaces are off: the rlimit case covers this")
+        out.mkdir()
+        argv = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" "$3" "$1" "$4"', "sh", str(out), sys.executable, str(script), big]
+        limit = None
+    else:
+        argv, limit = [sys.executable, str(script), str(out), big], 1 << 20
+
+    def limited():
+        if limit:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    child = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=limited)
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    assert result["error"].startswith("could not write the step-2 checkpoint") and "MiB free there" in result["error"]
+    if big == "weights":  # torch.distributed.checkpoint's writer loses the errno ("unexpected pos ...")
+        assert ("No space left on device" if disk == "tmpfs" else "File too large") in result["error"], result
+    assert "step_1 is untouched and resume: auto continues from it" in result["error"]
+    assert "Traceback" not in result["error"] and "\n" not in result["error"]  # one line, not DCP's rank tracebacks
+    assert result["left"] == ["step_1"] and result["intact"]  # no half-written step_2, step_1 whole
