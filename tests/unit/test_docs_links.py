@@ -59,3 +59,10 @@ def test_nothing_in_the_repository_points_outside_it():
         if outside.search(text):
             offenders.append(name)
     assert not offenders, f"files pointing outside the repository: {offenders}"
+
+
+def test_the_readme_links_every_page_in_docs():
+    """The README is the front door: every page in docs/ is reachable from it."""
+    linked = {(REPO / target).resolve() for target in relative_targets(REPO / "README.md")}
+    missing = [p.relative_to(REPO).as_posix() for p in sorted((REPO / "docs").rglob("*.md")) if p.resolve() not in linked]
+    assert not missing, f"README.md does not link {missing}"

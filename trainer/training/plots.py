@@ -64,7 +64,7 @@ def plot_losses(series: dict[str, dict[str, tuple[list[int], list[float]]]], pat
         ax.grid(alpha=0.3)
         if len(curves) > 1:
             ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)  # above the panel titles
     try:
         _save(fig, path)
     finally:
