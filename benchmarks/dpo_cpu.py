@@ -14,6 +14,7 @@ rejected rows per second of training step, over the steps after WARMUP, both tim
 
     .venv/bin/python benchmarks/dpo_cpu.py                 # all four cases, a markdown table
     .venv/bin/python benchmarks/dpo_cpu.py --case kubetune-lora --json   # one child run
+    .venv/bin/python benchmarks/dpo_cpu.py --only lora --threads 1       # the LoRA pair, one thread each
 """
 from __future__ import annotations
 
@@ -144,27 +145,35 @@ def main() -> None:
     parser.add_argument("--case", choices=CASES)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--only", choices=["full", "lora"], help="run only this pair of cases")
+    parser.add_argument("--threads", type=int, help="torch threads per case (default: torch's, the cores)")
     parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "kubetune-dpo-bench"))
     args = parser.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     if args.case:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         print(json.dumps(child(args.case, root)))
         return
     make_inputs(root)  # once, before any timing
+    cases = [case for case in CASES if args.only is None or case.endswith(args.only)]
+    threads = ["--threads", str(args.threads)] if args.threads else []
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
-        for case in CASES:
-            done = subprocess.run([sys.executable, __file__, "--case", case, "--root", str(root)], capture_output=True,
-                                  text=True, check=True)
+        for case in cases:
+            done = subprocess.run([sys.executable, __file__, "--case", case, "--root", str(root), *threads],
+                                  capture_output=True, text=True, check=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             print(json.dumps(result), file=sys.stderr)
             if case not in best or result["tokens_per_second"] > best[case]["tokens_per_second"]:
                 best[case] = result
     print("| case | tokens/s | peak RSS (MiB) |\n|---|---:|---:|")
-    for case in CASES:
+    for case in cases:
         print(f"| {case} | {best[case]['tokens_per_second']:.0f} | {best[case]['peak_rss_mib']:.0f} |")
-    for kind in ("full", "lora"):
+    for kind in [args.only] if args.only else ["full", "lora"]:
         ours, theirs = best[f"kubetune-{kind}"], best[f"trl-{kind}"]
         print(f"{kind}: {ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x tokens/s, "
               f"{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x peak RSS")

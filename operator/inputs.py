@@ -63,17 +63,34 @@ def cluster_inputs(obj: Any, ftj: Optional[dict[str, Any]]) -> ModelInputs:
     return ModelInputs(model, adapter, model, spec.model.source, identity)
 
 
-def local_inputs(obj: Any, ftj: Optional[dict[str, Any]], base_dir: Path) -> ModelInputs:
-    """Sources as paths on this machine (a local FineTuneJob's summary already names local paths)."""
+def model_source_fields(obj: Any, ftj: Optional[dict[str, Any]]) -> dict[str, str]:
+    """{field: source} of every model and adapter an EvalJob or ModelDeployment reads from a
+    source of its own or of its FineTuneJob (what the initializer may have to fetch)."""
+    spec = obj.spec
+    if spec.fine_tune_job is not None:
+        assert ftj is not None
+        fields = {f"spec.model.source of FineTuneJob {spec.fine_tune_job.name}": FineTuneJob.model_validate(ftj).spec.model.source}
+    else:
+        fields = {"spec.model.source": spec.model.source}
+        if getattr(spec, "adapter", None) is not None:
+            fields["spec.adapter.source"] = spec.adapter.source
+    for index, adapter in enumerate(getattr(spec, "adapters", None) or []):
+        fields[f"spec.adapters[{index}].source"] = adapter.source
+    return fields
+
+
+def local_inputs(obj: Any, ftj: Optional[dict[str, Any]], base_dir: Path, cache_dir: Optional[Path] = None) -> ModelInputs:
+    """Sources as paths on this machine (a local FineTuneJob's summary already names local paths);
+    hf:// and s3:// models and adapters where `kubetune apply` fetches them, in cache_dir."""
     spec = obj.spec
     if spec.fine_tune_job is not None:
         assert ftj is not None
         job = FineTuneJob.model_validate(ftj)
         name = spec.fine_tune_job.name
-        model = MappedSource(map_local_source(job.spec.model.source, f"spec.model.source of FineTuneJob {name}", base_dir))
+        model = MappedSource(map_local_source(job.spec.model.source, f"spec.model.source of FineTuneJob {name}", base_dir, cache_dir))
         return _finetune_inputs(name, ftj, model=model, output_mount=None)
-    model = MappedSource(map_local_source(spec.model.source, "spec.model.source", base_dir))
+    model = MappedSource(map_local_source(spec.model.source, "spec.model.source", base_dir, cache_dir))
     adapter_spec = getattr(spec, "adapter", None)
-    adapter = MappedSource(map_local_source(adapter_spec.source, "spec.adapter.source", base_dir)) if adapter_spec else None
+    adapter = MappedSource(map_local_source(adapter_spec.source, "spec.adapter.source", base_dir, cache_dir)) if adapter_spec else None
     identity = source_identity(spec.model.source, adapter_spec.source if adapter_spec else None)
     return ModelInputs(model, adapter, model, spec.model.source, identity)

@@ -130,7 +130,7 @@ def plan_local(job: FineTuneJob, runs_dir: Path, *, base_dir: Optional[Path] = N
 
 
 def local_cache_dir(runs_dir: Path) -> Path:
-    """Where `kubetune apply` fetches hf:// models and s3:// sources (shared by all runs)."""
+    """Where `kubetune apply` fetches hf:// and s3:// sources (shared by all runs)."""
     return runs_dir.resolve() / ".cache"
 
 
@@ -138,13 +138,19 @@ def fetch_local_sources(job: FineTuneJob, runs_dir: Path) -> list[Any]:
     """Fetch the job's hf:// and s3:// sources as the init container does on a cluster, with the
     credentials of this shell (HF_TOKEN, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): spec.secrets
     names cluster Secrets. Skips what an earlier run fetched and has not changed."""
+    spec = job.spec
+    return fetch_local({"spec.model.source": spec.model.source, "spec.dataset.source": spec.dataset.source}, spec, runs_dir)
+
+
+def fetch_local(fields: dict[str, Optional[str]], spec: Any, runs_dir: Path) -> list[Any]:
+    """Fetch the hf:// and s3:// sources among `fields` ({field: source}) into the local cache, as
+    the init container does on a cluster (any kind's spec: its s3 endpoint and region)."""
     from kubetune.operator.fetch import fetch
     from kubetune.operator.initializers import remote_sources
 
-    spec = job.spec
     cache = local_cache_dir(runs_dir)
     done = []
-    for source in remote_sources({"spec.model.source": spec.model.source, "spec.dataset.source": spec.dataset.source}):
+    for source in remote_sources(fields):
         fetched = fetch(source, Path(source.cache_path(str(cache))), endpoint=spec.s3.endpoint, region=spec.s3.region)
         print(f"{source.field}: {source.uri} {'up to date' if fetched.skipped else 'fetched'} in {fetched.path}", file=sys.stderr)
         done.append(fetched)

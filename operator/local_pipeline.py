@@ -39,7 +39,7 @@ from kubetune.operator.api import KINDS, ManifestError, kind_for, parse_object
 from kubetune.operator.crdgen import write_atomic
 from kubetune.operator.deployplanner import kubetune_argv, served_models, vllm_argv
 from kubetune.operator.evalplanner import eval_configs, task_configs
-from kubetune.operator.inputs import local_inputs
+from kubetune.operator.inputs import local_inputs, model_source_fields
 from kubetune.operator.pipeline_status import eval_result
 from kubetune.operator.planner import render_config
 from kubetune.operator.references import (
@@ -188,13 +188,19 @@ def run_eval(evj: Any, runs_dir: Path, base_dir: Path) -> dict[str, Any]:
         if wait is not None:  # locally nothing else will finish it: waiting means it did not succeed
             reason = "FineTuneJobFailed" if wait.reason == "WaitingForFineTuneJob" else wait.reason
             return fail(reason, wait.message, False)
+    from kubetune.operator.local import fetch_local, local_cache_dir
+
     try:
-        inputs = local_inputs(evj, ftj, base_dir)
+        inputs = local_inputs(evj, ftj, base_dir, local_cache_dir(runs_dir))
         tasks = task_configs(evj, lambda source, index: MappedSource(map_local_source(source, f"spec.tasks[{index}].source", base_dir)))
         output = map_local_source(evj.spec.output.source, "spec.output.source", base_dir) if evj.spec.output.source else str(run_dir / "output")
         configs = eval_configs(evj, inputs, tasks, output)
     except KubetuneError as err:
         return fail("InvalidSpec", str(err), False)
+    try:  # hf:// and s3:// models and adapters: as the initializer does on a cluster
+        fetch_local(model_source_fields(evj, ftj), evj.spec, runs_dir)
+    except KubetuneError as err:
+        return fail("InitializerFailed", str(err), False)
     status.update(model=inputs.description, modelId=inputs.identity, phase="Running", startTime=now_iso())
     status["conditions"] = model_ready_true(conditions_for([], WorkloadState("Running", "ProcessRunning", f"eval running; log: {run_dir / 'eval.log'}"),
                                                           now=now, generation=1), inputs.description)
@@ -304,7 +310,7 @@ class Deployed:
 
 def deploy(mdep: Any, runs_dir: Path, base_dir: Path) -> Deployed:
     """Start (or keep, or replace) the local server of a ModelDeployment; returns its status."""
-    from kubetune.operator.local import free_port
+    from kubetune.operator.local import fetch_local, free_port, local_cache_dir
 
     name = mdep.metadata.name
     run_dir = (runs_dir / name).resolve()
@@ -336,13 +342,18 @@ def deploy(mdep: Any, runs_dir: Path, base_dir: Path) -> Deployed:
             return finish("Failed", reason, wait.message, False)
     if mdep.spec.runtime == "vllm" and shutil.which("vllm") is None:
         return finish("Failed", "InvalidSpec", "spec.runtime: vllm is not installed here; locally use runtime: kubetune (or install vLLM)", False)
+    cache = local_cache_dir(runs_dir)
     try:
-        inputs = local_inputs(mdep, ftj, base_dir)
+        inputs = local_inputs(mdep, ftj, base_dir, cache)
         adapter_paths = [inputs.adapter.path] if inputs.adapter is not None else []
-        adapter_paths += [map_local_source(a.source, f"spec.adapters[{i}].source", base_dir) for i, a in enumerate(mdep.spec.adapters)]
+        adapter_paths += [map_local_source(a.source, f"spec.adapters[{i}].source", base_dir, cache) for i, a in enumerate(mdep.spec.adapters)]
         names = served_models(mdep, inputs)
     except KubetuneError as err:
         return finish("Failed", "InvalidSpec", str(err), False)
+    try:  # hf:// and s3:// models and adapters: as the initializer does on a cluster
+        fetch_local(model_source_fields(mdep, ftj), mdep.spec, runs_dir)
+    except KubetuneError as err:
+        return finish("Failed", "InitializerFailed", str(err), False)
     if mdep.spec.api_key_secret is not None:
         return finish("Failed", "InvalidSpec", "spec.apiKeySecret needs a cluster; locally the server listens on 127.0.0.1 "
                       "only, or export KUBETUNE_SERVE_API_KEY in your shell and remove spec.apiKeySecret", False)
@@ -410,7 +421,7 @@ def apply_command(args: argparse.Namespace) -> int:
                 print(f"{ident} unchanged (Succeeded in {runs_dir / name})")
                 continue
             run = plan_local(obj, runs_dir)  # validates the spec before anything is downloaded
-            fetch_local_sources(obj, runs_dir)  # hf:// models, s3:// sources: as the initializer does on a cluster
+            fetch_local_sources(obj, runs_dir)  # hf:// and s3:// sources: as the initializer does on a cluster
             print(f"{ident} running locally ({run.run_dir})", file=sys.stderr)
             status = run_local(run, progress_bar=not args.no_progress, uid=str(uuid.uuid4()), annotations={SPEC_HASH: spec_hash(obj)})
             summary = ", ".join(f"{k}={v}" for k, v in (status.get("result") or {}).items() if k != "metrics")

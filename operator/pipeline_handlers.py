@@ -52,6 +52,7 @@ from kubetune.operator.evalplanner import (
     task_configs,
 )
 from kubetune.operator.inputs import ModelInputs, cluster_inputs
+from kubetune.operator.initializers import initializer_failure
 from kubetune.operator.kube import ApiError, KubeClient
 from kubetune.operator.pipeline_status import (
     container_message,
@@ -264,6 +265,9 @@ class PipelineReconciler:
         job_uid = (job.get("metadata") or {}).get("uid")
         pods = [p for p in await self.kube.list("v1", "Pod", ns, label_selector={EVAL_LABEL: base}) if owned_by(p, job_uid)]
         state = eval_state(job, name=base, queue_name=evj.spec.queue_name)
+        fetch_failed = initializer_failure(pods) if state.phase in ("Pending", "Failed") else None
+        if fetch_failed:  # say why, rather than the Job's generic backoff message
+            state = WorkloadState(state.phase, "InitializerFailed", f"the initializer could not fetch a source: {fetch_failed}", state.started)
         new: dict[str, Any] = {"phase": state.phase, "observedGeneration": generation,
                                "conditions": conditions(state, created=True, ready=(True, "ModelResolved", f"evaluating {old.get('model')}"))}
         if state.started and not old.get("startTime"):

@@ -1,8 +1,12 @@
 """End to end, locally: a FineTuneJob whose model is s3://... on a real S3 API (moto's server on
-loopback) is fetched by `kubetune apply` into runs/.cache, trained with the real full_finetune
-recipe, and writes its output; applying it again finds the model up to date in the cache."""
+loopback) and whose dataset is hf://... on a loopback Hub (tests/fake_hub.py, a dataset repository
+in the Hub's sharded-parquet layout) is fetched by `kubetune apply` into runs/.cache, trained with
+the real full_finetune recipe, and writes its output; an EvalJob of the same s3:// model is
+fetched (up to date already) and evaluated; a second apply to a fresh runs folder with a wrong
+secret key is refused naming the field."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fake_hub import FakeHub, FakeRepo
 from ophelpers import REPO
 from s3_server import start_s3_server
 
@@ -34,25 +39,60 @@ def test_apply_trains_a_model_fetched_from_s3(s3, tmp_path):
     for rel in uploaded:
         client.upload_file(str(model_dir / rel), "models", f"tiny/{rel}")
 
+    import io
+
+    import pyarrow.parquet as pq
+    import pyarrow as pa
+
+    records = [json.loads(line) for line in (REPO / "examples" / "data" / "tiny_instruct.jsonl").read_text().splitlines() if line.strip()]
+    shards = {}
+    for index, rows in enumerate((records[: len(records) // 2], records[len(records) // 2:])):
+        out = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), out)
+        shards[f"data/train-0000{index}-of-00002.parquet"] = out.getvalue()
+    hub = FakeHub(FakeRepo("acme/tiny-instruct", shards, repo_type="dataset")).__enter__()
+
     doc = yaml.safe_load((REPO / "examples" / "finetune-tiny.yaml").read_text())
     doc["metadata"]["name"] = "from-s3"
     doc["spec"]["model"] = {"source": "s3://models/tiny"}
+    doc["spec"]["dataset"]["source"] = "hf://acme/tiny-instruct"
     doc["spec"]["s3"] = {"endpoint": s3.endpoint, "region": "us-east-1"}
     doc["spec"]["secrets"] = {"s3": {"name": "s3-keys"}}  # a cluster Secret; locally the shell's keys are used
     doc["spec"]["config"].update(max_steps=2, batch_size=2)
+    evaljob = {
+        "apiVersion": "kubetune.dev/v1alpha1", "kind": "EvalJob", "metadata": {"name": "s3-eval"},
+        "spec": {"model": {"source": "s3://models/tiny"}, "s3": doc["spec"]["s3"], "resources": {"gpusPerNode": 0},
+                 "tasks": [{"name": "facts", "type": "multiple_choice", "source": "builtin://tiny_instruct_mc",
+                            "options": {"context_field": "question"}}],
+                 "config": {"device": "cpu", "batch_size": 36, "max_seq_len": 64}},
+    }
     manifest = tmp_path / "from-s3.yaml"
     manifest.write_text(yaml.safe_dump(doc))
+    folder = tmp_path / "both"
+    folder.mkdir()
+    (folder / "train.yaml").write_text(yaml.safe_dump(doc))
+    (folder / "eval.yaml").write_text(yaml.safe_dump(evaljob))
     runs = tmp_path / "runs"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **s3.env}
-    argv = [sys.executable, "-m", "kubetune.cli", "apply", "-f", str(manifest), "--runs-dir", str(runs), "--no-progress"]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_"))}, **s3.env,
+           "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home")}
+    argv = [sys.executable, "-m", "kubetune.cli", "apply", "-f", str(folder), "--runs-dir", str(runs), "--no-progress"]
 
-    out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=280)
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=280)
+    finally:
+        hub.__exit__(None, None, None)
     log = runs / "from-s3" / "trainer.log"
     assert out.returncode == 0, out.stderr + (log.read_text()[-3000:] if log.exists() else "")
     assert "spec.model.source: s3://models/tiny fetched in" in out.stderr
+    assert "spec.dataset.source: hf://acme/tiny-instruct fetched in" in out.stderr
+    assert "spec.model.source: s3://models/tiny up to date in" in out.stderr  # the EvalJob's model: the same cache entry
     assert "finetunejob.kubetune.dev/from-s3 Succeeded" in out.stdout
+    assert "evaljob.kubetune.dev/s3-eval Succeeded" in out.stdout
 
     config = yaml.safe_load((runs / "from-s3" / "config.yaml").read_text())
+    assert Path(config["dataset"]["source"]).is_relative_to(runs / ".cache" / "hf")  # the trainer read the shards there
+    eval_config = yaml.safe_load((runs / "s3-eval" / "config.yaml").read_text())
+    assert eval_config["model"]["path"] == config["model"]["path"]
     cached = Path(config["model"]["path"])
     assert cached.is_relative_to(runs / ".cache" / "s3")
     assert sorted(p.relative_to(cached).as_posix() for p in cached.rglob("*") if p.is_file() and p.name != ".kubetune-source.json") == uploaded

@@ -363,3 +363,23 @@ async def test_modeldeployment_of_an_s3_model_gets_its_initializer_plan_and_foll
         await eventually(lambda: plan_uris() == ["s3://weights/v2"], what="the plan patched")
         await eventually(lambda: "weights--v2" in api.children("apps/v1/deployments")[0]["spec"]["template"]["spec"]["containers"][0]["command"][2],
                          what="the new model rolled out")
+
+
+async def test_evaljob_whose_initializer_fails_names_the_source(api, operator):
+    async with operator():
+        await api.post(f"{KT}/evaljobs", evaljob("hub-eval", model={"source": "hf://acme/missing"}, baseline=False))
+        job = await eventually(lambda: next((j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "hub-eval"), None), what="Job")
+        assert [c["name"] for c in job["spec"]["template"]["spec"]["initContainers"]] == ["initializer"]
+        owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "hub-eval", "uid": job["metadata"]["uid"], "controller": True}
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "hub-eval-x1", "namespace": NS, "ownerReferences": [owner], "labels": job["spec"]["template"]["metadata"]["labels"]},
+               "spec": {"containers": [{"name": "eval", "image": "x"}]}}
+        await api.post(PODS, pod)
+        message = "error: spec.model.source: hf://acme/missing: no such repository on the Hugging Face Hub"
+        await api.patch(f"{PODS}/hub-eval-x1/status", {"status": {"phase": "Failed", "initContainerStatuses": [
+            {"name": "initializer", "state": {"terminated": {"exitCode": 2, "message": message}}}]}})
+        await api.patch(f"{JOBS}/hub-eval/status", {"status": {"failed": 1, "conditions": [
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}})
+        await eventually(lambda: status(api, "evaljobs", "hub-eval").get("phase") == "Failed", what="Failed")
+        failed = condition(api, "evaljobs", "hub-eval", "Failed")
+        assert failed["reason"] == "InitializerFailed" and "hf://acme/missing: no such repository" in failed["message"]

@@ -244,14 +244,14 @@ def test_if_the_engine_loop_dies_every_pending_request_fails_at_once(tiny_dir):
     app = build_app(str(tiny_dir), served_model_name="tiny", max_concurrency=1, max_queue=4, device="cpu")
     engine = app.state.server.engine
     gate = threading.Event()
-    real_decode = engine._decode
+    real_step = engine._step
 
-    def decode_then_die():
-        real_decode()
+    def step_then_die(batch, groups):
+        real_step(batch, groups)
         gate.wait(TIMEOUT)
         raise RuntimeError("injected: a bug outside the per-row guards")
 
-    engine._decode = decode_then_die
+    engine._step = step_then_die
     with running_server(app) as url:
         results = {}
 

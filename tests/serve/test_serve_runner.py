@@ -6,7 +6,7 @@ from serve_helpers import make_hf_model, make_peft_adapter
 
 from kubetune.trainer.models.llama import ModelArgs
 from kubetune.trainer.serve.adapters import load_lora_adapter
-from kubetune.trainer.serve.runner import BatchedRunner
+from kubetune.trainer.serve.runner import BatchedRunner, Prefill
 
 ATOL = 1e-4  # float32 logits; batching only changes reduction order
 
@@ -47,6 +47,32 @@ def test_continuous_batching_greedy_equals_transformers_generate(family):
             join("c")  # joins while a and b are at other positions
         if steps == 6:
             join("d")  # takes the row b freed
+    for name, prompt in prompts.items():
+        assert out[name] == hf_greedy(model, prompt, budget[name]), name
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])
+def test_prompts_prefilled_in_the_decode_steps_forward_give_transformers_greedy_tokens(family):
+    """What the engine does: new prompts ride along in the running rows' decode forward (run)."""
+    model = make_hf_model(family)
+    runner = runner_for(model, max_slots=4)
+    prompts = {"a": [1, 5, 9, 3], "b": [2, 7, 7, 7, 7, 8, 9, 11, 4, 6], "c": [3], "d": [4, 4, 2], "e": [9, 8, 7, 6, 5, 4, 3]}
+    budget = {"a": 14, "b": 5, "c": 12, "d": 9, "e": 7}
+    joins = {0: ["a"], 2: ["b", "c"], 5: ["d"], 7: ["e"]}  # step -> prompts joining in that step's forward
+    out: dict[str, list[int]] = {}
+    step = 0
+    while runner.seq_ids or step in joins:
+        running = list(runner.seq_ids)
+        new = [Prefill(name, prompts[name]) for name in joins.get(step, [])]
+        logits, results = runner.run([out[name][-1] for name in running] if running else None, new)
+        for name, row in zip(running, logits if logits is not None else []):
+            out[name].append(int(row.argmax()))
+        for item, result in zip(new, results):
+            out[item.seq_id] = [int(result.logits.argmax())]
+        for name in running + [item.seq_id for item in new]:
+            if len(out[name]) == budget[name]:
+                runner.remove(name)
+        step += 1
     for name, prompt in prompts.items():
         assert out[name] == hf_greedy(model, prompt, budget[name]), name
 

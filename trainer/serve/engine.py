@@ -2,9 +2,10 @@
 
 Requests become sequences (one per choice, `n`). New sequences wait in a bounded queue (full: 429);
 between decode steps, waiting sequences join the running set up to max_concurrency (prefilled
-together, a few forwards of at most `max_prefill_tokens` padded tokens each; the choices of one
-prompt share its prefill: the others copy its cache row), then one batched decode step advances
-every running sequence by a token, sampled for the whole batch at once. Finished or cancelled sequences leave at once, freeing their row for the next waiting
+together, in chunks of at most `max_prefill_tokens` padded tokens; the choices of one prompt
+share its prefill: the others copy its cache row). Each iteration is one forward for the running
+sequences' next token and the first chunk of new prompts (BatchedRunner.run: the weights are read
+once, not once for the step and again for the prefill), sampled for the whole batch at once. Finished or cancelled sequences leave at once, freeing their row for the next waiting
 one. The model runs on a plain thread so the HTTP event loop stays responsive; the events of a
 prefill or a decode step go back to the requests' asyncio queues together, in one
 `call_soon_threadsafe` per event loop (one wake-up of the loop per step, not one per row: each
@@ -325,13 +326,16 @@ class Engine:
                     self._running[seq.id] = seq
                     admitted.append(seq)
             self._update_gauges()
-            if admitted:
-                self._prefill(admitted)
-                self._flush()  # first tokens out before the next decode step
             self._drop_cancelled()
-            if self._running:
-                self._decode()
-                self._flush()
+            chunks = self._prefill_chunks(admitted) if admitted else []
+            # One forward for the running rows' next token and the first chunk of new prompts.
+            batch = [self._running[seq_id] for seq_id in self.runner.seq_ids]
+            first = chunks.pop(0) if chunks else []
+            if batch or first:
+                self._step(batch, first)
+            for chunk in chunks:
+                self._step([], chunk)
+            self._flush()
 
     def _flush(self) -> None:
         """Hand the queued events to their event loops: one call_soon_threadsafe per loop."""
@@ -361,32 +365,49 @@ class Engine:
         self._flush()
         self._update_gauges()
 
-    def _prefill(self, admitted: list[_Sequence]) -> None:
-        """Prefill newly admitted sequences: one prefill per (request, prompt), shared by its choices."""
+    def _prefill_chunks(self, admitted: list[_Sequence]) -> list[list[list[_Sequence]]]:
+        """Newly admitted sequences as prefill chunks: one prefill per (request, prompt), shared by its
+        choices (the groups); shortest first, so each forward pads little; at most
+        max_prefill_tokens padded tokens per chunk."""
         groups: dict[tuple[int, int], list[_Sequence]] = {}
         for seq in admitted:
             if seq.handle.cancelled:
                 self._leave(seq)
                 continue
             groups.setdefault((id(seq.handle), seq.prompt_index), []).append(seq)
-        # shortest first, so each forward pads little; at most max_prefill_tokens padded tokens each
         pending = sorted(groups.values(), key=lambda group: len(group[0].prompt_ids))
+        chunks = []
         while pending:
             chunk = [pending.pop(0)]
             while pending and (len(chunk) + 1) * len(pending[0][0].prompt_ids) <= self.max_prefill_tokens:
                 chunk.append(pending.pop(0))
-            self._prefill_chunk(chunk)
+            chunks.append(chunk)
+        return chunks
 
-    def _prefill_chunk(self, groups: list[list[_Sequence]]) -> None:
+    def _step(self, batch: list[_Sequence], groups: list[list[_Sequence]]) -> None:
+        """One forward: the next token of the running rows `batch` (all of them, in row order) and the
+        prefill of the prompts of `groups`. A failing forward fails the requests in it only: a
+        combined one is run again as two, to tell which part failed."""
         leaders = [group[0] for group in groups]
+        prefills = [Prefill(seq.id, seq.prompt_ids, seq.adapter, prompt_logits=seq.params.prompt_logprobs) for seq in leaders]
         try:
-            results = self.runner.prefill([
-                Prefill(seq.id, seq.prompt_ids, seq.adapter, prompt_logits=seq.params.prompt_logprobs) for seq in leaders
-            ])
+            logits, results = self.runner.run([seq.last_token for seq in batch] if batch else None, prefills)
         except Exception:  # noqa: BLE001 - these requests fail, the server goes on
-            log.exception("prefill failed for requests %s", sorted({s.handle.request_id for s in leaders}))
-            self._fail([seq for group in groups for seq in group])
+            if batch and groups:
+                self._step(batch, [])
+                self._step([], groups)
+                return
+            log.exception("%s failed for requests %s", "decode step" if batch else "prefill",
+                          sorted({s.handle.request_id for s in batch + leaders}))
+            self._fail(batch + [seq for group in groups for seq in group])
             return
+        if batch:
+            self._sample_and_advance(batch, logits)
+        if groups:
+            self._finish_prefill(groups, results)
+
+    def _finish_prefill(self, groups: list[list[_Sequence]], results) -> None:
+        """The prompts are in the cache: the other choices copy their leader's row, then each samples its first token."""
         for group, result in zip(groups, results):
             leader = group[0]
             if self.metrics:
@@ -418,16 +439,6 @@ class Engine:
             return [first]
         rest = token_logprobs(result.prompt_logits, seq.prompt_ids[1:], seq.params.logprobs or 0, self.vocab_limit)
         return [first, *rest]
-
-    def _decode(self) -> None:
-        batch = [self._running[seq_id] for seq_id in self.runner.seq_ids]
-        try:
-            logits = self.runner.step([seq.last_token for seq in batch])
-        except Exception:  # noqa: BLE001 - the batch's forward failed: those requests fail, the server goes on
-            log.exception("decode step failed for requests %s", sorted({s.handle.request_id for s in batch}))
-            self._fail(batch)
-            return
-        self._sample_and_advance(batch, logits)
 
     def _sample_and_advance(self, batch: list[_Sequence], raw: torch.Tensor) -> None:
         """Sample the next token of every row of raw logits [B, vocab] at once, then record each; a row

@@ -17,6 +17,11 @@ New sequences are prefilled together: one forward over their prompts right-padde
 (padding writes K/V past each row's length, which later steps mask and then overwrite), each row
 starting at its own position, so a row can resume after a prefix copied from the prefix cache.
 `fork` copies a prefilled row for the other choices of an n > 1 request.
+
+`run` does both in one forward: a decode step of the running rows and the prefill of new ones.
+The matmuls (three quarters of a step on a CPU) see every token of both as one flat batch, so
+the weights are read once per iteration instead of once for the step and again for each prefill;
+only attention is done per part (decode rows against their cache, prompts causally).
 """
 from __future__ import annotations
 
@@ -97,56 +102,91 @@ class BatchedRunner:
         """Prefill one new sequence; returns float32 logits [vocab] for its first generated token."""
         return self.prefill([Prefill(seq_id, prompt_ids, adapter)])[0].logits
 
-    @torch.inference_mode()
     def prefill(self, new: Sequence[Prefill]) -> list[Prefilled]:
         """Prefill several new sequences in one forward (right-padded), each into a free cache row.
 
         With the prefix cache, a row starts after the longest cached prefix of its prompt (its K/V
         are copied in) and only the rest is computed."""
+        return self.run(None, new)[1]
+
+    def step(self, next_tokens: Sequence[int]) -> torch.Tensor:
+        """Decode one token for every row (next_tokens in row order, see seq_ids); logits [B, vocab]."""
+        logits = self.run(next_tokens)[0]
+        assert logits is not None
+        return logits
+
+    @torch.inference_mode()
+    def run(
+        self, next_tokens: Optional[Sequence[int]], new: Sequence[Prefill] = ()
+    ) -> tuple[Optional[torch.Tensor], list[Prefilled]]:
+        """One forward: a decode step of every running row (next_tokens in row order; None: no
+        step) and the prefill of `new` into free rows after them. Returns the step's logits
+        [B, vocab] (None without a step) and the prefill results."""
+        batch = len(self.seq_ids)
+        if next_tokens is not None:
+            if len(next_tokens) != batch:
+                raise ValueError(f"{len(next_tokens)} tokens for {batch} running sequences")
+            if any(length >= self.max_model_len for length in self.lengths):
+                raise ValueError("a sequence reached max_model_len; the scheduler must finish it first")
         if len(new) > self.free_slots:
             raise RuntimeError("no free cache row; the scheduler admits at most max_slots sequences")
         for item in new:
             if not 0 < len(item.prompt_ids) <= self.max_model_len:
                 raise ValueError(f"prompt of {len(item.prompt_ids)} tokens does not fit max_model_len={self.max_model_len}")
-        first = len(self.seq_ids)
-        rows = range(first, first + len(new))
+        segments: list[_Segment] = []
+        if next_tokens is not None and batch:
+            segments.append(_Segment(
+                slice(0, batch), torch.tensor(list(next_tokens))[:, None], torch.tensor(self.lengths)[:, None], list(self.row_adapters),
+            ))
+        rows = range(batch, batch + len(new))
         for item in new:
             self.seq_ids.append(item.seq_id)
             self.lengths.append(0)
             self.row_adapters.append(item.adapter)
+        starts: list[int] = []
         try:
-            starts = [self._reuse_prefix(row, item) for row, item in zip(rows, new)]
-            width = max(len(item.prompt_ids) - start for item, start in zip(new, starts))
-            tokens = torch.zeros((len(new), width), dtype=torch.long)
-            positions = torch.zeros((len(new), width), dtype=torch.long)
-            for i, (item, start) in enumerate(zip(new, starts)):
-                rest = list(item.prompt_ids[start:])
-                tokens[i, : len(rest)] = torch.tensor(rest)
-                positions[i, : len(rest)] = torch.arange(start, len(item.prompt_ids))
-                # padding writes its K/V into the slot after the prompt (masked, then overwritten by
-                # the first decode step; the cache has one spare slot for a prompt of max_model_len)
-                positions[i, len(rest) :] = len(item.prompt_ids)
-            hidden = self._forward(
-                tokens.to(self.device), positions.to(self.device), rows=slice(first, first + len(new)),
-                adapters=[item.adapter for item in new],
-            )
+            if new:
+                starts = [self._reuse_prefix(row, item) for row, item in zip(rows, new)]
+                segments.append(self._prefill_segment(batch, new, starts))
+            hidden = self._forward(segments) if segments else []
         except BaseException:
             for item in new:
                 if item.seq_id in self.seq_ids:
                     self.remove(item.seq_id)
             raise
+        step_logits = None
+        if next_tokens is not None and batch:
+            step_logits = self.model.lm_head(hidden[0][:, -1]).float()
+            self.lengths[:batch] = [length + 1 for length in self.lengths[:batch]]
+        if not new:
+            return step_logits, []
+        prefill_hidden = hidden[-1]
         last = torch.tensor([len(item.prompt_ids) - start - 1 for item, start in zip(new, starts)], device=self.device)
-        logits = self.model.lm_head(hidden[torch.arange(len(new), device=self.device), last]).float()
+        logits = self.model.lm_head(prefill_hidden[torch.arange(len(new), device=self.device), last]).float()
         results = []
         for i, (row, item, start) in enumerate(zip(rows, new, starts)):
             self.lengths[row] = len(item.prompt_ids)
             prompt_logits = None
             if item.prompt_logits and len(item.prompt_ids) > 1:
-                prompt_logits = self.model.lm_head(hidden[i, : len(item.prompt_ids) - 1]).float()
+                prompt_logits = self.model.lm_head(prefill_hidden[i, : len(item.prompt_ids) - 1]).float()
             if self.prefix_cache is not None and not item.prompt_logits:
                 self.prefix_cache.insert(item.adapter, item.prompt_ids, self.k_cache[:, row], self.v_cache[:, row])
             results.append(Prefilled(logits[i], prompt_logits, start))
-        return results
+        return step_logits, results
+
+    def _prefill_segment(self, first: int, new: Sequence[Prefill], starts: list[int]) -> "_Segment":
+        """The prompts (after their cached prefixes), right-padded to the longest, in rows first.."""
+        width = max(len(item.prompt_ids) - start for item, start in zip(new, starts))
+        tokens = torch.zeros((len(new), width), dtype=torch.long)
+        positions = torch.zeros((len(new), width), dtype=torch.long)
+        for i, (item, start) in enumerate(zip(new, starts)):
+            rest = list(item.prompt_ids[start:])
+            tokens[i, : len(rest)] = torch.tensor(rest)
+            positions[i, : len(rest)] = torch.arange(start, len(item.prompt_ids))
+            # padding writes its K/V into the slot after the prompt (masked, then overwritten by
+            # the first decode step; the cache has one spare slot for a prompt of max_model_len)
+            positions[i, len(rest) :] = len(item.prompt_ids)
+        return _Segment(slice(first, first + len(new)), tokens, positions, [item.adapter for item in new])
 
     def _reuse_prefix(self, row: int, item: Prefill) -> int:
         """Copy the longest cached prefix of the prompt into `row`; returns its length (0: none)."""
@@ -172,20 +212,6 @@ class BatchedRunner:
         self.seq_ids.append(new_seq_id)
         self.lengths.append(length)
         self.row_adapters.append(self.row_adapters[source])
-
-    @torch.inference_mode()
-    def step(self, next_tokens: Sequence[int]) -> torch.Tensor:
-        """Decode one token for every row (next_tokens in row order, see seq_ids); logits [B, vocab]."""
-        batch = len(self.seq_ids)
-        if len(next_tokens) != batch:
-            raise ValueError(f"{len(next_tokens)} tokens for {batch} running sequences")
-        if any(length >= self.max_model_len for length in self.lengths):
-            raise ValueError("a sequence reached max_model_len; the scheduler must finish it first")
-        tokens = torch.tensor(list(next_tokens), device=self.device)[:, None]
-        positions = torch.tensor(self.lengths, device=self.device)[:, None]
-        hidden = self._forward(tokens, positions, rows=slice(0, batch), adapters=self.row_adapters)
-        self.lengths = [length + 1 for length in self.lengths]
-        return self.model.lm_head(hidden[:, -1]).float()
 
     def remove(self, seq_id: Hashable) -> None:
         """Free the sequence's row; the last row moves into it so running rows stay 0..B-1."""
@@ -231,54 +257,82 @@ class BatchedRunner:
         out = torch.matmul(scores.softmax(dim=-1), values)  # [B, kv_heads, group, D]
         return out.reshape(batch, self.n_heads, 1, self.head_dim)
 
-    def _forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, *, rows: slice, adapters: Sequence[int]
-    ) -> torch.Tensor:
-        """tokens/positions [B, T] for cache rows `rows`; writes their K/V, returns the final-norm hidden states [B, T, hidden]."""
-        batch, width = tokens.shape
-        groups = self._adapter_groups(adapters)
-        freqs = positions[..., None].float() * self.inv_freq  # [B, T, head_dim/2], float32 as in transformers
+    def _forward(self, segments: Sequence["_Segment"]) -> list[torch.Tensor]:
+        """Run the segments' tokens through the model as one flat batch (embedding, norms, projections,
+        MLP per token), attention per segment over its own cache rows; writes their K/V. Returns
+        the final-norm hidden states of each segment, [rows, T, hidden]."""
+        tokens = torch.cat([seg.tokens.reshape(-1) for seg in segments]).to(self.device)
+        positions = torch.cat([seg.positions.reshape(-1) for seg in segments]).to(self.device)
+        cache_rows = torch.cat([
+            torch.arange(seg.rows.start, seg.rows.stop)[:, None].expand(seg.tokens.shape).reshape(-1) for seg in segments
+        ]).to(self.device)
+        groups = self._adapter_groups([a for seg in segments for a in seg.adapters for _ in range(seg.tokens.shape[1])])
+        freqs = positions[:, None].float() * self.inv_freq  # [N, head_dim/2], float32 as in transformers
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]  # [B, 1, T, D]
-        key_len = int(positions.max()) + 1
-        key_positions = torch.arange(key_len, device=self.device)
-        mask = key_positions[None, None, :] <= positions[..., None]  # [B, T, key_len]: causal, own row only
-        if self.sliding_window is not None:
-            mask = mask & (positions[..., None] - key_positions[None, None, :] < self.sliding_window)
-        mask = mask[:, None]
-        # Decode (one new token per row): attention as two batched matmuls, each query head group
-        # against its shared K/V head (no K/V repeated for GQA), with the mask as an additive bias
-        # built once for all layers. SDPA's CPU kernel is tuned for long queries and took ~11% of a
-        # decode step (benchmarks/serve_throughput.md).
-        decode_bias = None
-        if width == 1:
-            decode_bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(~mask, float("-inf"))
-        batch_index = torch.arange(rows.start, rows.stop, device=self.device)[:, None].expand(batch, width)
+        cos, sin = emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]  # [N, 1, D]
+        masks = [self._attention_mask(seg) for seg in segments]
+        count = tokens.shape[0]
 
-        x = self.model.model.embed_tokens(tokens)
+        x = self.model.model.embed_tokens(tokens)  # [N, hidden]
         for i, layer in enumerate(self.model.model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             q, k, v = (
-                self._project(getattr(attn, name), h, (i, name), groups).view(batch, width, -1, self.head_dim).transpose(1, 2)
+                self._project(getattr(attn, name), h, (i, name), groups).view(count, -1, self.head_dim)
                 for name in ("q_proj", "k_proj", "v_proj")
             )
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            self.k_cache[i][batch_index, :, positions] = k.transpose(1, 2)
-            self.v_cache[i][batch_index, :, positions] = v.transpose(1, 2)
-            keys = self.k_cache[i, rows, :, :key_len]
-            values = self.v_cache[i, rows, :, :key_len]
-            if decode_bias is not None:
-                out = self._decode_attention(q, keys, values, decode_bias)
-            else:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
-            out = out.transpose(1, 2).reshape(batch, width, self.n_heads * self.head_dim)
+            self.k_cache[i][cache_rows, :, positions] = k
+            self.v_cache[i][cache_rows, :, positions] = v
+            outs, offset = [], 0
+            for seg, (key_len, mask) in zip(segments, masks):
+                rows, width = seg.tokens.shape
+                part = q[offset : offset + rows * width].view(rows, width, self.n_heads, self.head_dim).transpose(1, 2)
+                keys = self.k_cache[i, seg.rows, :, :key_len]
+                values = self.v_cache[i, seg.rows, :, :key_len]
+                if width == 1:
+                    out = self._decode_attention(part, keys, values, mask)
+                else:
+                    out = F.scaled_dot_product_attention(part, keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+                outs.append(out.transpose(1, 2).reshape(rows * width, self.n_heads * self.head_dim))
+                offset += rows * width
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = x + self._project(attn.o_proj, out, (i, "o_proj"), groups)
             h = layer.post_attention_layernorm(x)
             mlp = layer.mlp
             gate = self._project(mlp.gate_proj, h, (i, "gate_proj"), groups)
             up = self._project(mlp.up_proj, h, (i, "up_proj"), groups)
             x = x + self._project(mlp.down_proj, F.silu(gate) * up, (i, "down_proj"), groups)
-        return self.model.model.norm(x)
+        x = self.model.model.norm(x)
+        hidden, offset = [], 0
+        for seg in segments:
+            rows, width = seg.tokens.shape
+            hidden.append(x[offset : offset + rows * width].view(rows, width, -1))
+            offset += rows * width
+        return hidden
 
+    def _attention_mask(self, seg: "_Segment") -> tuple[int, torch.Tensor]:
+        """(keys to attend, mask) of a segment, built once for all layers: causal within each row's
+        own cache (and its sliding window). Boolean [B, 1, T, keys] for SDPA; with one token per
+        row (decode), an additive bias [B, 1, 1, keys] for _decode_attention."""
+        positions = seg.positions.to(self.device)
+        key_len = int(positions.max()) + 1
+        key_positions = torch.arange(key_len, device=self.device)
+        mask = key_positions[None, None, :] <= positions[..., None]  # [B, T, key_len]
+        if self.sliding_window is not None:
+            mask = mask & (positions[..., None] - key_positions[None, None, :] < self.sliding_window)
+        mask = mask[:, None]
+        if seg.tokens.shape[1] == 1:
+            return key_len, torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(~mask, float("-inf"))
+        return key_len, mask
+
+
+@dataclass
+class _Segment:
+    """Rows of one kind in a forward: the running rows' next tokens (width 1), or new prompts."""
+
+    rows: slice  # cache rows
+    tokens: torch.Tensor  # [rows, T], on the CPU
+    positions: torch.Tensor  # [rows, T]
+    adapters: list[int]  # per row
