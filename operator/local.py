@@ -130,7 +130,7 @@ def plan_local(job: FineTuneJob, runs_dir: Path, *, base_dir: Optional[Path] = N
 
 
 def local_cache_dir(runs_dir: Path) -> Path:
-    """Where `kubetune apply` fetches hf:// models and s3:// sources (shared by all runs)."""
+    """Where `kubetune apply` fetches hf:// and s3:// sources (shared by all runs)."""
     return runs_dir.resolve() / ".cache"
 
 

@@ -421,7 +421,7 @@ def apply_command(args: argparse.Namespace) -> int:
                 print(f"{ident} unchanged (Succeeded in {runs_dir / name})")
                 continue
             run = plan_local(obj, runs_dir)  # validates the spec before anything is downloaded
-            fetch_local_sources(obj, runs_dir)  # hf:// models, s3:// sources: as the initializer does on a cluster
+            fetch_local_sources(obj, runs_dir)  # hf:// and s3:// sources: as the initializer does on a cluster
             print(f"{ident} running locally ({run.run_dir})", file=sys.stderr)
             status = run_local(run, progress_bar=not args.no_progress, uid=str(uuid.uuid4()), annotations={SPEC_HASH: spec_hash(obj)})
             summary = ", ".join(f"{k}={v}" for k, v in (status.get("result") or {}).items() if k != "metrics")

@@ -64,18 +64,11 @@ def _remote(source: str, field: str, fetch: bool, *, output: bool = False) -> Op
     if not fetch and split_scheme(source)[0] == "s3":
         raise SourceError(f"{field}: {source!r}: the initializer fetches s3:// models, adapters and datasets only; "
                           "put the files in a volume (pvc://CLAIM/path) or a local folder")
-    if not fetch and field.startswith("spec.model.source") and source.startswith("hf://"):
-        name = source[len("hf://"):]
-        raise SourceError(
-            f"{field}: {source!r}: this kind does not download models; put the model in a volume "
-            f"(e.g. `huggingface-cli download {name} --local-dir DIR`) and use pvc://CLAIM/DIR on a cluster "
-            "or a local folder with kubetune apply"
-        )
     return None
 
 
 def map_cluster_source(source: str, role: str, field: str, read_only: bool = True, *, fetch: bool = False) -> MappedSource:
-    """Where the trainer finds `source` in its pod; fetch=True: hf:// models and s3:// sources go
+    """Where the trainer finds `source` in its pod; fetch=True: hf:// and s3:// sources go
     through the initializer into the cache volume."""
     from kubetune.operator.initializers import CACHE_MOUNT
 
@@ -102,7 +95,7 @@ def map_cluster_source(source: str, role: str, field: str, read_only: bool = Tru
 
 
 def map_local_source(source: str, field: str, base_dir: Path, cache_dir: Optional[Path] = None, *, output: bool = False) -> str:
-    """The local path; with a cache_dir, hf:// models and s3:// sources map to where `kubetune
+    """The local path; with a cache_dir, hf:// and s3:// sources map to where `kubetune
     apply` fetches them."""
     remote = _remote(source, field, cache_dir is not None, output=output)
     if remote is not None:

@@ -109,7 +109,7 @@ def test_lora_killed_with_a_damaged_newest_checkpoint_resumes_from_the_previous_
 @pytest.mark.parametrize("recipe_name, corruption", [
     ("full", "truncated safetensors"),
     ("full", "missing file"),
-    ("dpo", "garbage training state"),  # full DPO keeps its optimizer state in training_state.pt
+    ("dpo", "garbage training state"),  # training_state.pt: schedule, data position, RNG (since #22: optimizer in distcp/)
     ("dpo_lora", "truncated safetensors"),
     ("lora", "missing file"),
 ])
@@ -148,7 +148,7 @@ def test_sigterm_at_a_seeded_step_checkpoints_and_resumes_exactly(tmp_path, unin
     wait_until(lambda: logged_step(tmp_path) >= after, process, f"step {after}")
     os.kill(process.pid, signal.SIGTERM)
     process.communicate(timeout=180)
-    assert process.returncode == 143
+    assert process.returncode == (143 if recipe.nproc == 1 else 1)  # torchrun reports its ranks' 143 as 1
     summary = json.loads(log.read_text())
     assert summary["steps"] >= after and summary["checkpoint"].endswith(f"step_{summary['steps']}")
     assert verify_checkpoint(tmp_path / "checkpoints" / f"step_{summary['steps']}") is None
@@ -203,7 +203,7 @@ def run_on_a_small_disk(recipe, output_dir, how, tmp_path):
     process = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh",
                               str(size_kib), str(mount), str(output_dir), *inner],
                              env=env, capture_output=True, text=True, timeout=400)
-    return process.returncode, process.stderr
+    return process.returncode, process.stderr.replace(str(mount), str(output_dir))  # paths as outside the namespace
 
 
 @pytest.mark.slow

@@ -113,11 +113,14 @@ def test_a_flood_past_the_queue_bound_gets_429s_and_bounded_memory(server, clien
     answers = asyncio.run(drive())
     grown = rss_mib() - before
     codes = [a.status_code for a in answers]
-    assert set(codes) <= {200, 429}, sorted(set(codes))
+    # 429: past the running + waiting places; 503: past the open connections (--max-connections)
+    assert set(codes) <= {200, 429, 503}, sorted(set(codes))
     assert codes.count(200) >= CONCURRENCY + QUEUE and codes.count(429) >= 1
     for refused in (a for a in answers if a.status_code == 429):
         error = openai_error(refused)
         assert error["type"] == "rate_limit_exceeded" and error["code"] == "rate_limit_exceeded" and error["message"]
+    for refused in (a for a in answers if a.status_code == 503):
+        assert openai_error(refused)["code"] == "server_overloaded"
     for served in (a for a in answers if a.status_code == 200):
         assert served.json()["usage"]["completion_tokens"] == 8
     assert grown < 200, f"resident memory grew {grown:.0f} MiB during a flood of {clients}"
@@ -146,3 +149,23 @@ def test_a_slow_reader_holds_no_place_and_gets_its_whole_stream(server):
     whole = httpx.post(f"{server}/v1/completions", json={**request, "stream": False}, timeout=60).json()
     assert whole["usage"]["completion_tokens"] == 64 and streamed == whole["choices"][0]["text"]  # nothing lost
     wait_until(lambda: idle(server), what="idle")
+
+
+def test_past_the_connection_limit_the_answer_is_a_503_in_openai_shape(tiny_dir):
+    """--max-connections: uvicorn refuses what is past it; the client still gets OpenAI's shape."""
+    import socket
+
+    from kubetune.trainer.serve.cli import build_app
+
+    app = build_app(str(tiny_dir), served_model_name="tiny", max_concurrency=1, max_queue=1, device="cpu")
+    with running_server(app, max_connections=2) as url:
+        host, port = url.removeprefix("http://").split(":")
+        idle_connections = [socket.create_connection((host, int(port))) for _ in range(2)]  # hold both places
+        try:
+            time.sleep(0.2)
+            refused = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=30)
+        finally:
+            for sock in idle_connections:
+                sock.close()
+        assert refused.status_code == 503 and openai_error(refused)["code"] == "server_overloaded"
+        wait_until(lambda: httpx.get(f"{url}/healthz").status_code == 200, what="the places freed")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import uvicorn
+from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kubetune.errors import KubetuneError
@@ -154,8 +156,24 @@ class TimedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
 
+_OVERLOADED = json.dumps({"error": {
+    "message": "the server has too many open connections; retry later", "type": "server_error", "param": None, "code": "server_overloaded",
+}}).encode()
+
+
+async def _overloaded(scope, receive, send) -> None:
+    """uvicorn's answer past --max-connections, in OpenAI's error shape (uvicorn's own is a
+    text/plain "Service Unavailable" that OpenAI clients cannot parse)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(_OVERLOADED)).encode()), (b"connection", b"close")]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": _OVERLOADED, "more_body": False})
+
+
 def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, request_timeout: float = 30.0, max_connections: int = 256, **kwargs) -> uvicorn.Config:
     """uvicorn settings with the server's connection limits (docs/security.md)."""
+    # uvicorn's H11 protocol answers past limit_concurrency with the ASGI app it imported as
+    # `service_unavailable`; this is its only hook, and the server always runs that protocol.
+    h11_impl.service_unavailable = _overloaded
     protocol = type("TimedH11Protocol", (TimedH11Protocol,), {"header_timeout": request_timeout})
     return uvicorn.Config(
         app, host=host, port=port, http=protocol, limit_concurrency=max_connections, timeout_keep_alive=5, **kwargs
