@@ -38,6 +38,7 @@ from kubetune.operator.deployplanner import (
     SPEC_HASH_ANNOTATION,
     check_spec,
     plan_deployment,
+    selector,
     served_models,
     service_url,
 )
@@ -450,6 +451,18 @@ class PipelineReconciler:
                 return Verdict(False, "MetricNotFound", error)
         return promotion_verdict(promotion, evj_body, identity)
 
+    async def server_initializer_failure(self, ns: Optional[str], mdep: Any) -> Optional[str]:
+        """The initializer's last words in a server pod of this deployment (made by one of its
+        ReplicaSets), if it failed there; None when none did, or the pods cannot be read now."""
+        prefix = f"{base_name(mdep.metadata.name)}-"
+        try:
+            pods = await self.kube.list("v1", "Pod", ns, label_selector=selector(mdep))
+        except ApiError:
+            return None
+        ours = [p for p in pods if any(o.get("kind") == "ReplicaSet" and str(o.get("name", "")).startswith(prefix)
+                                       for o in (p.get("metadata") or {}).get("ownerReferences") or [])]
+        return initializer_failure(ours)
+
     async def write_served(self, body: dict[str, Any], mdep: Any, deployment: Optional[dict[str, Any]], new: dict[str, Any],
                            conds: list[dict[str, Any]], event_: Optional[tuple[str, str, str]], *, failed: bool = False) -> None:
         generation = body["metadata"].get("generation")
@@ -463,6 +476,11 @@ class PipelineReconciler:
         phase, ready, dconds = deployment_state(deployment, desired)
         if failed and deployment is None:  # refused before anything served
             phase = "Failed"
+        if deployment is not None and phase != "Ready":
+            fetch_failed = await self.server_initializer_failure(body["metadata"].get("namespace"), mdep)
+            if fetch_failed:  # say why new pods never start, rather than "waiting for replicas"
+                conds = set_condition(conds, "ModelReady", False, "InitializerFailed",
+                                      f"the initializer could not fetch a source: {fetch_failed}", now=now, generation=generation)
         conds = mirror_conditions(conds, dconds, now=now, generation=generation)
         new.update(phase=phase, conditions=conds, readyReplicas=ready, replicas=desired, ready=f"{ready}/{desired}")
         if deployment is not None:

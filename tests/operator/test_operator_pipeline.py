@@ -383,3 +383,32 @@ async def test_evaljob_whose_initializer_fails_names_the_source(api, operator):
         await eventually(lambda: status(api, "evaljobs", "hub-eval").get("phase") == "Failed", what="Failed")
         failed = condition(api, "evaljobs", "hub-eval", "Failed")
         assert failed["reason"] == "InitializerFailed" and "hf://acme/missing: no such repository" in failed["message"]
+
+
+async def test_modeldeployment_whose_initializer_fails_names_the_source(api, operator):
+    async with operator():
+        await api.post(f"{KT}/modeldeployments", modeldeployment(model={"source": "s3://weights/missing"}))
+        dep = await eventually(lambda: next(iter(api.children("apps/v1/deployments")), None), what="Deployment")
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        message = "error: spec.model.source: s3://weights/missing: no objects under that prefix in bucket weights at S3"
+        crashing = {"name": "initializer", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"exitCode": 2, "message": message}}}
+        for name, owner_kind in (("bot-7d9f-a", "ReplicaSet"), ("lookalike", "Job")):  # only the Deployment's pods count
+            pod = {"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": name, "namespace": NS, "labels": labels,
+                                "ownerReferences": [{"apiVersion": "apps/v1", "kind": owner_kind, "name": f"bot-7d9f" if owner_kind == "ReplicaSet" else "x", "uid": "u", "controller": True}]},
+                   "spec": {"containers": [{"name": "server", "image": "x"}]}}
+            await api.post(PODS, pod)
+            if owner_kind == "Job":
+                await api.patch(f"{PODS}/{name}/status", {"status": {"phase": "Pending", "initContainerStatuses": [
+                    {**crashing, "lastState": {"terminated": {"exitCode": 2, "message": "error: forged"}}}]}})
+        await api.patch(f"{DEPLOYMENTS}/bot/status", {"status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 0, "updatedReplicas": 1,
+                                                                  "conditions": [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated", "message": "x"}]}})
+        await eventually(lambda: condition(api, "modeldeployments", "bot", "Progressing").get("reason") == "ReplicaSetUpdated",
+                         what="the Deployment's status read (with the look-alike's pod there)")
+        assert condition(api, "modeldeployments", "bot", "ModelReady")["reason"] == "ModelResolved"  # the look-alike's message is not taken
+        await api.patch(f"{PODS}/bot-7d9f-a/status", {"status": {"phase": "Pending", "initContainerStatuses": [crashing]}})
+        await api.patch(f"{DEPLOYMENTS}/bot/status", {"status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 0, "updatedReplicas": 2}})
+        await eventually(lambda: condition(api, "modeldeployments", "bot", "ModelReady").get("reason") == "InitializerFailed", what="InitializerFailed")
+        ready = condition(api, "modeldeployments", "bot", "ModelReady")
+        assert ready["status"] == "False" and "s3://weights/missing: no objects" in ready["message"] and "forged" not in ready["message"]

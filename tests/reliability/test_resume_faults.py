@@ -109,7 +109,7 @@ def test_lora_killed_with_a_damaged_newest_checkpoint_resumes_from_the_previous_
 @pytest.mark.parametrize("recipe_name, corruption", [
     ("full", "truncated safetensors"),
     ("full", "missing file"),
-    ("dpo", "garbage training state"),  # full DPO keeps its optimizer state in training_state.pt
+    ("dpo", "garbage training state"),  # training_state.pt: schedule, data position, RNG (since #22: optimizer in distcp/)
     ("dpo_lora", "truncated safetensors"),
     ("lora", "missing file"),
 ])

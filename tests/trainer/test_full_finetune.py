@@ -37,6 +37,14 @@ def trained(tmp_path_factory):
     return {"cfg": cfg, "summary": summary, "out": tmp_path / "out", "log": log}
 
 
+def test_the_run_draws_its_loss_plot(trained):
+    """The recipe's end hook: output_dir/loss.png, a real PNG (tests/trainer/test_plots.py: the rest)."""
+    from PIL import Image
+
+    with Image.open(trained["out"] / "loss.png") as image:
+        assert image.format == "PNG" and min(image.size) > 100
+
+
 def test_held_out_loss_falls_well_below_its_start(trained):
     evals = [r["eval_loss"] for r in read_metrics(trained["out"] / "metrics.jsonl") if "eval_loss" in r]
     assert len(evals) == 4  # step 0, 20, 40, 60

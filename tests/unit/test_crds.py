@@ -18,7 +18,7 @@ from kubetune.operator.crdgen import all_crds, build_crd, crd_filename, render
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+EXAMPLES = sorted([*(REPO / "examples").glob("*.yaml"), *(REPO / "examples" / "demo").glob("*.yaml")])
 K8S_VERSION = "1.30.0"
 
 

@@ -59,3 +59,21 @@ def test_nothing_in_the_repository_points_outside_it():
         if outside.search(text):
             offenders.append(name)
     assert not offenders, f"files pointing outside the repository: {offenders}"
+
+
+def test_the_readme_links_every_page_in_docs():
+    """The README is the front door: every page in docs/ is reachable from it."""
+    linked = {(REPO / target).resolve() for target in relative_targets(REPO / "README.md")}
+    missing = [p.relative_to(REPO).as_posix() for p in sorted((REPO / "docs").rglob("*.md")) if p.resolve() not in linked]
+    assert not missing, f"README.md does not link {missing}"
+
+
+def test_the_readme_manifests_are_valid_resources():
+    """The minimal manifest of each resource in the README parses with the API models."""
+    import yaml
+
+    from kubetune.operator.api import parse_object
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    kinds = [parse_object(yaml.safe_load(block), "README.md").kind for block in blocks]
+    assert kinds == ["FineTuneJob", "EvalJob", "ModelDeployment"]

@@ -57,6 +57,7 @@ from kubetune.trainer.training.checkpointing import (
 from kubetune.trainer.training.early_stopping import EarlyStopping
 from kubetune.trainer.training.metrics import PREFERENCE_GAUGES, MetricsLog, PrometheusExporter, peak_memory_bytes
 from kubetune.trainer.training.optim import build_lr_scheduler, build_optimizer, reapply_schedule
+from kubetune.trainer.training.plots import write_loss_plot
 from kubetune.trainer.training.preference_loss import REFERENCE_FREE, PreferenceLoss, preference_loss, sequence_logps
 from kubetune.trainer.training.progress import ProgressBar
 from kubetune.trainer.training.report import configure_logging, log_end, log_start
@@ -346,6 +347,8 @@ def recipe_main(cfg: DPOConfig) -> dict[str, Any]:
         metrics.close()
         exporter.close()
     close_distributed()
+    if world.is_main and finished:
+        write_loss_plot(output_dir)  # output_dir/loss.png; a plotting error is only a warning
     if stopping:
         raise SystemExit(SIGTERM_EXIT_CODE)
     return summary

@@ -44,6 +44,7 @@ from kubetune.trainer.training.signals import GracefulStop
 from kubetune.trainer.training.steps import batch_loss_sum, bf16_autocast, evaluate, planned_steps, real_tokens
 from kubetune.trainer.training.summary import run_summary, write_termination_log
 from kubetune.trainer.training.early_stopping import EarlyStopping
+from kubetune.trainer.training.plots import write_loss_plot
 from kubetune.trainer.training.report import configure_logging, log_end, log_start
 from kubetune.trainer.training.resume import plan_resume, start_run
 from kubetune.trainer.training.trackers import open_trackers
@@ -253,6 +254,8 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
         metrics.close()
         exporter.close()
     close_distributed()
+    if world.is_main and finished:
+        write_loss_plot(output_dir)  # output_dir/loss.png; a plotting error is only a warning
     if stopping:
         raise SystemExit(SIGTERM_EXIT_CODE)
     return summary

@@ -40,7 +40,7 @@ NOT_MATCHED = {
     "lr_scheduler.on_resume", "optimizer.fused", "bf16_autocast", "distributed",
 }
 # Files a finished or running training run leaves in output_dir (besides checkpoints/).
-RUN_OUTPUTS = ("model", "adapter", "metrics.jsonl", "tensorboard", "mlruns", "wandb", RUN_FILE)
+RUN_OUTPUTS = ("model", "adapter", "metrics.jsonl", "loss.png", "tensorboard", "mlruns", "wandb", RUN_FILE)
 
 
 class ResumeError(KubetuneError):
