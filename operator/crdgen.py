@@ -99,7 +99,7 @@ def _readable_order(node: dict[str, Any]) -> dict[str, Any]:
 
 def _schema_at(root: dict[str, Any], dotted: str) -> dict[str, Any]:
     node = root
-    for part in dotted.split("."):
+    for part in dotted.split(".") if dotted else ():  # "": the object itself (a rule reading metadata.name)
         node = node["properties"][_camel(part)] if part not in node["properties"] else node["properties"][part]
     return node
 

@@ -15,7 +15,7 @@ import yaml
 
 from kubetune.errors import KubetuneError
 from kubetune.operator.api.finetune import FineTuneJob
-from kubetune.operator.planner import AUTO_ORDER, ClusterInfo, choose_backend, plan
+from kubetune.operator.planner import AUTO_ORDER, UNRESOLVED_START, ClusterInfo, choose_backend, plan
 
 BACKENDS = ("auto", *AUTO_ORDER)
 
@@ -25,7 +25,8 @@ def plan_job(job: FineTuneJob, backend: Optional[str] = None) -> tuple[str, list
     if backend and backend != "auto":
         job = job.model_copy(update={"spec": job.spec.model_copy(update={"backend": backend})})
     cluster = ClusterInfo()  # auto: what a cluster without the optional CRDs gets
-    return choose_backend(job.spec, cluster), plan(job, cluster)
+    start = UNRESOLVED_START if job.spec.fine_tune_job else None  # only the operator knows that job's output
+    return choose_backend(job.spec, cluster), plan(job, cluster, start_model=start)
 
 
 def render(documents: list[tuple[str, list[dict[str, Any]]]]) -> str:

@@ -32,7 +32,7 @@ from kubetune.operator.initializers import initializer_failure
 from kubetune.operator.kube import ApiError, KubeClient
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.peering import Peering
-from kubetune.operator.planner import JOB_LABEL, MANAGED_BY, ClusterInfo, choose_backend, plan
+from kubetune.operator.planner import JOB_LABEL, MANAGED_BY, UNRESOLVED_START, ClusterInfo, choose_backend, plan
 from kubetune.operator.scrape import scrape_metrics
 from kubetune.operator.status import (
     WorkloadState,
@@ -201,7 +201,8 @@ def admission_error(body: dict[str, Any]) -> Optional[str]:
     """What is wrong with a FineTuneJob, naming the field; None when it can run."""
     try:
         job = parse_object(body, describe("FineTuneJob", body))
-        plan(job, ClusterInfo())  # validates spec.config with the recipe's config model, and the sources
+        start = UNRESOLVED_START if job.spec.fine_tune_job else None  # spec.fineTuneJob's output: known once it ran
+        plan(job, ClusterInfo(), start_model=start)  # validates spec.config with the recipe's config model, and the sources
     except KubetuneError as err:
         return str(err)
     return None

@@ -39,6 +39,18 @@ def _finetune_inputs(name: str, ftj: dict[str, Any], *, model: MappedSource, out
     return ModelInputs(MappedSource(full, mount), None, model, description, identity)
 
 
+def start_source(name: str, ftj: dict[str, Any]) -> str:
+    """The model FineTuneJob `name` started from, as a source: its spec.model.source, or, when it
+    started from another FineTuneJob's output, the source its run recorded (status.baseModel)."""
+    job = FineTuneJob.model_validate(ftj)
+    if job.spec.model is not None:
+        return job.spec.model.source
+    recorded = (ftj.get("status") or {}).get("baseModel")
+    if not recorded:
+        raise KubetuneError(f"spec.fineTuneJob: FineTuneJob {name} records no status.baseModel (the model it started from); run it again")
+    return recorded
+
+
 def cluster_inputs(obj: Any, ftj: Optional[dict[str, Any]]) -> ModelInputs:
     """Sources as the pods see them (PVCs mounted read-only; hf:// and s3:// models and adapters in
     the initializer's cache). Raises KubetuneError naming the field."""
@@ -48,7 +60,7 @@ def cluster_inputs(obj: Any, ftj: Optional[dict[str, Any]]) -> ModelInputs:
         job = FineTuneJob.model_validate(ftj)
         name = spec.fine_tune_job.name
         where = f"spec.model.source of FineTuneJob {name}"
-        model = map_cluster_source(job.spec.model.source, "model", where, fetch=True)  # an adapter's hf:// base
+        model = map_cluster_source(start_source(name, ftj), "model", where, fetch=True)  # an adapter's hf:// base
         if not job.spec.output.source:
             raise KubetuneError(
                 f"spec.fineTuneJob: FineTuneJob {name} wrote its output to an emptyDir (it has no spec.output.source), "
@@ -69,7 +81,7 @@ def model_source_fields(obj: Any, ftj: Optional[dict[str, Any]]) -> dict[str, st
     spec = obj.spec
     if spec.fine_tune_job is not None:
         assert ftj is not None
-        fields = {f"spec.model.source of FineTuneJob {spec.fine_tune_job.name}": FineTuneJob.model_validate(ftj).spec.model.source}
+        fields = {f"spec.model.source of FineTuneJob {spec.fine_tune_job.name}": start_source(spec.fine_tune_job.name, ftj)}
     else:
         fields = {"spec.model.source": spec.model.source}
         if getattr(spec, "adapter", None) is not None:
@@ -85,9 +97,8 @@ def local_inputs(obj: Any, ftj: Optional[dict[str, Any]], base_dir: Path, cache_
     spec = obj.spec
     if spec.fine_tune_job is not None:
         assert ftj is not None
-        job = FineTuneJob.model_validate(ftj)
         name = spec.fine_tune_job.name
-        model = MappedSource(map_local_source(job.spec.model.source, f"spec.model.source of FineTuneJob {name}", base_dir, cache_dir))
+        model = MappedSource(map_local_source(start_source(name, ftj), f"spec.model.source of FineTuneJob {name}", base_dir, cache_dir))
         return _finetune_inputs(name, ftj, model=model, output_mount=None)
     model = MappedSource(map_local_source(spec.model.source, "spec.model.source", base_dir, cache_dir))
     adapter_spec = getattr(spec, "adapter", None)

@@ -88,14 +88,23 @@ class LocalRun:
         return self.run_dir / "termination-log"
 
 
-def plan_local(job: FineTuneJob, runs_dir: Path, *, base_dir: Optional[Path] = None, trainer_argv: Optional[Sequence[str]] = None) -> LocalRun:
-    """The local counterpart of the planner: paths, the resolved config, the command line."""
+def plan_local(
+    job: FineTuneJob, runs_dir: Path, *, base_dir: Optional[Path] = None, trainer_argv: Optional[Sequence[str]] = None,
+    start_model: Optional[str] = None,
+) -> LocalRun:
+    """The local counterpart of the planner: paths, the resolved config, the command line.
+    start_model: with spec.fineTuneJob, that job's model folder (local_pipeline resolves it)."""
     base_dir = base_dir or Path.cwd()
     name = job.metadata.name
     run_dir = (runs_dir / name).resolve()
     spec = job.spec
     cache_dir = local_cache_dir(runs_dir)
-    model = map_local_source(spec.model.source, "spec.model.source", base_dir, cache_dir)
+    if spec.model is not None:
+        model = map_local_source(spec.model.source, "spec.model.source", base_dir, cache_dir)
+    elif start_model is not None:
+        model = map_local_source(start_model, "spec.fineTuneJob", base_dir, cache_dir)
+    else:
+        raise KubetuneError(f"spec.fineTuneJob: the output of FineTuneJob {spec.fine_tune_job.name} is not known yet")
     dataset = map_local_source(spec.dataset.source, "spec.dataset.source", base_dir, cache_dir)
     output = map_local_source(spec.output.source, "spec.output.source", base_dir, output=True) if spec.output.source else str(run_dir / "output")
     port = free_port()
@@ -139,7 +148,10 @@ def fetch_local_sources(job: FineTuneJob, runs_dir: Path) -> list[Any]:
     credentials of this shell (HF_TOKEN, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): spec.secrets
     names cluster Secrets. Skips what an earlier run fetched and has not changed."""
     spec = job.spec
-    return fetch_local({"spec.model.source": spec.model.source, "spec.dataset.source": spec.dataset.source}, spec, runs_dir)
+    fields = {"spec.dataset.source": spec.dataset.source}
+    if spec.model is not None:  # spec.fineTuneJob: a local folder another run wrote
+        fields["spec.model.source"] = spec.model.source
+    return fetch_local(fields, spec, runs_dir)
 
 
 def fetch_local(fields: dict[str, Optional[str]], spec: Any, runs_dir: Path) -> list[Any]:
@@ -220,13 +232,14 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 def run_local(
     run: LocalRun, *, progress_bar: bool = False, poll_interval: float = 0.5, uid: Optional[str] = None,
-    annotations: Optional[dict[str, str]] = None,
+    annotations: Optional[dict[str, str]] = None, status_extra: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
-    """Run the trainer to the end; returns the final status (also in runs/<name>/status.yaml)."""
+    """Run the trainer to the end; returns the final status (also in runs/<name>/status.yaml).
+    status_extra: fields the status also records (baseModel, fineTuneJobUid)."""
     created = now_iso()
     started = dt.datetime.now(dt.timezone.utc)
     run.termination_log.unlink(missing_ok=True)
-    status: dict[str, Any] = {"phase": "Running", "startTime": now_iso(started), "observedGeneration": 1}
+    status: dict[str, Any] = {"phase": "Running", "startTime": now_iso(started), "observedGeneration": 1, **(status_extra or {})}
     status["conditions"] = conditions_for([], WorkloadState("Running", "ProcessRunning", f"trainer running; log: {run.log_path}"), now=status["startTime"], generation=1)
 
     def save() -> None:

@@ -3,7 +3,8 @@
 `apply` reads every document of the files (a folder: its *.yaml / *.yml, sorted), refuses what a
 cluster refuses (bad references, a promotion metric the EvalJob cannot report, a cycle) before
 running anything, then in dependency order:
-- FineTuneJobs run as local.py runs them (skipped when runs/<name> already succeeded with the same spec);
+- FineTuneJobs run as local.py runs them (skipped when runs/<name> already succeeded with the same spec
+  and, with spec.fineTuneJob, from the same run of that job, whose model folder it starts from);
 - EvalJobs run the eval recipe (the baseline first with spec.baseline) as local processes, with the
   same config the cluster's ConfigMap would hold, and the same status.result;
 - ModelDeployments start `kubetune serve` on a free loopback port, wait for /readyz and print the
@@ -45,6 +46,7 @@ from kubetune.operator.planner import render_config
 from kubetune.operator.references import (
     PipelineReferenceError,
     dependency_order,
+    finetune_start_model,
     finetune_wait,
     promotion_metric_error,
     promotion_verdict,
@@ -157,6 +159,40 @@ def check_references(objects: Sequence[Any], runs_dir: Path) -> None:
 
 def finetune_doc(runs_dir: Path, name: str) -> Optional[dict[str, Any]]:
     return read_doc(runs_dir, "FineTuneJob", name)
+
+
+# ---------------------------------------------------------------------------------------------
+# FineTuneJob from another FineTuneJob's output
+
+
+@dataclass(frozen=True)
+class Start:
+    model: Optional[str]  # the folder it starts from (None: spec.model)
+    uid: Optional[str]  # the run of spec.fineTuneJob it starts from: a re-run of that one re-runs this
+    status: dict[str, Any]  # what its status records about it
+
+
+def finetune_start(ftj: Any, runs_dir: Path) -> "Start | dict[str, Any]":
+    """Where a FineTuneJob starts: spec.model, or its spec.fineTuneJob's model folder once that
+    run succeeded (applied earlier: dependency order); else the Failed status saying why."""
+    ref = ftj.spec.fine_tune_job
+    if ref is None:
+        return Start(None, None, {"baseModel": ftj.spec.model.source})
+    doc = finetune_doc(runs_dir, ref.name)
+    wait = finetune_wait(ref.name, doc, None)
+    try:
+        if wait is not None:  # locally nothing else will finish it: waiting means it did not succeed
+            raise PipelineReferenceError(wait.message)
+        assert doc is not None
+        model = finetune_start_model(ref.name, doc)
+    except PipelineReferenceError as err:
+        now = now_iso()
+        reason = "InvalidSpec" if wait is None else "FineTuneJobFailed" if wait.reason == "WaitingForFineTuneJob" else wait.reason
+        state = WorkloadState("Failed", reason, str(err))
+        return {"phase": "Failed", "observedGeneration": 1, "completionTime": now,
+                "conditions": conditions_for([], state, now=now, generation=1, created=False)}
+    uid = (doc.get("metadata") or {}).get("uid")
+    return Start(model, uid, {"baseModel": model, "fineTuneJobUid": uid})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,14 +452,21 @@ def apply_command(args: argparse.Namespace) -> int:
         name = obj.metadata.name
         ident = f"{obj.kind.lower()}.kubetune.dev/{name}"
         if obj.kind == "FineTuneJob":
+            start = finetune_start(obj, runs_dir)
             done = read_doc(runs_dir, "FineTuneJob", name)
-            if done and done["status"].get("phase") == "Succeeded" and done["metadata"].get("annotations", {}).get(SPEC_HASH) == spec_hash(obj):
+            if (done and done["status"].get("phase") == "Succeeded" and done["metadata"].get("annotations", {}).get(SPEC_HASH) == spec_hash(obj)
+                    and not isinstance(start, dict) and done["status"].get("fineTuneJobUid") == start.uid):
                 print(f"{ident} unchanged (Succeeded in {runs_dir / name})")
                 continue
-            run = plan_local(obj, runs_dir)  # validates the spec before anything is downloaded
-            fetch_local_sources(obj, runs_dir)  # hf:// and s3:// sources: as the initializer does on a cluster
-            print(f"{ident} running locally ({run.run_dir})", file=sys.stderr)
-            status = run_local(run, progress_bar=not args.no_progress, uid=str(uuid.uuid4()), annotations={SPEC_HASH: spec_hash(obj)})
+            if isinstance(start, dict):  # its spec.fineTuneJob did not succeed: nothing would finish it locally
+                status = start
+                write_doc(runs_dir, obj, status, uid=str(uuid.uuid4()), created=now_iso())
+            else:
+                run = plan_local(obj, runs_dir, start_model=start.model)  # validates the spec before anything is downloaded
+                fetch_local_sources(obj, runs_dir)  # hf:// and s3:// sources: as the initializer does on a cluster
+                print(f"{ident} running locally ({run.run_dir})", file=sys.stderr)
+                status = run_local(run, progress_bar=not args.no_progress, uid=str(uuid.uuid4()), annotations={SPEC_HASH: spec_hash(obj)},
+                                   status_extra=start.status)
             summary = ", ".join(f"{k}={v}" for k, v in (status.get("result") or {}).items() if k != "metrics")
         elif obj.kind == "EvalJob":
             print(f"{ident} running locally ({(runs_dir / name).resolve()})", file=sys.stderr)

@@ -209,9 +209,20 @@ class ClusterPaths:
         return [m.remote for m in (self.model, self.dataset) if m.remote is not None]
 
 
-def cluster_paths(job: FineTuneJob) -> ClusterPaths:
+# What admission and `kubetune plan` put where spec.fineTuneJob's model will be: only the operator,
+# once that job succeeded, knows the real path (references.finetune_start_model).
+UNRESOLVED_START = "file:///mnt/model/from-finetunejob"
+
+
+def cluster_paths(job: FineTuneJob, start_model: Optional[str] = None) -> ClusterPaths:
+    """start_model: with spec.fineTuneJob, the source of that job's model (pvc://, read-only)."""
     spec = job.spec
-    model = map_cluster_source(spec.model.source, "model", "spec.model.source", fetch=True)
+    if spec.model is not None:
+        model = map_cluster_source(spec.model.source, "model", "spec.model.source", fetch=True)
+    elif start_model is not None:
+        model = map_cluster_source(start_model, "model", f"spec.fineTuneJob ({spec.fine_tune_job.name}'s output)", fetch=True)
+    else:
+        raise ConfigError(f"spec.fineTuneJob: the output of FineTuneJob {spec.fine_tune_job.name} is not known yet")
     dataset = map_cluster_source(spec.dataset.source, "dataset", "spec.dataset.source", fetch=True)
     if spec.output.source:
         output = map_cluster_source(spec.output.source, "output", "spec.output.source", read_only=False)
@@ -219,8 +230,8 @@ def cluster_paths(job: FineTuneJob) -> ClusterPaths:
     return ClusterPaths(model, dataset, MappedSource("/mnt/output"), output_is_ephemeral=True)
 
 
-def cluster_trainer_config(job: FineTuneJob) -> dict[str, Any]:
-    paths = cluster_paths(job)
+def cluster_trainer_config(job: FineTuneJob, start_model: Optional[str] = None) -> dict[str, Any]:
+    paths = cluster_paths(job, start_model)
     return trainer_config(
         job,
         model_path=paths.model.path,
@@ -612,16 +623,17 @@ def with_image(job: FineTuneJob, default_image: str) -> FineTuneJob:
     return job.model_copy(update={"spec": job.spec.model_copy(update={"image": default_image})})
 
 
-def plan(job: FineTuneJob, cluster: ClusterInfo, *, backend: Optional[str] = None) -> list[dict[str, Any]]:
+def plan(job: FineTuneJob, cluster: ClusterInfo, *, backend: Optional[str] = None, start_model: Optional[str] = None) -> list[dict[str, Any]]:
     """The children of a FineTuneJob, in creation order (the workload last, once its config exists).
 
     backend: the one recorded in status when the workload was first made (the operator plans
     from it forever after); None: decide from spec.backend and the cluster.
+    start_model: with spec.fineTuneJob, the source of that job's model.
     Raises ConfigError / SourceError (KubetuneError) naming the field when the spec cannot run."""
     job = with_image(job, cluster.trainer_image)
     names = child_names(job.metadata.name)
-    paths = cluster_paths(job)
-    config = cluster_trainer_config(job)
+    paths = cluster_paths(job, start_model)
+    config = cluster_trainer_config(job, start_model)
     children = [config_map(job, names, config, paths)]
     backend = backend or choose_backend(job.spec, cluster)
     if backend in ("jobset", "trainjob"):

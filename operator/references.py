@@ -1,13 +1,16 @@
 """References between the three kinds, as pure functions the operator and the local backend share.
 
-An EvalJob or a ModelDeployment names either a model (spec.model) or a FineTuneJob
+Each kind names either a model (spec.model) or a FineTuneJob whose output it uses
 (spec.fineTuneJob); a ModelDeployment's promotion gate names an EvalJob. Here:
 
 - `finetune_wait(name, ftj, seen_uid)`: whether the referenced FineTuneJob is usable, or why not
   (ModelReady=False with reason WaitingForFineTuneJob / FineTuneJobFailed / FineTuneJobNotFound);
 - `finetune_output(ftj)`: what it wrote (its full model, or its adapter on top of its base model);
+- `finetune_start_model(name, ftj)`: the full model another FineTuneJob starts from (spec.fineTuneJob);
+  `pvc_source_of(...)`: that path, which the referenced job's pod saw, as a pvc:// source;
 - `promotion_metric_error(promotion, evj)` and `promotion_verdict(...)`: the promotion gate;
-- `dependency_order(objects)`: FineTuneJobs, then EvalJobs, then ModelDeployments, refusing cycles.
+- `dependency_order(objects)`: each object after those it references (a FineTuneJob after the one
+  it starts from), refusing cycles.
 
 Messages are the same on a cluster and locally, so both refuse the same things the same way.
 """
@@ -81,6 +84,37 @@ def finetune_output(ftj: dict[str, Any]) -> tuple[Optional[str], Optional[str]]:
     if result.get("checkpoint"):
         return result["checkpoint"], None
     return None, None
+
+
+def finetune_start_model(name: str, ftj: dict[str, Any]) -> str:
+    """The full model FineTuneJob `name` wrote, as its trainer named it: a full fine-tune's model,
+    or a LoRA run's merged model (save_merged). A FineTuneJob starts from a whole model, so an
+    adapter alone is refused, saying how to get one."""
+    result = (ftj.get("status") or {}).get("result") or {}
+    checkpoint, adapter = result.get("checkpoint"), result.get("adapter")
+    if checkpoint and checkpoint != adapter:  # a LoRA run without save_merged reports its adapter as both
+        return checkpoint
+    raise PipelineReferenceError(
+        f"spec.fineTuneJob: FineTuneJob {name} wrote only a LoRA adapter ({adapter or 'no model'}); a FineTuneJob "
+        f"starts from a whole model: give FineTuneJob {name} spec.config.save_merged: true and run it again"
+    )
+
+
+def pvc_source_of(name: str, ftj: dict[str, Any], path: str) -> str:
+    """`path`, as the pods of FineTuneJob `name` saw it under their output volume, as a
+    pvc://CLAIM/... source another pod can mount (read-only)."""
+    from kubetune.operator.sources import map_cluster_source
+
+    output = ((ftj.get("spec") or {}).get("output") or {}).get("source")
+    if not output:
+        raise PipelineReferenceError(
+            f"spec.fineTuneJob: FineTuneJob {name} wrote its output to an emptyDir (it has no spec.output.source), "
+            "which went away with its pod; give it spec.output.source: pvc://CLAIM/path and run it again"
+        )
+    mounted = map_cluster_source(output, "output", f"spec.output.source of FineTuneJob {name}", read_only=False).path
+    if path != mounted and not path.startswith(mounted + "/"):
+        raise PipelineReferenceError(f"spec.fineTuneJob: FineTuneJob {name} reports {path}, which is outside its output {output}")
+    return output.rstrip("/") + path[len(mounted):]
 
 
 def finetune_identity(name: str, uid: Optional[str]) -> str:
@@ -168,7 +202,7 @@ def promotion_verdict(promotion: Any, evj: Optional[dict[str, Any]], model_id: s
 
 
 def references_of(obj: Any) -> list[tuple[str, str]]:
-    """(kind, name) of what an object waits for."""
+    """(kind, name) of what an object waits for (any kind's spec.fineTuneJob, a promotion's EvalJob)."""
     refs: list[tuple[str, str]] = []
     spec = obj.spec
     if getattr(spec, "fine_tune_job", None) is not None:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 from kubetune.errors import KubetuneError
 from kubetune.operator.api.common import API_VERSION, GROUP, VERSION
 from kubetune.operator.api.evaljob import EvalJob, ModelDeployment
-from kubetune.operator.api.finetune import FineTuneJob, FineTuneJobSpec
+from kubetune.operator.api.finetune import SELF_REFERENCE, FineTuneJob, FineTuneJobSpec
 
 
 class ManifestError(KubetuneError):
@@ -74,6 +74,8 @@ def unchanged_except(model: type[BaseModel], mutable: tuple[str, ...]) -> str:
     return " && ".join(terms)
 
 
+_ONE_MODEL = Rule("spec", "has(self.model) != has(self.fineTuneJob)", "set exactly one of spec.model and spec.fineTuneJob", ".model")
+
 FINETUNEJOB = KindInfo(
     kind="FineTuneJob",
     plural="finetunejobs",
@@ -112,10 +114,11 @@ FINETUNEJOB = KindInfo(
             "several nodes need spec.resources.gpusPerNode >= 1 (multi-node CPU training is not supported)",
             ".resources.gpusPerNode",
         ),
+        _ONE_MODEL,
+        Rule("", "!has(self.spec.fineTuneJob) || self.spec.fineTuneJob.name != self.metadata.name", SELF_REFERENCE, ".spec.fineTuneJob.name"),
     ),
 )
 
-_ONE_MODEL = Rule("spec", "has(self.model) != has(self.fineTuneJob)", "set exactly one of spec.model and spec.fineTuneJob", ".model")
 
 EVALJOB = KindInfo(
     kind="EvalJob",
@@ -170,9 +173,10 @@ def format_errors(err: ValidationError, source: str) -> str:
     for error in err.errors():
         dotted = ".".join(str(part) for part in error["loc"])
         given = error.get("input")
-        hint = "" if error["type"] == "missing" else f" (got {given!r})"
+        # a whole object as "got" is noise: the rule's message names the fields
+        hint = "" if error["type"] == "missing" or isinstance(given, dict) else f" (got {given!r})"
         message = error["msg"].removeprefix("Value error, ")  # a validator's own sentence
-        lines.append(f"{dotted}: {message}{hint}")
+        lines.append(f"{dotted}: {message}{hint}" if dotted else f"{message}{hint}")
     return f"{source}: invalid manifest:\n  " + "\n  ".join(lines)
 
 

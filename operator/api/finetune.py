@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kubetune.operator.api.common import (
     API_VERSION,
@@ -23,6 +23,7 @@ from kubetune.operator.api.common import (
     S3Options,
     Secrets,
 )
+from kubetune.operator.api.evaljob import FineTuneJobRef, one_model
 from kubetune.trainer.registry import RECIPES
 
 # The CRD's enum follows the trainer's registry: a new training recipe shows up here (and in
@@ -39,7 +40,12 @@ DEFAULT_EMPTY = {"default": {}}
 
 class FineTuneJobSpec(PodOptions):
     recipe: Recipe = Field(description="Training recipe (`kubetune ls` lists them)")
-    model: ModelSource
+    model: Optional[ModelSource] = Field(default=None, description="Model to start from (or fineTuneJob)")
+    fine_tune_job: Optional[FineTuneJobRef] = Field(
+        default=None,
+        description="Start from this FineTuneJob's output (its full model, or a LoRA run's merged model: "
+        "save_merged); waits for it to succeed",
+    )
     dataset: DatasetSource
     config: dict[str, Any] = Field(
         default_factory=dict,
@@ -67,6 +73,8 @@ class FineTuneJobSpec(PodOptions):
     )
     suspend: bool = Field(default=False, description="Suspend (true) or resume (false) the run")
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
+
+    _one_model = model_validator(mode="after")(one_model)
 
 
 class Progress(ApiModel):
@@ -116,6 +124,10 @@ class FineTuneJobStatus(RunStatus):
     gpu_accounted_at: Optional[str] = Field(default=None, description="When gpuSeconds was last brought up to date")
     progress: Optional[Progress] = None
     result: Optional[Result] = None
+    base_model: Optional[str] = Field(
+        default=None, description="The model the run started from, as a source: spec.model.source, or spec.fineTuneJob's output"
+    )
+    fine_tune_job_uid: Optional[str] = Field(default=None, description="uid of spec.fineTuneJob once seen")
 
 
 class FineTuneJob(ApiModel):
@@ -124,3 +136,12 @@ class FineTuneJob(ApiModel):
     metadata: ObjectMeta
     spec: FineTuneJobSpec
     status: Optional[FineTuneJobStatus] = None
+
+    @model_validator(mode="after")
+    def _not_itself(self) -> "FineTuneJob":
+        if self.spec.fine_tune_job is not None and self.spec.fine_tune_job.name == self.metadata.name:
+            raise ValueError(SELF_REFERENCE)
+        return self
+
+
+SELF_REFERENCE = "spec.fineTuneJob: a FineTuneJob cannot start from its own output; name another FineTuneJob (or use spec.model)"

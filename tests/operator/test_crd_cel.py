@@ -213,6 +213,7 @@ DPO = "spec: the dpo recipe needs spec.dataset.format: preference"
 NODES = "spec: several nodes need spec.resources.gpusPerNode >= 1 (multi-node CPU training is not supported)"
 ENV = "spec.env: each spec.env entry sets either value or secretKeyRef, not both"
 ONE_MODEL = "spec: set exactly one of spec.model and spec.fineTuneJob"
+SELF = "<root>: spec.fineTuneJob: a FineTuneJob cannot start from its own output; name another FineTuneJob (or use spec.model)"
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,15 @@ CASES = [
     Case("ModelDeployment with neither", changed(SERVE, "spec.model"), None, (ONE_MODEL,)),
     Case("ModelDeployment with a fineTuneJob only", changed(changed(SERVE, "spec.model"), "spec.fineTuneJob", {"name": "x"}), None),
 ]
+CASES += [
+    # FineTuneJob: from spec.model or from another FineTuneJob's output, never both, never itself
+    Case("FineTuneJob with model and fineTuneJob", changed(TINY, "spec.fineTuneJob", {"name": "pretrain"}), None, (ONE_MODEL,)),
+    Case("FineTuneJob with neither", changed(TINY, "spec.model"), None, (ONE_MODEL,)),
+    Case("FineTuneJob from another's output", changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "pretrain"}), None),
+    Case("FineTuneJob from its own output", changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "demo"}), None, (SELF,)),
+    Case("FineTuneJob's start changed", changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "other"}),
+         changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "pretrain"}), (IMMUTABLE,)),
+]
 EXAMPLES = example_documents()
 EXAMPLE_IDS = [f"{doc['kind']}/{doc['metadata']['name']}" for doc in EXAMPLES]
 
@@ -283,7 +293,7 @@ EXAMPLE_IDS = [f"{doc['kind']}/{doc['metadata']['name']}" for doc in EXAMPLES]
 
 def test_rules_are_collected_from_every_crd():
     assert set(SCHEMAS) == set(KINDS)
-    declared = {(kind, tuple(rule.path.split(".")), rule.rule) for kind, info in KINDS.items() for rule in info.rules}
+    declared = {(kind, tuple(rule.path.split(".")) if rule.path else (), rule.rule) for kind, info in KINDS.items() for rule in info.rules}
     found = {(rule.kind, rule.path, rule.rule) for rule in RULES}
     assert declared <= found, f"rules of the API models missing from crds/: {declared - found}"
 

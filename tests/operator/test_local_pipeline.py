@@ -161,3 +161,61 @@ def test_apply_without_detach_serves_in_the_foreground_until_ctrl_c(tmp_path):
     assert not Path(f"/proc/{status['pid']}").exists()  # Ctrl-C stopped the server too
     after = yaml.safe_load((runs / "tiny-bot" / "status.yaml").read_text())["status"]
     assert after["ready"] == "0/1" and "pid" not in after
+
+
+def finetunejob(name: str, **spec) -> dict:
+    base = yaml.safe_load((REPO / "examples" / "finetune-tiny.yaml").read_text())
+    config = {**base["spec"]["config"], "max_steps": 2, "eval_every_steps": None, "batch_size": 4, "overwrite_output_dir": True}
+    return doc("FineTuneJob", name, **{**base["spec"], "config": config, **spec})
+
+
+def test_a_finetunejob_starts_from_another_finetunejobs_model_in_dependency_order(tmp_path):
+    """spec.fineTuneJob locally: the later job (first in the file) runs after the one it names, from
+    its model folder; a re-run of the first re-runs the second, nothing else does."""
+    runs = tmp_path / "runs"
+    lora = finetunejob("second", recipe="lora_finetune", fineTuneJob={"name": "first"},
+                       config={**finetunejob("x")["spec"]["config"], "lora": {"rank": 4, "alpha": 8}, "save_merged": True})
+    del lora["spec"]["model"]
+    folder = write(tmp_path / "m", lora, finetunejob("first"))
+    out = kubetune("apply", "-f", str(folder), "--no-progress", runs=runs)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.index("finetunejob.kubetune.dev/first Succeeded") < out.stdout.index("finetunejob.kubetune.dev/second Succeeded")
+    first, second = (yaml.safe_load((runs / n / "status.yaml").read_text()) for n in ("first", "second"))
+    model = first["status"]["result"]["checkpoint"]
+    assert Path(model, "config.json").is_file()
+    assert yaml.safe_load((runs / "second" / "config.yaml").read_text())["model"]["path"] == model
+    assert second["status"]["baseModel"] == model and second["status"]["fineTuneJobUid"] == first["metadata"]["uid"]
+    assert second["spec"]["fineTuneJob"] == {"name": "first"} and "model" not in second["spec"]
+
+    again = kubetune("apply", "-f", str(folder), "--no-progress", runs=runs)
+    assert "first unchanged" in again.stdout and "second unchanged" in again.stdout, again.stdout
+    (runs / "first" / "status.yaml").unlink()  # `kubetune delete ftj first`: it runs again, so does second
+    rerun = kubetune("apply", "-f", str(folder), "--no-progress", runs=runs)
+    assert "first Succeeded" in rerun.stdout and "second Succeeded" in rerun.stdout, rerun.stdout
+
+
+@pytest.mark.parametrize("status,words", [
+    ({"phase": "Failed", "conditions": [{"type": "Failed", "status": "True", "reason": "TrainerFailed", "message": "out of memory"}]},
+     "FineTuneJob first failed: out of memory"),
+    ({"phase": "Succeeded", "result": {"checkpoint": "/x/adapter", "adapter": "/x/adapter"}},
+     "FineTuneJob first wrote only a LoRA adapter (/x/adapter); a FineTuneJob starts from a whole model: give FineTuneJob first spec.config.save_merged: true"),
+])
+def test_a_finetunejob_whose_start_did_not_succeed_or_is_an_adapter_fails_saying_why(tmp_path, status, words):
+    runs = tmp_path / "runs"
+    put_run(runs, finetunejob("first"), status)
+    second = finetunejob("second", fineTuneJob={"name": "first"})
+    del second["spec"]["model"]
+    out = kubetune("apply", "-f", str(write(tmp_path / "m", second)), runs=runs)
+    assert out.returncode == 1 and words in out.stderr, out.stderr
+    st = yaml.safe_load((runs / "second" / "status.yaml").read_text())["status"]
+    assert st["phase"] == "Failed" and words in next(c["message"] for c in st["conditions"] if c["type"] == "Failed")
+    assert not (runs / "second" / "config.yaml").exists()  # nothing ran
+
+
+def test_finetunejob_references_are_refused_when_they_cannot_work():
+    second = finetunejob("second", fineTuneJob={"name": "second"})
+    del second["spec"]["model"]
+    with pytest.raises(Exception, match="cannot start from its own output"):
+        parse_object(second)
+    with pytest.raises(Exception, match="set exactly one of spec.model and spec.fineTuneJob"):
+        parse_object(finetunejob("second", fineTuneJob={"name": "first"}))
