@@ -33,6 +33,7 @@ from kubetune.operator.kube import ApiError, KubeClient
 from kubetune.operator.metrics import OperatorMetrics
 from kubetune.operator.peering import Peering
 from kubetune.operator.planner import JOB_LABEL, MANAGED_BY, UNRESOLVED_START, ClusterInfo, choose_backend, plan
+from kubetune.operator.references import Wait, finetune_start_model, finetune_wait, pvc_source_of
 from kubetune.operator.scrape import scrape_metrics
 from kubetune.operator.status import (
     WorkloadState,
@@ -42,6 +43,7 @@ from kubetune.operator.status import (
     metrics_url,
     next_status,
     now_iso,
+    parse_time,
     pod_failure,
     pod_problem,
     pytorchjob_state,
@@ -90,6 +92,9 @@ class OperatorConfig:
     cpu_per_gpu: str = "4"  # the platform's default pod requests, per GPU (KUBETUNE_CPU_PER_GPU)
     memory_per_gpu: str = "32Gi"  # (KUBETUNE_MEMORY_PER_GPU)
     peering: Optional[Peering] = None  # under kopf peering, the sync loops run only while this replica serves
+    # A FineTuneJob whose spec.fineTuneJob does not exist waits this long (`kubectl apply -f folder/`
+    # may create it later), then fails (KUBETUNE_REFERENCE_GRACE_SECONDS).
+    reference_grace: float = 300.0
 
 
 @dataclass
@@ -302,14 +307,14 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
     async def cleanup(**_: Any) -> None:
         await state.close()
 
-    async def ensure_all(job: FineTuneJob, record: Optional[dict[str, Any]], *, started: bool) -> Ensured:
+    async def ensure_all(job: FineTuneJob, record: Optional[dict[str, Any]], *, started: bool, start_model: Optional[str] = None) -> Ensured:
         """Plan (from the recorded backend, if any) and create-or-adopt the children; the workload
         only when workload_fate says so: a started or finished workload is never made again."""
         digest = model_spec_hash(job.spec)
         if record and record.get("specHash") not in (None, digest):
             return Ensured("keep", record, [])  # spec changed under a running workload: sync reports it
         backend = recorded_backend(record) or choose_backend(job.spec, await state.cluster_info())
-        children = stamp(plan(job, await state.cluster_info(), backend=backend), digest)
+        children = stamp(plan(job, await state.cluster_info(), backend=backend, start_model=start_model), digest)
         *support, workload = children
         existing = None
         if record:
@@ -331,7 +336,8 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
     def set_conditions(body: Any, patch: kopf.Patch, current: WorkloadState, *, created: bool) -> None:
         old = body.get("status") or {}
         generation = body.metadata.get("generation")
-        patch.status["conditions"] = conditions_for(old.get("conditions") or [], current, now=now_iso(), generation=generation, created=created)
+        base = patch.status.get("conditions") or old.get("conditions") or []  # on top of what this handler set already
+        patch.status["conditions"] = conditions_for(base, current, now=now_iso(), generation=generation, created=created)
         patch.status["phase"] = current.phase
         patch.status["observedGeneration"] = generation
 
@@ -342,6 +348,56 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         patch.status["completionTime"] = old.get("completionTime") or now_iso()
         kopf.warn(body, reason=current.reason, message=current.message)
         metrics.set_phase(KIND, body.metadata.namespace, body.metadata.name, current.phase)
+
+    async def start_model(body: Any, job: FineTuneJob, patch: kopf.Patch) -> Optional[str]:
+        """With spec.fineTuneJob: the pvc:// source of that job's model once it succeeded (also kept
+        in status.baseModel). Until then the job stays Pending with ModelReady=False naming it, and
+        this raises TemporaryError (kopf calls again after sync_interval); a failed, deleted or
+        unusable reference, or one still missing after reference_grace, fails the job."""
+        ref = job.spec.fine_tune_job
+        old = body.get("status") or {}
+        if ref is None:
+            return None
+        if old.get("baseModel"):  # resolved before (a restart, a workload made again): keep that model
+            return old["baseModel"]
+        try:
+            ftj = await state.kube.get(API_VERSION, KIND, body.metadata.namespace, ref.name)
+        except ApiError as err:
+            raise kopf.TemporaryError(f"API error reading FineTuneJob {ref.name}, retrying: {err}", delay=config.retry_delay)
+        seen = old.get("fineTuneJobUid")
+        if ftj is not None and not seen:
+            seen = patch.status["fineTuneJobUid"] = (ftj.get("metadata") or {}).get("uid")
+        wait = finetune_wait(ref.name, ftj, seen)
+        created = parse_time(body.metadata.get("creationTimestamp"))
+        if wait is not None and wait.phase == "Pending" and ftj is None and created is not None and (
+                dt.datetime.now(dt.timezone.utc) - created).total_seconds() > config.reference_grace:
+            wait = Wait("Failed", "FineTuneJobNotFound", f"FineTuneJob {ref.name} still does not exist "
+                        f"{config.reference_grace:g}s after this job was created; create it, or fix spec.fineTuneJob.name and create this job again")
+        source = None
+        if wait is None:
+            try:
+                source = pvc_source_of(ref.name, ftj, finetune_start_model(ref.name, ftj))
+            except KubetuneError as err:
+                wait = Wait("Failed", "FineTuneJobOutputUnusable", str(err))
+        now, generation = now_iso(), body.metadata.get("generation")
+        if wait is None:
+            patch.status["baseModel"] = source
+            patch.status["conditions"] = set_condition(
+                old.get("conditions") or [], "ModelReady", True, "ModelResolved",
+                f"starting from FineTuneJob {ref.name}'s model {source}", now=now, generation=generation)
+            return source
+        set_conditions(body, patch, WorkloadState(wait.phase, wait.reason, wait.message), created=False)
+        patch.status["conditions"] = set_condition(patch.status["conditions"], "ModelReady", False, wait.reason, wait.message,
+                                                   now=now, generation=generation)
+        if wait.phase == "Failed":
+            patch.status["completionTime"] = old.get("completionTime") or now
+            kopf.warn(body, reason=wait.reason, message=wait.message)
+            metrics.set_phase(KIND, body.metadata.namespace, body.metadata.name, "Failed")
+            raise kopf.PermanentError(wait.message)
+        if next((c.get("reason") for c in old.get("conditions") or [] if c["type"] == "ModelReady"), None) != wait.reason:
+            kopf.info(body, reason=wait.reason, message=wait.message)  # once per reason, not once per retry
+        metrics.set_phase(KIND, body.metadata.namespace, body.metadata.name, "Pending")
+        raise kopf.TemporaryError(wait.message, delay=config.sync_interval)
 
     @kopf.on.resume(*FTJ, registry=registry)
     @kopf.on.create(*FTJ, registry=registry)
@@ -358,7 +414,8 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             record = old.get("workload")
             try:
                 job = parse_object(plain(body), f"FineTuneJob {ns}/{name}")
-                ensured = await ensure_all(job, record, started=bool(old.get("startTime")))
+                start = await start_model(body, job, patch)  # spec.fineTuneJob: waits (TemporaryError) until it succeeded
+                ensured = await ensure_all(job, record, started=bool(old.get("startTime")), start_model=start)
             except NameConflict as err:
                 kopf.warn(body, reason="NameConflict", message=str(err))
                 set_conditions(body, patch, WorkloadState(old.get("phase") or "Pending", "NameConflict", str(err)), created=False)
@@ -510,7 +567,7 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
                 metrics.set_phase(KIND, ns, name, current.phase)
                 await post_event(body, "Warning", current.reason, current.message)
                 return
-            ensured = await ensure_all(job, ref, started=False)  # it never started: making it again is safe
+            ensured = await ensure_all(job, ref, started=False, start_model=old.get("baseModel"))  # it never started: making it again is safe
             if ensured.record != ref:
                 await state.kube.patch(API_VERSION, KIND, ns, name, {"status": {"workload": ensured.record}}, subresource="status")
                 state.jobs[(ns, name)] = {**body, "status": {**old, "workload": ensured.record}}

@@ -11,6 +11,7 @@ can-i --as` asks), and against the allow-lists the platform team configures:
 | `spec.serviceAccountName: X` | `impersonate` serviceaccounts `X`, or `create` pods, in the namespace |
 | `spec.secrets.hfToken`, `spec.secrets.s3`, `spec.env[].secretKeyRef`, `spec.apiKeySecret` (Secret `S`) | `get` secrets `S` in the namespace |
 | `pvc://C/...` anywhere in the spec (model, dataset, output, adapter, adapters, tasks), `spec.cache.claimName: C` | `get` persistentvolumeclaims `C` in the namespace |
+| `spec.fineTuneJob: {name: F}` (its output is mounted into this run's pods) | `get` finetunejobs.kubetune.dev `F` in the namespace |
 | `spec.image` | (allow-list) start with one of `KUBETUNE_ALLOWED_REGISTRIES`, when set |
 | `spec.tolerations[].key` | (allow-list) be in `KUBETUNE_ALLOWED_TOLERATIONS` (default `nvidia.com/gpu`; `*` any) |
 | `spec.priorityClassName` | (allow-list) be in `KUBETUNE_ALLOWED_PRIORITY_CLASSES`, when set |
@@ -107,6 +108,9 @@ def needs(job: Any) -> list[Need]:
         out.append(Need(field_name, (Access("get", "secrets", secret),)))
     for field_name, claim in _pvc_claims(spec.model_dump(by_alias=True, exclude_none=True)):
         out.append(Need(field_name, (Access("get", "persistentvolumeclaims", claim),)))
+    ref = getattr(spec, "fine_tune_job", None)
+    if ref is not None:  # its output (and the claim holding it) is read through this run's pods
+        out.append(Need("spec.fineTuneJob", (Access("get", "finetunejobs", ref.name, group="kubetune.dev"),)))
     cache = getattr(spec, "cache", None)
     if cache is not None and cache.claim_name:  # the initializer writes into it
         out.append(Need("spec.cache.claimName", (Access("get", "persistentvolumeclaims", cache.claim_name),)))

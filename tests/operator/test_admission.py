@@ -120,6 +120,24 @@ async def test_a_tenant_cannot_use_a_service_account_secret_or_claim_they_may_no
     assert {r["user"] for r in reviews} == {"alice", "bob"} and all(r["resourceAttributes"]["namespace"] == NS for r in reviews)
 
 
+async def test_a_tenant_may_start_only_from_a_finetunejob_they_may_read(webhook, emulator):
+    running, url = await webhook()
+    doc = manifest(**{"metadata.name": "instruct", "spec.fineTuneJob": {"name": "team-b-pretrain"}})
+    del doc["spec"]["model"]
+    async with running, aiohttp.ClientSession() as http:
+        call = Webhook(url, http)
+        refused = await call(review("CREATE", doc))
+        emulator.grant("alice", "get", "finetunejobs", NS, "team-b-pretrain")
+        granted = await call(review("CREATE", doc))
+        itself = await call(review("CREATE", manifest(**{"metadata.name": "team-b-pretrain", "spec.fineTuneJob": {"name": "team-b-pretrain"}})))
+    assert refused["allowed"] is False and refused["status"]["code"] == 403
+    assert "spec.fineTuneJob: alice may not use it: that needs `get` on finetunejobs.kubetune.dev 'team-b-pretrain'" in refused["status"]["message"]
+    assert granted["allowed"] is True
+    review_ = next(r["spec"]["resourceAttributes"] for r in emulator.access_reviews if r["spec"]["resourceAttributes"]["resource"] == "finetunejobs")
+    assert review_["group"] == "kubetune.dev" and review_["name"] == "team-b-pretrain"
+    assert itself["allowed"] is False and "set exactly one of spec.model and spec.fineTuneJob" in itself["status"]["message"]
+
+
 async def test_whoever_may_create_pods_may_name_a_service_account(webhook, emulator):
     running, url = await webhook()
     emulator.grant("alice", "create", "pods", NS)
@@ -212,6 +230,8 @@ async def test_evaljobs_and_modeldeployments_lend_no_rights_either(webhook, emul
         untouched_spec = await call(kind_review("UPDATE", relabelled, relabelled_old))
         grants = [("impersonate", "serviceaccounts", "cluster-admin-sa"), ("get", "secrets", "team-b-s3")]
         grants += [("get", "persistentvolumeclaims", claim) for claim in claims]
+        if "fineTuneJob" in doc["spec"]:  # its output is read through this run's pods
+            grants.append(("get", "finetunejobs", doc["spec"]["fineTuneJob"]["name"]))
         if kind == "ModelDeployment":  # the example's spec.apiKeySecret, mounted into the server
             grants.append(("get", "secrets", doc["spec"]["apiKeySecret"]["name"]))
         for verb, resource, name in grants:

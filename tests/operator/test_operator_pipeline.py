@@ -412,3 +412,76 @@ async def test_modeldeployment_whose_initializer_fails_names_the_source(api, ope
         await eventually(lambda: condition(api, "modeldeployments", "bot", "ModelReady").get("reason") == "InitializerFailed", what="InitializerFailed")
         ready = condition(api, "modeldeployments", "bot", "ModelReady")
         assert ready["status"] == "False" and "s3://weights/missing: no objects" in ready["message"] and "forged" not in ready["message"]
+
+
+# --- a FineTuneJob from another FineTuneJob's output (spec.fineTuneJob) -----------------------
+
+
+def chained(name: str = "instruct", ref: str = "demo") -> dict:
+    doc = finetunejob(**{"metadata.name": name, "spec.recipe": "lora_finetune", "spec.fineTuneJob": {"name": ref},
+                         "spec.output": {"source": f"pvc://outputs/{name}"}})
+    del doc["spec"]["model"]
+    return doc
+
+
+def no_children(api, name: str) -> bool:
+    return not [c for plural in ("batch/v1/jobs", "v1/configmaps", "v1/services") for c in api.children(plural)
+                if c["metadata"]["name"].startswith(name)]
+
+
+async def test_a_finetunejob_waits_for_the_one_it_starts_from_then_trains_on_its_model(api, operator):
+    async with operator():
+        await api.create_ftj(chained())
+        await eventually(lambda: condition(api, "finetunejobs", "instruct", "ModelReady").get("reason") == "FineTuneJobNotFound", what="not found yet")
+        assert status(api, "finetunejobs", "instruct")["phase"] == "Pending"
+        await api.create_ftj(finetunejob())
+        await eventually(lambda: condition(api, "finetunejobs", "instruct", "ModelReady").get("reason") == "WaitingForFineTuneJob", what="waiting")
+        ready = condition(api, "finetunejobs", "instruct", "ModelReady")
+        assert ready["status"] == "False" and "waiting for FineTuneJob demo to succeed" in ready["message"]
+        assert status(api, "finetunejobs", "instruct")["phase"] == "Pending" and no_children(api, "instruct")
+
+        # demo was a LoRA run with save_merged: its merged model (not its adapter) is the start
+        await finish_finetunejob(api)
+        await api.patch(f"{KT}/finetunejobs/demo/status", {"status": {"result": {"checkpoint": "/mnt/output/demo/model"}}})
+        await eventually(lambda: status(api, "finetunejobs", "instruct").get("workload"), what="instruct's workload created")
+        st = status(api, "finetunejobs", "instruct")
+        assert st["baseModel"] == "pvc://outputs/demo/model" and st["fineTuneJobUid"] == api.ftj("demo")["metadata"]["uid"]
+        assert condition(api, "finetunejobs", "instruct", "ModelReady")["status"] == "True"
+        (cm,) = [c for c in api.children("v1/configmaps") if c["metadata"]["name"] == "instruct-config"]
+        assert yaml.safe_load(cm["data"]["config.yaml"])["model"]["path"] == "/mnt/model/demo/model"
+        (job,) = [j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "instruct"]
+        kubernetes_validate.validate(job, "1.30.0", strict=True)
+        pod = job["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["model"]["persistentVolumeClaim"] == {"claimName": "outputs", "readOnly": True}  # the same claim, read-only
+        assert volumes["output"]["persistentVolumeClaim"] == {"claimName": "outputs", "readOnly": False}
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["model"] == {"name": "model", "mountPath": "/mnt/model", "readOnly": True}
+
+
+async def test_a_finetunejob_fails_when_the_one_it_starts_from_fails_never_exists_or_left_only_an_adapter(api, operator):
+    async with operator(reference_grace=1.0):
+        await api.create_ftj(finetunejob())
+        await api.create_ftj(chained())
+        await eventually(lambda: condition(api, "finetunejobs", "instruct", "ModelReady").get("reason") == "WaitingForFineTuneJob", what="waiting")
+        await eventually(lambda: status(api, "finetunejobs", "demo").get("phase") == "Pending")
+        await api.patch(f"{KT}/finetunejobs/demo/status", {"status": {"phase": "Failed", "conditions": [
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "the trainer ran out of memory"}]}})
+        await eventually(lambda: status(api, "finetunejobs", "instruct").get("phase") == "Failed", what="Failed")
+        failed = condition(api, "finetunejobs", "instruct", "Failed")
+        assert failed["reason"] == "FineTuneJobFailed" and "FineTuneJob demo failed: the trainer ran out of memory" in failed["message"]
+
+        await api.create_ftj(chained("orphan", ref="gone"))  # never created: fails after the grace
+        await eventually(lambda: status(api, "finetunejobs", "orphan").get("phase") == "Failed", what="orphan Failed")
+        failed = condition(api, "finetunejobs", "orphan", "Failed")
+        assert failed["reason"] == "FineTuneJobNotFound" and "FineTuneJob gone still does not exist" in failed["message"]
+
+        await api.create_ftj(finetunejob(**{"metadata.name": "adapter-only"}))
+        await api.create_ftj(chained("after-adapter", ref="adapter-only"))
+        await eventually(lambda: status(api, "finetunejobs", "adapter-only").get("phase") == "Pending")
+        await api.patch(f"{KT}/finetunejobs/adapter-only/status", {"status": {"phase": "Succeeded", "result": {
+            "checkpoint": "/mnt/output/demo/adapter", "adapter": "/mnt/output/demo/adapter"}}})
+        await eventually(lambda: status(api, "finetunejobs", "after-adapter").get("phase") == "Failed", what="adapter-only -> Failed")
+        assert "give FineTuneJob adapter-only spec.config.save_merged: true" in condition(api, "finetunejobs", "after-adapter", "Failed")["message"]
+        for name in ("instruct", "orphan", "after-adapter"):
+            assert no_children(api, name), name
