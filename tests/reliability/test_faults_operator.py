@@ -239,3 +239,61 @@ async def test_a_replica_that_yields_to_a_higher_priority_stops_writing(api, emu
             b_requests = [f"{r.method.value} {r.url.path}" for r in list(emulator)[since:]
                           if r.headers.get("Authorization") == "Bearer replica-b" and "kopfpeerings" not in r.url.path]
             assert not b_requests, sorted(set(b_requests))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_a_killed_active_replica_is_replaced_after_its_keep_alive_lapses(api, emulator, tmp_path):
+    """The active replica is a real `kubetune operator --peering` process, SIGKILLed (an evicted
+    pod, a lost node): it cannot leave the peering, so the standby waits for its keep-alive (kopf's
+    default lifetime, 60 s) to lapse, then serves new jobs and the old ones, without a second Job."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    emulator.declare(PEERINGS)
+    await api.post("/apis/kopf.dev/v1/clusterkopfpeerings", {
+        "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "kubetune"}})
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emu",
+        "clusters": [{"name": "emu", "cluster": {"server": emulator.base_url}}],
+        "users": [{"name": "emu", "user": {"token": "replica-a"}}],
+        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "emu"}}],
+    }))
+    active = subprocess.Popen(
+        [sys.executable, "-m", "kubetune.cli", "operator", "--peering", "kubetune", "--priority", "200",
+         "--metrics-port", str(free_port()), "--liveness", f"http://127.0.0.1:{free_port()}/healthz"],
+        env={**os.environ, "KUBECONFIG": str(kubeconfig), "KUBETUNE_SYNC_INTERVAL": "0.5"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        await eventually(lambda: len(peers(emulator)) == 1, timeout=60, what="the active process in the peering")
+        async with replica(emulator, "replica-b", priority=100):
+            await eventually(lambda: len(peers(emulator)) == 2, what="both replicas in the peering")
+            await api.create_ftj(manifest())
+            await eventually(lambda: api.status("demo").get("phase") == "Pending", timeout=30, what="the active process plans")
+            assert writes(emulator, "/jobs", token="replica-a") == 1
+
+            active.send_signal(signal.SIGKILL)  # no goodbye: its peering entry stays until it lapses
+            active.wait(timeout=10)
+            assert len(peers(emulator)) == 2
+            await api.create_ftj(manifest(**{"metadata.name": "after"}))
+            await eventually(lambda: api.status("after").get("phase") == "Pending", timeout=150,
+                             what="the standby serves once the killed replica's keep-alive lapsed")
+            await api.patch(f"{JOBS_PATH}/demo/status", {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}})
+            await eventually(lambda: api.status("demo").get("phase") == "Succeeded", timeout=30, what="the standby syncs the old job")
+    finally:
+        if active.poll() is None:
+            active.kill()
+            active.wait(timeout=10)
+    assert writes(emulator, "/jobs", token="replica-b") == 1  # only "after": demo's Job was not made again
+    assert_one_workload_each(api, ["demo", "after"])
