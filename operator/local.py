@@ -148,10 +148,8 @@ def fetch_local_sources(job: FineTuneJob, runs_dir: Path) -> list[Any]:
     credentials of this shell (HF_TOKEN, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): spec.secrets
     names cluster Secrets. Skips what an earlier run fetched and has not changed."""
     spec = job.spec
-    fields = {"spec.dataset.source": spec.dataset.source}
-    if spec.model is not None:  # spec.fineTuneJob: a local folder another run wrote
-        fields["spec.model.source"] = spec.model.source
-    return fetch_local(fields, spec, runs_dir)
+    model = {"spec.model.source": spec.model.source} if spec.model is not None else {}  # spec.fineTuneJob: a folder another run wrote
+    return fetch_local({**model, "spec.dataset.source": spec.dataset.source}, spec, runs_dir)
 
 
 def fetch_local(fields: dict[str, Optional[str]], spec: Any, runs_dir: Path) -> list[Any]:

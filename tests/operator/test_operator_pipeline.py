@@ -283,7 +283,7 @@ async def test_modeldeployment_network_policy_is_created_owned_followed_and_open
         assert "ownerReferences" not in policy(api, "other")["metadata"]
 
 
-async def test_admission_webhook_refuses_bad_evaljobs_and_modeldeployments_naming_the_field(operator):
+async def test_admission_webhook_refuses_bad_evaljobs_and_modeldeployments_naming_the_field(operator, emulator):
     """kopf's real webhook server with AdmissionReviews as the API server sends them."""
     import asyncio
     import socket
@@ -312,6 +312,7 @@ async def test_admission_webhook_refuses_bad_evaljobs_and_modeldeployments_namin
                 await asyncio.sleep(0.1)
         raise AssertionError("webhook did not answer")
 
+    emulator.grant("alice", "get", "finetunejobs", NS, "demo")  # tenancy: the FineTuneJob they reference
     async with operator(webhook=webhook, admission=True):
         async with aiohttp.ClientSession() as http:
             bad_eval = await answer(http, "validate-evaljob", evaljob(config={"batch_sise": 4}), "evaljobs")
