@@ -29,8 +29,11 @@ test-all: install
 # the served model one question through the openai client; the server is stopped even if the
 # report fails. One thread per process: the tiny model's matrices are too small for a second one to
 # help, and on a busy machine OpenMP threads waiting for each other made a step 7x slower.
+# The manifests read and write the claim `demo` (pvc://demo/...), which `kubetune apply` maps to
+# runs/demo/: the data goes there first, as `kubectl cp` puts it into the claim on a cluster.
 demo: install
 	export OMP_NUM_THREADS=1; \
+	mkdir -p runs/demo && cp -r examples/demo/data runs/demo/ && \
 	$(BIN)/kubetune apply -f examples/demo/ --detach && $(BIN)/python examples/demo/report.py; status=$$?; \
 	$(BIN)/kubetune delete mdep demo-bot 2>/dev/null; exit $$status
 

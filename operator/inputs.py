@@ -91,17 +91,18 @@ def model_source_fields(obj: Any, ftj: Optional[dict[str, Any]]) -> dict[str, st
     return fields
 
 
-def local_inputs(obj: Any, ftj: Optional[dict[str, Any]], base_dir: Path, cache_dir: Optional[Path] = None) -> ModelInputs:
+def local_inputs(obj: Any, ftj: Optional[dict[str, Any]], base_dir: Path, cache_dir: Optional[Path] = None, *,
+                 claims_dir: Optional[Path] = None) -> ModelInputs:
     """Sources as paths on this machine (a local FineTuneJob's summary already names local paths);
     hf:// and s3:// models and adapters where `kubetune apply` fetches them, in cache_dir."""
     spec = obj.spec
     if spec.fine_tune_job is not None:
         assert ftj is not None
         name = spec.fine_tune_job.name
-        model = MappedSource(map_local_source(start_source(name, ftj), f"spec.model.source of FineTuneJob {name}", base_dir, cache_dir))
+        model = MappedSource(map_local_source(start_source(name, ftj), f"spec.model.source of FineTuneJob {name}", base_dir, cache_dir, claims_dir=claims_dir))
         return _finetune_inputs(name, ftj, model=model, output_mount=None)
-    model = MappedSource(map_local_source(spec.model.source, "spec.model.source", base_dir, cache_dir))
+    model = MappedSource(map_local_source(spec.model.source, "spec.model.source", base_dir, cache_dir, claims_dir=claims_dir))
     adapter_spec = getattr(spec, "adapter", None)
-    adapter = MappedSource(map_local_source(adapter_spec.source, "spec.adapter.source", base_dir, cache_dir)) if adapter_spec else None
+    adapter = MappedSource(map_local_source(adapter_spec.source, "spec.adapter.source", base_dir, cache_dir, claims_dir=claims_dir)) if adapter_spec else None
     identity = source_identity(spec.model.source, adapter_spec.source if adapter_spec else None)
     return ModelInputs(model, adapter, model, spec.model.source, identity)

@@ -100,13 +100,14 @@ def plan_local(
     spec = job.spec
     cache_dir = local_cache_dir(runs_dir)
     if spec.model is not None:
-        model = map_local_source(spec.model.source, "spec.model.source", base_dir, cache_dir)
+        model = map_local_source(spec.model.source, "spec.model.source", base_dir, cache_dir, claims_dir=runs_dir)
     elif start_model is not None:
         model = map_local_source(start_model, "spec.fineTuneJob", base_dir, cache_dir)
     else:
         raise KubetuneError(f"spec.fineTuneJob: the output of FineTuneJob {spec.fine_tune_job.name} is not known yet")
-    dataset = map_local_source(spec.dataset.source, "spec.dataset.source", base_dir, cache_dir)
-    output = map_local_source(spec.output.source, "spec.output.source", base_dir, output=True) if spec.output.source else str(run_dir / "output")
+    dataset = map_local_source(spec.dataset.source, "spec.dataset.source", base_dir, cache_dir, claims_dir=runs_dir)
+    output = (map_local_source(spec.output.source, "spec.output.source", base_dir, output=True, claims_dir=runs_dir)
+              if spec.output.source else str(run_dir / "output"))
     port = free_port()
     config = trainer_config(
         job,

@@ -227,9 +227,10 @@ def run_eval(evj: Any, runs_dir: Path, base_dir: Path) -> dict[str, Any]:
     from kubetune.operator.local import fetch_local, local_cache_dir
 
     try:
-        inputs = local_inputs(evj, ftj, base_dir, local_cache_dir(runs_dir))
-        tasks = task_configs(evj, lambda source, index: MappedSource(map_local_source(source, f"spec.tasks[{index}].source", base_dir)))
-        output = map_local_source(evj.spec.output.source, "spec.output.source", base_dir) if evj.spec.output.source else str(run_dir / "output")
+        inputs = local_inputs(evj, ftj, base_dir, local_cache_dir(runs_dir), claims_dir=runs_dir)
+        tasks = task_configs(evj, lambda source, index: MappedSource(map_local_source(source, f"spec.tasks[{index}].source", base_dir, claims_dir=runs_dir)))
+        output = (map_local_source(evj.spec.output.source, "spec.output.source", base_dir, output=True, claims_dir=runs_dir)
+                  if evj.spec.output.source else str(run_dir / "output"))
         configs = eval_configs(evj, inputs, tasks, output)
     except KubetuneError as err:
         return fail("InvalidSpec", str(err), False)
@@ -380,9 +381,9 @@ def deploy(mdep: Any, runs_dir: Path, base_dir: Path) -> Deployed:
         return finish("Failed", "InvalidSpec", "spec.runtime: vllm is not installed here; locally use runtime: kubetune (or install vLLM)", False)
     cache = local_cache_dir(runs_dir)
     try:
-        inputs = local_inputs(mdep, ftj, base_dir, cache)
+        inputs = local_inputs(mdep, ftj, base_dir, cache, claims_dir=runs_dir)
         adapter_paths = [inputs.adapter.path] if inputs.adapter is not None else []
-        adapter_paths += [map_local_source(a.source, f"spec.adapters[{i}].source", base_dir, cache) for i, a in enumerate(mdep.spec.adapters)]
+        adapter_paths += [map_local_source(a.source, f"spec.adapters[{i}].source", base_dir, cache, claims_dir=runs_dir) for i, a in enumerate(mdep.spec.adapters)]
         names = served_models(mdep, inputs)
     except KubetuneError as err:
         return finish("Failed", "InvalidSpec", str(err), False)

@@ -6,7 +6,7 @@
 | hf://org/name[@rev]   | fetched by the initializer into the cache volume | fetched into runs/.cache        |
 |                       | (datasets: also hf://org/name/config)           |                                 |
 | s3://bucket/prefix    | fetched by the initializer into the cache volume | fetched into runs/.cache        |
-| pvc://claim/sub/path  | the claim mounted at /mnt/<role>, path inside it | an error: there is no cluster   |
+| pvc://claim/sub/path  | the claim mounted at /mnt/<role>, path inside it | <runs-dir>/claim/sub/path       |
 | file:///abs/path      | /abs/path inside the trainer image              | /abs/path on this machine       |
 | plain/path            | inside the image, from its working directory     | resolved against the current dir|
 """
@@ -94,13 +94,20 @@ def map_cluster_source(source: str, role: str, field: str, read_only: bool = Tru
     return MappedSource(source)  # builtin://, hf://, or a path inside the image
 
 
-def map_local_source(source: str, field: str, base_dir: Path, cache_dir: Optional[Path] = None, *, output: bool = False) -> str:
+def map_local_source(
+    source: str, field: str, base_dir: Path, cache_dir: Optional[Path] = None, *, output: bool = False, claims_dir: Optional[Path] = None
+) -> str:
     """The local path; with a cache_dir, hf:// and s3:// sources map to where `kubetune
-    apply` fetches them."""
+    apply` fetches them; with a claims_dir (`kubetune apply`: the runs folder), a claim is the
+    folder claims_dir/CLAIM, so one manifest with pvc:// paths runs on a cluster and here."""
     remote = _remote(source, field, cache_dir is not None, output=output)
     if remote is not None:
         return remote.local_path(str(cache_dir))
     scheme, rest = split_scheme(source)
+    if scheme == "pvc" and claims_dir is not None:
+        mapped = map_cluster_source(source, "claim", field, read_only=not output)  # the same checks: a claim name, no '..'
+        assert mapped.mount is not None
+        return str(claims_dir.resolve() / mapped.mount.claim / mapped.path[len(mapped.mount.mount_path):].lstrip("/"))
     if scheme == "pvc":
         raise SourceError(
             f"{field}: {source!r} is a PersistentVolumeClaim, which only exists on a cluster; "

@@ -57,6 +57,7 @@ def test_the_demo_pipeline_learns_and_serves(tmp_path):
     demo = tmp_path / "examples" / "demo"
     shutil.copytree(DEMO, demo, ignore=shutil.ignore_patterns("__pycache__"))
     runs = tmp_path / "runs"
+    shutil.copytree(DEMO / "data", runs / "demo" / "data")  # the claim `demo` (pvc://demo/...) is runs/demo locally: as `make demo`
 
     applied = run("-m", "kubetune.cli", "apply", "-f", "examples/demo/", "--detach", "--no-progress", cwd=tmp_path)
     logs = "".join(f"\n--- {p}\n" + p.read_text()[-1500:] for p in runs.glob("*/*.log")) if runs.exists() else ""

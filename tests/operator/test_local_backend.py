@@ -102,9 +102,21 @@ def test_several_processes_run_under_torchrun(tmp_path):
     assert run.argv[run.argv.index("-m", 3):] == ["-m", "kubetune.cli", "run", "full_finetune", "--config", str(run.config_path)]
 
 
-def test_cluster_only_sources_are_refused_locally_naming_the_field(tmp_path):
-    doc = yaml.safe_load((REPO / "examples" / "llama3.1-8b-lora.yaml").read_text())
-    with pytest.raises(KubetuneError, match=r"spec\.model\.source.*only exists on a cluster"):
+def test_a_claim_is_a_folder_of_the_runs_dir_locally_and_stays_inside_it(tmp_path):
+    """pvc://CLAIM/path -> <runs-dir>/CLAIM/path, so one folder of manifests runs on a cluster and
+    here (examples/demo/); the cluster's checks hold: a claim name, nothing outside the claim."""
+    doc = yaml.safe_load((REPO / "examples" / "finetune-tiny.yaml").read_text())
+    doc["spec"]["dataset"]["source"] = "pvc://shared/data/../../elsewhere.jsonl"
+    with pytest.raises(KubetuneError, match=r"spec\.dataset\.source.*'\.\.' would leave the volume"):
+        plan_local(parse_object(doc, "t"), tmp_path / "runs")
+    doc["spec"]["dataset"]["source"] = "pvc://shared/data/tiny.jsonl"
+    doc["spec"]["output"] = {"source": "pvc://shared/out/./run"}
+    run = plan_local(parse_object(doc, "t"), tmp_path / "runs")
+    config = yaml.safe_load(run.config_path.read_text())
+    assert config["dataset"]["source"] == str((tmp_path / "runs" / "shared" / "data" / "tiny.jsonl").resolve())
+    assert config["output_dir"] == str((tmp_path / "runs" / "shared" / "out" / "run").resolve())
+    doc["spec"]["output"] = {"source": "pvc://Not_A_Claim/x"}
+    with pytest.raises(KubetuneError, match=r"spec\.output\.source.*claim"):
         plan_local(parse_object(doc, "t"), tmp_path / "runs")
 
 
