@@ -459,6 +459,16 @@ async def test_a_finetunejob_waits_for_the_one_it_starts_from_then_trains_on_its
         mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
         assert mounts["model"] == {"name": "model", "mountPath": "/mnt/model", "readOnly": True}
 
+        # an EvalJob of the second stage: its adapter on the model it started from (status.baseModel)
+        await api.patch(f"{KT}/finetunejobs/instruct/status", {"status": {"phase": "Succeeded", "result": {
+            "adapter": "/mnt/output/instruct/adapter", "checkpoint": "/mnt/output/instruct/adapter"}}})
+        await api.post(f"{KT}/evaljobs", evaljob("instruct-eval", fineTuneJob={"name": "instruct"}))
+        await eventually(lambda: status(api, "evaljobs", "instruct-eval").get("workload"), what="eval Job created")
+        (cm,) = [c for c in api.children("v1/configmaps") if c["metadata"]["name"] == "instruct-eval-config"]
+        config, baseline = yaml.safe_load(cm["data"]["config.yaml"]), yaml.safe_load(cm["data"]["baseline.yaml"])
+        assert config["model"]["path"] == baseline["model"]["path"] == "/mnt/model/demo/model"
+        assert config["adapter"] == "/mnt/output/instruct/adapter" and baseline["adapter"] is None
+
 
 async def test_a_finetunejob_fails_when_the_one_it_starts_from_fails_never_exists_or_left_only_an_adapter(api, operator):
     async with operator(reference_grace=1.0):
