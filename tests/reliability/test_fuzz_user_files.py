@@ -29,7 +29,7 @@ from kubetune.errors import KubetuneError
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = int(os.environ.get("KUBETUNE_FUZZ_EXAMPLES", "40"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("KUBETUNE_FUZZ_RANDOM") is None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 scalars = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=12)

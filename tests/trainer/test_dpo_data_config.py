@@ -117,6 +117,7 @@ def test_earlier_assistant_turns_of_the_prompt_are_not_scored():
     ({"prompt": "Q?", "chosen": "same", "rejected": "same"}, "fields 'chosen' and 'rejected' are identical"),
     ({"prompt": "Q?", "chosen": [{"role": "user", "content": "x"}], "rejected": "bad"}, "field 'chosen' must end with the assistant"),
     ({"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}, "messages[0].role"),
+    ({"prompt": "Q?", "chosen": [None], "rejected": "b"}, "field 'chosen[0]' must be a {role, content} message"),
 ])
 def test_bad_preference_records_name_the_record_and_field(record, message):
     with pytest.raises(DatasetError) as err:

@@ -103,6 +103,10 @@ def _as_messages(value: Any, role: str, where: str, field: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if isinstance(value, list):
+        for i, message in enumerate(value):
+            if not isinstance(message, dict):  # else the role checks below fail with an AttributeError
+                raise DatasetError(f"{where}: field '{field}[{i}]' must be a {{role, content}} message, "
+                                   f"got {type(message).__name__}")
         return list(value)
     raise DatasetError(f"{where}: field '{field}' must be a string or a list of {{role, content}} messages, "
                        f"got {type(value).__name__}")
