@@ -1,26 +1,4 @@
-"""Fixtures of the operator tests (helpers live in ophelpers.py: conftest modules are not importable)."""
-from __future__ import annotations
-
-from typing import AsyncIterator
-
-import pytest
-import pytest_asyncio
-
-from kube_emulator import Emulator
-from ophelpers import Api, running_operator, serving_emulator
-
-
-@pytest_asyncio.fixture
-async def emulator() -> AsyncIterator[Emulator]:
-    async with serving_emulator() as emu:
-        yield emu
-
-
-@pytest.fixture
-def operator(emulator):
-    return lambda webhook=None, namespaces=(), **config: running_operator(emulator, webhook=webhook, namespaces=namespaces, **config)
-
-
-@pytest.fixture
-def api(emulator) -> Api:
-    return Api(emulator)
+"""Fixtures of the operator tests: `emulator` (the kmock API server), `operator` (starts the
+operator against it), `api` (a client for the test). They live in ophelpers.py so that the
+reliability suite shares them (conftest modules are not importable)."""
+from ophelpers import api, emulator, operator  # noqa: F401  (pytest finds fixtures by name)

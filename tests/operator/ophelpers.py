@@ -12,6 +12,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import kmock
 import kopf
+import pytest
+import pytest_asyncio
 import yaml
 
 from kubetune.operator.handlers import OperatorConfig, OperatorState
@@ -134,3 +136,21 @@ class Api:
     def children(self, plural: str) -> list[dict[str, Any]]:
         return self.emu.live(plural, NS)
 
+
+
+# --- fixtures of tests/operator and tests/reliability (their conftest modules import these) -------
+
+@pytest_asyncio.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    async with serving_emulator() as emu:
+        yield emu
+
+
+@pytest.fixture
+def operator(emulator):
+    return lambda webhook=None, namespaces=(), **config: running_operator(emulator, webhook=webhook, namespaces=namespaces, **config)
+
+
+@pytest.fixture
+def api(emulator) -> Api:
+    return Api(emulator)

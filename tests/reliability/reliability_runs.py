@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from safetensors.torch import load_file
+from processes import kill_run
 
 from kubetune.trainer.training.checkpointing import CheckpointManager
 from kubetune.trainer.training.metrics import read_metrics
@@ -102,33 +102,6 @@ def logged_step(output_dir: Path) -> int:
 
 def checkpoint_steps(output_dir: Path) -> list[int]:
     return [step for step, _ in CheckpointManager(output_dir).complete_checkpoints()]
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def sigkill(process: subprocess.Popen) -> None:
-    """SIGKILL the run and every process under it at once (a lost node), then reap it."""
-    for pid in [process.pid, *_descendants(process.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.communicate(timeout=60)
 
 
 def kill_step(seed: int, recipe: Recipe) -> int:

@@ -148,6 +148,23 @@ def test_when_every_checkpoint_is_damaged_resume_auto_says_so(tmp_path):
         plan_resume(cfg, CheckpointManager(tmp_path), 10)
 
 
+def test_a_run_killed_during_its_first_checkpoint_write_starts_again(tmp_path):
+    """SIGKILL while step_3 is still `step_3.tmp-*` (found by a seeded kill trial under load):
+    `resume: auto` must start the same run from step 0, not refuse the folder forever (a pod
+    restart would then never get past it)."""
+    from types import SimpleNamespace
+
+    from kubetune.trainer.training.resume import plan_resume, start_run
+
+    cfg = SimpleNamespace(resume="auto", overwrite_output_dir=False, lr_scheduler=SimpleNamespace(on_resume="keep"),
+                          model_dump=lambda mode: {"model": "m", "batch_size": 1})
+    first = plan_resume(cfg, CheckpointManager(tmp_path, keep_last=2), 10)
+    start_run(first, tmp_path)
+    (tmp_path / "checkpoints" / "step_3.tmp-0123abcd").mkdir(parents=True)  # the write the kill cut short
+    again = plan_resume(cfg, CheckpointManager(tmp_path, keep_last=2), 10)
+    assert again.checkpoint is None and "starting it again from step 0" in " ".join(again.messages)
+
+
 def test_saving_a_step_again_never_leaves_neither_copy(tmp_path, monkeypatch):
     """The same step saved twice (SIGTERM right after a periodic save): if putting the new one in
     place fails, the old one is still there, complete."""

@@ -25,9 +25,9 @@ from reliability_runs import (
     assert_same_run,
     checkpoint_steps,
     finish,
+    kill_run,
     kill_step,
     logged_step,
-    sigkill,
     start,
     train,
     wait_until,
@@ -55,7 +55,7 @@ def kill_after_checkpoint(recipe, output_dir, step):
     """Run until the step-`step` checkpoint is in place, then SIGKILL everything at once."""
     process = start(recipe, output_dir)
     wait_until(lambda: step in checkpoint_steps(output_dir), process, f"the step-{step} checkpoint")
-    sigkill(process)
+    kill_run(process)
     assert not (output_dir / recipe.weights).exists()  # it really was cut short
 
 
@@ -131,7 +131,7 @@ def test_sigkill_at_a_seeded_step_then_resume_matches(tmp_path, uninterrupted, r
     print(f"{recipe_name}: SIGKILL after step {after} (seed {seed})")
     process = start(recipe, tmp_path)
     wait_until(lambda: logged_step(tmp_path) >= after, process, f"step {after}")
-    sigkill(process)
+    kill_run(process)
     assert not (tmp_path / recipe.weights).exists()
     finish(start(recipe, tmp_path))
     assert_same_run(recipe, tmp_path, reference)

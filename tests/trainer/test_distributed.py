@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from processes import descendants, kill_run  # noqa: F401 (test_dpo_distributed imports kill_run from here)
 
 from kubetune.trainer.training.checkpointing import SHARDED_STATE, TRAINING_STATE, CheckpointManager
 from kubetune.trainer.training.metrics import read_metrics
@@ -107,34 +108,6 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 240, what: s
 
 def checkpoint_steps(output_dir: Path) -> list[int]:
     return [step for step, _ in CheckpointManager(output_dir).complete_checkpoints()]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun starts each rank in a session of its own)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def kill_run(process: subprocess.Popen) -> None:
-    """SIGKILL the launcher and every rank at once (a node lost), not a graceful stop."""
-    for pid in [process.pid, *descendants(process.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.communicate(timeout=60)
 
 
 # ---------------------------------------------------------------------------------- full parity

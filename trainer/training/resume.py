@@ -156,8 +156,11 @@ def _occupants(output_dir: Path) -> list[str]:
     """What of a previous run lies in output_dir (checkpoints and outputs)."""
     found = []
     checkpoints = output_dir / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
-        found.append("checkpoints/ (" + ", ".join(sorted(p.name for p in checkpoints.iterdir())[:5]) + ")")
+    # A `step_N.tmp-*` folder is a write that never completed (the run was killed during its first
+    # checkpoint): nothing to keep, so it must not stop `resume: auto` from starting the run again.
+    kept = sorted(p.name for p in checkpoints.iterdir() if ".tmp-" not in p.name) if checkpoints.is_dir() else []
+    if kept:
+        found.append("checkpoints/ (" + ", ".join(kept[:5]) + ")")
     found += [name for name in ("model", "adapter") if (output_dir / name).exists()]
     return found
 
