@@ -41,7 +41,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from kubetune.errors import KubetuneError
-from kubetune.trainer.training.resume import RUN_FILE, ResumeError, RunRecord  # noqa: F401 (ResumeError re-exported)
+from kubetune.trainer.training.resume import PARTIAL_WRITE, RUN_FILE, ResumeError, RunRecord  # noqa: F401 (ResumeError re-exported)
 
 if TYPE_CHECKING:
     from kubetune.trainer.distributed import World
@@ -144,7 +144,7 @@ class CheckpointManager:
         tmp = None
         if world.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.dir / f"step_{step}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp = self.dir / f"step_{step}{PARTIAL_WRITE}{uuid.uuid4().hex[:8]}"
         tmp = world.broadcast_object(tmp)
         try:
             self._write(tmp, final, write_model, training_state, world, sharded_state, rank_state)
@@ -207,7 +207,7 @@ class CheckpointManager:
             if folder in self.damaged and newest_intact is not None and step < newest_intact:
                 log.warning("removing damaged checkpoint %s (%s)", folder, self.damaged.pop(folder))
                 shutil.rmtree(folder, ignore_errors=True)
-        for child in [*self.dir.glob("step_*.tmp-*"), *self.dir.glob("step_*.replaced-*")]:
+        for child in [*self.dir.glob(f"step_*{PARTIAL_WRITE}*"), *self.dir.glob("step_*.replaced-*")]:
             shutil.rmtree(child, ignore_errors=True)
 
 

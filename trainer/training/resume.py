@@ -152,13 +152,16 @@ def _ways_out(output_dir: Path) -> str:
     )
 
 
+PARTIAL_WRITE = ".tmp-"  # `checkpoints/step_<N>.tmp-*`: a checkpoint still being written (checkpointing.py)
+
+
 def _occupants(output_dir: Path) -> list[str]:
     """What of a previous run lies in output_dir (checkpoints and outputs)."""
     found = []
     checkpoints = output_dir / "checkpoints"
     # A `step_N.tmp-*` folder is a write that never completed (the run was killed during its first
     # checkpoint): nothing to keep, so it must not stop `resume: auto` from starting the run again.
-    kept = sorted(p.name for p in checkpoints.iterdir() if ".tmp-" not in p.name) if checkpoints.is_dir() else []
+    kept = sorted(p.name for p in checkpoints.iterdir() if PARTIAL_WRITE not in p.name) if checkpoints.is_dir() else []
     if kept:
         found.append("checkpoints/ (" + ", ".join(kept[:5]) + ")")
     found += [name for name in ("model", "adapter") if (output_dir / name).exists()]
