@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -283,6 +284,29 @@ def test_hf_dataset_errors_name_the_field(dataset_hub, tmp_path):
     with pytest.raises(SourceError, match=r"spec\.model\.source: .*write hf://ORG/NAME or"):
         parse_remote("hf://acme/chat/small", "spec.model.source")  # configs are for datasets
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("uri", "field", "message"), [
+    ("hf://datasets/acme/chat", "spec.model.source", r"names a dataset repository; this field reads a model repository: hf://ORG/NAME"),
+    ("hf://spaces/acme/demo", "spec.dataset.source", r"names a Space; this field reads a dataset repository"),
+    ("hf://spaces/acme/demo", "spec.model.source", r"names a Space; this field reads a model repository"),
+])
+def test_hub_kind_prefixes_must_fit_the_field(uri, field, message):
+    with pytest.raises(SourceError, match=rf"{re.escape(field)}: '{re.escape(uri)}' {message}"):
+        parse_remote(uri, field)
+
+
+def test_huggingface_hubs_own_form_hf_datasets_org_name_reads_the_same_repository(dataset_hub, tmp_path):
+    """hf://datasets/ORG/NAME[/...] (huggingface_hub's URLs) is the dataset repository ORG/NAME, not
+    a repository `datasets/ORG` with a config NAME."""
+    env, cache = {"HF_ENDPOINT": dataset_hub.url}, str(tmp_path / "cache")
+    for uri, field, subset, file in (("hf://datasets/acme/chat/small", "spec.dataset.source", "small", None),
+                                     ("hf://datasets/acme/chat/small/train.jsonl", "spec.tasks[0].source", None, "small/train.jsonl")):
+        source = parse_remote(uri, field)
+        assert (source.repo, source.repo_type, source.subset, source.file) == ("acme/chat", "dataset", subset, file)
+        fetch(source, Path(source.cache_path(cache)), env=env)
+        local = Path(source.local_path(cache))
+        assert (local / "train.jsonl" if subset else local).read_bytes() == DATASET_FILES["small/train.jsonl"]
 
 
 def test_hf_task_file_is_that_one_file_of_the_dataset_repository(dataset_hub, tmp_path):

@@ -272,7 +272,8 @@ def _builtin_records(source: str) -> list[SourceRecord]:
 
 
 def _hf_records(name: str, split: str) -> list[SourceRecord]:
-    """hf://org/name or hf://org/name/config, through the optional `datasets` library."""
+    """hf://org/name or hf://org/name/config (or hf://datasets/org/name[/config]), through the
+    optional `datasets` library."""
     try:
         import datasets
     except ImportError:
@@ -281,6 +282,8 @@ def _hf_records(name: str, split: str) -> list[SourceRecord]:
             "or download the data and point dataset.source at the local files"
         ) from None
     parts = name.split("/")
+    if parts[0] == "datasets" and len(parts) >= 3:  # huggingface_hub's form: hf://datasets/ORG/NAME[/CONFIG]
+        parts = parts[1:]
     repo = "/".join(parts[:2])
     config = parts[2] if len(parts) > 2 else None
     try:
