@@ -4,9 +4,10 @@
 - hf://org/name[@revision]: the revision (default branch, tag or commit) is resolved to a commit
   with huggingface_hub, then that commit's files are downloaded (snapshot_download); a model
   repository for model fields, a dataset repository for dataset fields (hf://org/name/CONFIG:
-  only that folder);
-- s3://bucket/prefix: every object under the prefix (a folder, or one object) is listed and
-  downloaded with boto3; `endpoint` points at an S3-compatible store (MinIO, Ceph, moto, ...).
+  only that folder) and EvalJob task files (hf://org/name/path/file.jsonl: only that file);
+- s3://bucket/prefix: every object under the prefix (a folder, or one object: a task file must be
+  one) is listed and downloaded with boto3; `endpoint` points at an S3-compatible store (MinIO,
+  Ceph, moto, ...).
 
 Credentials come from the environment only (HF_TOKEN; AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY),
 which the planner fills from Secret references. Each download goes to a temporary folder next to
@@ -17,6 +18,7 @@ download is never mistaken for a complete one. Errors name the field and say wha
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -107,8 +109,9 @@ def fetch_hf(source: RemoteSource, dest: Path, env: Mapping[str, str]) -> Fetche
         identity = {"revision": commit}
         if _up_to_date(dest, source, identity):
             return Fetched(source, dest, True, identity)
-        # A dataset config is a folder of the repository: only its files (and none of the others').
-        patterns = [f"{source.subset}/**"] if source.subset else None
+        # A dataset config is a folder of the repository: only its files (and none of the others');
+        # a task file: only that file (escaped: the patterns are fnmatch globs).
+        patterns = [f"{source.subset}/**"] if source.subset else [glob.escape(source.file)] if source.file else None
         tmp = _tmp_for(dest)
         try:
             snapshot_download(source.repo, repo_type=source.repo_type, revision=commit, local_dir=tmp, token=token,
@@ -117,6 +120,11 @@ def fetch_hf(source: RemoteSource, dest: Path, env: Mapping[str, str]) -> Fetche
                 raise FetchError(
                     f"{source.field}: {source.uri}: the dataset has no folder {source.subset!r} (its config); "
                     "name one of its folders after the repository, or none"
+                )
+            if source.file and not (tmp / source.file).is_file():
+                raise FetchError(
+                    f"{source.field}: {source.uri}: the dataset repository has no file {source.file!r}; "
+                    "write hf://ORG/NAME/PATH/TO/FILE.jsonl with the file's path in the repository"
                 )
             shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping for local_dir
             _install(tmp, dest, source, identity)
@@ -193,6 +201,13 @@ def fetch_s3(source: RemoteSource, dest: Path, env: Mapping[str, str], *, endpoi
                 f"{source.field}: {source.uri}: no objects under that prefix in bucket {source.bucket} at {where}; "
                 "check the path (a folder of files, or one object)"
             )
+        if source.file and source.prefix not in {key for key, _ in objects.values()}:
+            raise FetchError(  # e.g. the key of a folder: a task reads one file
+                f"{source.field}: {source.uri}: no object {source.prefix} in bucket {source.bucket} at {where} "
+                "(only objects under it); a task's source is one JSONL object: write s3://BUCKET/PATH/TO/FILE.jsonl"
+            )
+        if source.file:  # that object alone, not others under a folder of the same name
+            objects = {rel: value for rel, value in objects.items() if value[0] == source.prefix}
         identity = {"etags": {rel: etag for rel, (_, etag) in sorted(objects.items())}}
         if _up_to_date(dest, source, identity):
             return Fetched(source, dest, True, identity)

@@ -99,6 +99,20 @@ def test_s3_missing_objects_and_buckets_are_named(s3, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_s3_task_file_is_that_one_object_and_a_folder_key_is_refused(s3, tmp_path):
+    s3.client().put_object(Bucket="weights", Key="data/train.jsonl/shadow.jsonl", Body=b"{}\n")  # same name, as a folder too
+    try:
+        source = s3_source("s3://weights/data/train.jsonl", "spec.tasks[2].source")
+        fetched = fetch(source, Path(source.cache_path(str(tmp_path))), endpoint=s3.endpoint, env=s3.env)
+        assert files_under(fetched.path) == {"train.jsonl": MODEL_FILES["data/train.jsonl"]}  # the object only
+        assert Path(source.local_path(str(tmp_path))).read_bytes() == MODEL_FILES["data/train.jsonl"]  # what the eval reads
+    finally:
+        s3.client().delete_object(Bucket="weights", Key="data/train.jsonl/shadow.jsonl")
+    with pytest.raises(FetchError, match=r"spec\.tasks\[0\]\.source: s3://weights/models/tiny: no object models/tiny .*one JSONL object"):
+        fetch(s3_source("s3://weights/models/tiny", "spec.tasks[0].source"), tmp_path / "folder", endpoint=s3.endpoint, env=s3.env)
+    assert not (tmp_path / "folder").exists()
+
+
 @pytest.mark.parametrize("keys", [
     {"AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1", "AWS_SECRET_ACCESS_KEY": "nope"},  # an unknown key
     "wrong-secret",  # the right key id with a wrong secret
@@ -268,3 +282,16 @@ def test_hf_dataset_errors_name_the_field(dataset_hub, tmp_path):
     with pytest.raises(SourceError, match=r"spec\.model\.source: .*write hf://ORG/NAME or"):
         parse_remote("hf://acme/chat/small", "spec.model.source")  # configs are for datasets
     assert not any(tmp_path.iterdir())
+
+
+def test_hf_task_file_is_that_one_file_of_the_dataset_repository(dataset_hub, tmp_path):
+    env = {"HF_ENDPOINT": dataset_hub.url}
+    source = parse_remote("hf://acme/chat/small/train.jsonl", "spec.tasks[0].source")
+    assert (source.repo, source.repo_type, source.file) == ("acme/chat", "dataset", "small/train.jsonl")
+    fetched = fetch(source, Path(source.cache_path(str(tmp_path / "cache"))), env=env)
+    assert files_under(fetched.path) == {"small/train.jsonl": DATASET_FILES["small/train.jsonl"]}  # nothing else of the repository
+    assert Path(source.local_path(str(tmp_path / "cache"))).read_bytes() == DATASET_FILES["small/train.jsonl"]
+    assert fetch(source, fetched.path, env=env).skipped
+    with pytest.raises(FetchError, match=r"spec\.tasks\[1\]\.source: hf://acme/chat/small/dev\.jsonl: the dataset repository has no file 'small/dev\.jsonl'"):
+        fetch(parse_remote("hf://acme/chat/small/dev.jsonl", "spec.tasks[1].source"), tmp_path / "missing", env=env)
+    assert not (tmp_path / "missing").exists()
