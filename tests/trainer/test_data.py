@@ -103,6 +103,8 @@ def test_hf_source_reads_through_the_datasets_library(tmp_path, monkeypatch):
     loaded = load_records("hf://org/name", "train")
     assert [r.data["output"] for r in loaded] == ["moo", "white", "cold"]
     assert loaded[2].where == "hf://org/name [train] record 3"
+    # huggingface_hub's form names the same repository (not a repository datasets/org with a config name)
+    assert [r.data for r in load_records("hf://datasets/org/name", "train")] == [r.data for r in loaded]
     with pytest.raises(DatasetError, match=r"hf://org/name split 'nosuch'"):
         load_records("hf://org/name", "nosuch")
 

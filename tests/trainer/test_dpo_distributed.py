@@ -7,9 +7,10 @@ proves full_finetune and lora_finetune:
   LoRA-DPO (the reference = the sharded base with its adapters off);
 - a 2-process full-DPO run SIGKILLed after its step-2 checkpoint and resumed with 2 processes
   ends as the 1-process run (1e-5) and, slow, exactly as an uninterrupted 2-process run (1e-6);
+- QLoRA-DPO (NF4 base): 2 processes = 1 process quantized with the same NF4 groups (1e-5);
 - slow: the same parity for loss: ipo and loss: simpo (no reference).
-To keep CI short the fast tests launch 5 runs: full DPO at 1 process and at 2 (killed, resumed),
-LoRA-DPO at 1 and at 2.
+To keep CI short the fast tests launch 6 runs and one in this process: full DPO at 1 process and at 2
+(killed, resumed), LoRA-DPO at 1 and at 2, QLoRA-DPO at 2 and (in this process) at 1.
 """
 from __future__ import annotations
 
@@ -33,10 +34,15 @@ COMMON = [
 ]
 
 
+def run_overrides(output_dir: Path, nproc: int, *overrides: str) -> list[str]:
+    """The key=value overrides of a test run (also for a run in this process: recipe_main)."""
+    return [f"output_dir={output_dir}", f"batch_size={4 // nproc}", *COMMON, *overrides]  # 2 x 2 pairs = 1 x 4 pairs
+
+
 def start(config: str, output_dir: Path, nproc: int, *overrides: str) -> subprocess.Popen:
     launch = ["--nproc-per-node", str(nproc)] if nproc > 1 else []
-    command = [sys.executable, "-m", "kubetune", "run", *launch, "dpo", "--config", config, f"output_dir={output_dir}",
-               f"batch_size={4 // nproc}", *COMMON, *overrides]  # 2 x 2 pairs = 1 x 4 pairs a micro-batch
+    command = [sys.executable, "-m", "kubetune", "run", *launch, "dpo", "--config", config,
+               *run_overrides(output_dir, nproc, *overrides)]
     return subprocess.Popen(command, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -112,3 +118,22 @@ def test_ipo_and_simpo_two_processes_match_one(tmp_path, loss):
         train("tiny_dpo_lora", tmp_path / f"nproc{nproc}", nproc, f"loss={loss}", "save_merged=false",
               "save_every_steps=null", "optimizer.lr=1e-3")
     assert_same_run(tmp_path / "nproc2", tmp_path / "nproc1", "adapter/adapter_model.safetensors")
+
+
+def test_qlora_dpo_two_processes_match_one_with_the_same_nf4_groups(tmp_path, monkeypatch):
+    """QLoRA-DPO (NF4 base, the reference = that base with the adapters off) under FSDP2 on gloo. As
+    in test_distributed.py's QLoRA test, the tiny model's NF4 double-quantization groups are halved
+    with 2 ranks (so they split over them); the 1-process run quantizes with the same groups (in this
+    process, quantize_base patched), and then losses, rewards, grad norms and adapters match (1e-5)."""
+    import kubetune.trainer.quant as quant
+    from kubetune.trainer.config import resolve_config
+    from kubetune.trainer.recipes.dpo import recipe_main
+
+    extra = ["model.quantize_base=nf4", "save_merged=false", "save_every_steps=null", "optimizer.lr=1e-3"]
+    train("tiny_dpo_lora", tmp_path / "nproc2", 2, *extra)
+    quantize = quant.quantize_base
+    monkeypatch.setattr(quant, "quantize_base", lambda model, shards=1: quantize(model, shards=2))
+    recipe_main(resolve_config("dpo", "tiny_dpo_lora", run_overrides(tmp_path / "nproc1", 1, *extra)))
+    assert_same_run(tmp_path / "nproc2", tmp_path / "nproc1", "adapter/adapter_model.safetensors")
+    # the policy moved away from its reference (else equal losses would prove little)
+    assert logged(tmp_path / "nproc2")[(STEPS, "loss")] != pytest.approx(0.6931471805599453, abs=1e-3)

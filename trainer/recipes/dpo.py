@@ -25,7 +25,8 @@ Guarantees (tested): with the policy equal to the reference the first step's DPO
 the synthetic task the held-out reward accuracy passes 0.9 and greedy answers move to the chosen
 ones; a run killed at any moment and resumed ends with the same weights and losses as an
 uninterrupted one (CPU, fp32, same seed); SIGTERM saves a checkpoint and exits with 143; 2
-processes give the losses and weights of 1 (fp32, 1e-5), full and LoRA.
+processes give the losses and weights of 1 (fp32, 1e-5), full, LoRA and QLoRA (NF4 with the same
+double-quantization groups).
 """
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ def recipe_main(cfg: DPOConfig) -> dict[str, Any]:
     # ---- Which run: continue the one in output_dir, or start fresh (resume.py) --------
     # Refused before any work when output_dir holds a run with other settings (loss, beta, lora,
     # data, ...), or a fresh run would land on another run's files; rank 0 decides for all.
+    checkpoints.recover_interrupted_writes(world)  # a complete checkpoint a kill left under a temporary name
     plan = world.broadcast_object(plan_resume(cfg, checkpoints, total_steps, world.size))
     checkpoints.run = plan.run
     resume_dir = plan.checkpoint
