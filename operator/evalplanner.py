@@ -96,7 +96,14 @@ def eval_configs(evj: EvalJob, inputs: ModelInputs, tasks: list[Any], output_dir
 
 
 def cluster_task_source(source: str, index: int) -> MappedSource:
-    return map_cluster_source(source, f"task-{index}", f"spec.tasks[{index}].source")
+    """A task file as the eval container sees it: hf:// and s3:// ones fetched by the initializer."""
+    return map_cluster_source(source, f"task-{index}", f"spec.tasks[{index}].source", fetch=True)
+
+
+def task_source_fields(evj: EvalJob) -> dict[str, str]:
+    """{spec.tasks[N].source: source} of the local tasks (what the initializer may have to fetch)."""
+    return {f"spec.tasks[{index}].source": (task if isinstance(task, LocalTask) else LocalTask.model_validate(task)).source
+            for index, task in enumerate(evj.spec.tasks) if not isinstance(task, str)}
 
 
 def plan_eval(evj: EvalJob, ftj: Optional[dict[str, Any]] = None, *, image: str = DEFAULT_TRAINER_IMAGE) -> list[dict[str, Any]]:
@@ -120,8 +127,9 @@ def plan_eval(evj: EvalJob, ftj: Optional[dict[str, Any]] = None, *, image: str 
         results = MappedSource(RESULTS_DIR)
     configs = eval_configs(evj, inputs, tasks, results.path)
     image = evj.spec.image or image
-    # hf:// and s3:// models and adapters: fetched into the cache by an init container first.
-    remote = remote_sources_of([inputs.model, inputs.adapter, inputs.base] if evj.spec.baseline else [inputs.model, inputs.adapter])
+    # hf:// and s3:// models, adapters and task files: fetched into the cache by an init container first.
+    models = [inputs.model, inputs.adapter, inputs.base] if evj.spec.baseline else [inputs.model, inputs.adapter]
+    remote = remote_sources_of([*models, *task_sources])
     init_containers, cache_volumes, cache_mounts = initializer_wiring(evj, remote, image=image)
     data = {file: render_config("eval", config) for file, config in configs.items()}
     if remote:

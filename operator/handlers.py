@@ -106,16 +106,34 @@ class OperatorState:
     metrics_port: Optional[int] = None
     jobs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (namespace, name) -> body
     sync_task: Optional[asyncio.Task] = None
+    login_kwargs: dict[str, Any] = field(default_factory=dict)  # what kopf passed the login handler (settings, logger)
     _kube: Optional[KubeClient] = None
-    _kube_for: Any = None
     _discovery: Optional[asyncio.Lock] = None
+
+    def log_in(self, **kwargs: Any) -> Any:
+        """Credentials, as the login handler gets them: the configured login function, else the
+        service account (its token file read afresh each time), else the kubeconfig."""
+        if self.config.login is not None:
+            return self.config.login(**kwargs)
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    async def relogin(self) -> Any:
+        """Log in again after the API answered 401 to the operator's own client (a rotated
+        service-account token): kopf re-logs in on its own 401s only, and its watches, which
+        authenticated once, may not meet one for many minutes."""
+        info = await asyncio.to_thread(self.log_in, **self.login_kwargs)
+        if info is not None:
+            log.info("the API refused the operator's credentials (401): logged in again")
+            self.connection = info
+        return info
 
     @property
     def kube(self) -> KubeClient:
-        if self._kube is None or self._kube_for is not self.connection:  # re-login: new credentials
-            if self.connection is None:
-                raise kopf.TemporaryError("not logged in to the API yet", delay=1)
-            self._kube, self._kube_for = KubeClient(self.connection), self.connection
+        if self.connection is None:
+            raise kopf.TemporaryError("not logged in to the API yet", delay=1)
+        if self._kube is None:
+            self._kube = KubeClient(self.connection, relogin=self.relogin)
+        self._kube.use(self.connection)  # kopf logged in again (its own 401): the new credentials
         return self._kube
 
     async def cluster_info(self) -> ClusterInfo:
@@ -289,10 +307,8 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> Any:
-        if config.login is not None:
-            info = config.login(**kwargs)
-        else:
-            info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        state.login_kwargs = kwargs  # kept for the client's own re-login on 401 (OperatorState.relogin)
+        info = state.log_in(**kwargs)
         state.connection = info
         return info
 

@@ -12,7 +12,11 @@ children are planned as dicts, and typed models would drop fields the client doe
   so one call serves every group;
 - which plural names a kind, and whether it is namespaced, comes from the API's resource lists
   (CoreV1Api / CustomObjectsApi.get_api_resources), cached per group version and read again
-  once when a kind is missing (a CRD installed after the operator started).
+  once when a kind is missing (a CRD installed after the operator started);
+- a 401 (a projected service-account token the kubelet rotated, an expired kubeconfig token)
+  logs in again through `relogin` (the operator's kopf login function, which reads the token
+  file afresh) and retries the request once with the new credentials, as kopf does for its own
+  requests; concurrent 401s share one re-login.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import aiohttp
 from kubernetes_asyncio import client as k8s
@@ -107,22 +111,89 @@ def configuration(connection: Any, secrets_dir: Optional[str] = None) -> k8s.Con
     return config
 
 
+def _tls_and_server(connection: Any) -> tuple[Any, ...]:
+    """What the client's Configuration is made of (everything but the Authorization header)."""
+    return (connection.server, connection.insecure, connection.proxy_url, connection.ca_path, connection.ca_data,
+            connection.certificate_path, connection.certificate_data, connection.private_key_path, connection.private_key_data)
+
+
 class KubeClient:
-    def __init__(self, connection: Any, *, timeout: float = REQUEST_TIMEOUT):
-        """`connection`: a kopf.ConnectionInfo (what kopf's login handlers return)."""
-        embedded = connection.ca_data or connection.certificate_data or connection.private_key_data
-        self._secrets_dir = tempfile.mkdtemp(prefix="kubetune-kube-") if embedded else None
-        self.api = k8s.ApiClient(configuration(connection, self._secrets_dir))
-        for header, value in connection.as_http_headers().items():  # token (with its scheme) or basic auth
-            self.api.set_default_header(header, value)
-        self.api.user_agent = "kubetune-operator"
+    def __init__(
+        self, connection: Any, *, timeout: float = REQUEST_TIMEOUT,
+        relogin: Optional[Callable[[], Awaitable[Any]]] = None,
+    ):
+        """`connection`: a kopf.ConnectionInfo (what kopf's login handlers return); `relogin`:
+        an async function returning fresh credentials (a ConnectionInfo, or None), called on 401."""
         self.timeout = timeout
+        self._relogin = relogin
+        self._relogging: Optional[asyncio.Future] = None
+        self._retired: list[k8s.ApiClient] = []  # clients of earlier servers/certificates, closed with this one
+        self._secrets_dirs: list[str] = []
+        self.connection = connection
+        self.api = self._api_client(connection)
         self._resources: dict[str, asyncio.Future] = {}  # api_version -> {kind: ApiResource}
 
+    def _api_client(self, connection: Any) -> k8s.ApiClient:
+        embedded = connection.ca_data or connection.certificate_data or connection.private_key_data
+        secrets_dir = tempfile.mkdtemp(prefix="kubetune-kube-") if embedded else None
+        if secrets_dir is not None:
+            self._secrets_dirs.append(secrets_dir)
+        api = k8s.ApiClient(configuration(connection, secrets_dir))
+        for header, value in connection.as_http_headers().items():  # token (with its scheme) or basic auth
+            api.set_default_header(header, value)
+        api.user_agent = "kubetune-operator"
+        return api
+
+    def use(self, connection: Any) -> None:
+        """Take new credentials (a re-login). Only the Authorization header changed (a rotated
+        token): set it on the same client, keeping its connections and discovery cache; another
+        server, CA or client certificate: a new client (the old one is closed with this one, as
+        requests may still be in flight on it)."""
+        if connection is self.connection:
+            return
+        if _tls_and_server(connection) == _tls_and_server(self.connection):
+            self.api.default_headers.pop("Authorization", None)
+            for header, value in connection.as_http_headers().items():
+                self.api.set_default_header(header, value)
+        else:
+            self._retired.append(self.api)
+            self.api = self._api_client(connection)
+        self.connection = connection
+
+    async def _reauthenticate(self, rejected: Any) -> bool:
+        """After a 401 to a request made with the credentials `rejected`: log in again (once for
+        all requests that met the 401 together). True if the credentials are new, so a retry may
+        pass; False if there is no re-login, or it returned the same credentials."""
+        if self.connection is not rejected:  # another request logged in again meanwhile
+            return True
+        if self._relogin is None:
+            return False
+        if self._relogging is None or self._relogging.done():
+            self._relogging = asyncio.ensure_future(self._relogin())
+        try:
+            fresh = await asyncio.shield(self._relogging)
+        except Exception:  # no credentials now: the 401 stands, the caller retries later
+            return False
+        if fresh is None or fresh == rejected:
+            return False
+        self.use(fresh)
+        return True
+
+    async def _authenticated(self, request: Callable[[], Awaitable[Any]]) -> Any:
+        """The request; on 401, once more with new credentials (see _reauthenticate)."""
+        sent_with = self.connection
+        try:
+            return await request()
+        except ApiException as err:
+            if err.status != 401 or not await self._reauthenticate(sent_with):
+                raise
+        return await request()
+
     async def close(self) -> None:
-        await self.api.close()
-        if self._secrets_dir is not None:
-            shutil.rmtree(self._secrets_dir, ignore_errors=True)
+        for api in [*self._retired, self.api]:
+            await api.close()
+        for folder in self._secrets_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
     # --- discovery ---------------------------------------------------------------------------
 
@@ -131,9 +202,10 @@ class KubeClient:
         group, version = group_version(api_version)
         try:
             if not group:
-                answer = await k8s.CoreV1Api(self.api).get_api_resources(_request_timeout=self.timeout)
+                answer = await self._authenticated(lambda: k8s.CoreV1Api(self.api).get_api_resources(_request_timeout=self.timeout))
             else:
-                answer = await k8s.CustomObjectsApi(self.api).get_api_resources(group, version, _request_timeout=self.timeout)
+                answer = await self._authenticated(
+                    lambda: k8s.CustomObjectsApi(self.api).get_api_resources(group, version, _request_timeout=self.timeout))
         except ApiException as err:
             if err.status == 404:
                 return {}
@@ -190,12 +262,12 @@ class KubeClient:
         query: Optional[list[tuple[str, str]]] = None, content_type: str = "application/json",
     ) -> Any:
         template, params = path
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        try:
-            return await self.api.call_api(
-                template, method, params, query or [], headers, body=body, response_types_map=_OBJECT,
-                auth_settings=["BearerToken"], _return_http_data_only=True, _request_timeout=self.timeout,
-            )
+        try:  # fresh header and parameter containers per attempt: the generated client fills them in
+            return await self._authenticated(lambda: self.api.call_api(
+                template, method, dict(params), list(query or []), {"Accept": "application/json", "Content-Type": content_type},
+                body=body, response_types_map=_OBJECT, auth_settings=["BearerToken"], _return_http_data_only=True,
+                _request_timeout=self.timeout,
+            ))
         except (ApiException, aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
             raise api_error(err) from err
 

@@ -39,7 +39,7 @@ from kubetune.errors import KubetuneError
 from kubetune.operator.api import KINDS, ManifestError, kind_for, parse_object
 from kubetune.operator.crdgen import write_atomic
 from kubetune.operator.deployplanner import kubetune_argv, served_models, vllm_argv
-from kubetune.operator.evalplanner import eval_configs, task_configs
+from kubetune.operator.evalplanner import eval_configs, task_configs, task_source_fields
 from kubetune.operator.inputs import local_inputs, model_source_fields
 from kubetune.operator.pipeline_status import eval_result
 from kubetune.operator.planner import render_config
@@ -228,14 +228,15 @@ def run_eval(evj: Any, runs_dir: Path, base_dir: Path) -> dict[str, Any]:
 
     try:
         inputs = local_inputs(evj, ftj, base_dir, local_cache_dir(runs_dir), claims_dir=runs_dir)
-        tasks = task_configs(evj, lambda source, index: MappedSource(map_local_source(source, f"spec.tasks[{index}].source", base_dir, claims_dir=runs_dir)))
+        tasks = task_configs(evj, lambda source, index: MappedSource(
+            map_local_source(source, f"spec.tasks[{index}].source", base_dir, local_cache_dir(runs_dir), claims_dir=runs_dir)))
         output = (map_local_source(evj.spec.output.source, "spec.output.source", base_dir, output=True, claims_dir=runs_dir)
                   if evj.spec.output.source else str(run_dir / "output"))
         configs = eval_configs(evj, inputs, tasks, output)
     except KubetuneError as err:
         return fail("InvalidSpec", str(err), False)
-    try:  # hf:// and s3:// models and adapters: as the initializer does on a cluster
-        fetch_local(model_source_fields(evj, ftj), evj.spec, runs_dir)
+    try:  # hf:// and s3:// models, adapters and task files: as the initializer does on a cluster
+        fetch_local({**model_source_fields(evj, ftj), **task_source_fields(evj)}, evj.spec, runs_dir)
     except KubetuneError as err:
         return fail("InitializerFailed", str(err), False)
     status.update(model=inputs.description, modelId=inputs.identity, phase="Running", startTime=now_iso())

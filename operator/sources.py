@@ -6,6 +6,7 @@
 | hf://org/name[@rev]   | fetched by the initializer into the cache volume | fetched into runs/.cache        |
 |                       | (datasets: also hf://org/name/config)           |                                 |
 | s3://bucket/prefix    | fetched by the initializer into the cache volume | fetched into runs/.cache        |
+|                       | (EvalJob task files: hf://org/name/path/file.jsonl of a dataset repository, or one s3:// object) |
 | pvc://claim/sub/path  | the claim mounted at /mnt/<role>, path inside it | <runs-dir>/claim/sub/path       |
 | file:///abs/path      | /abs/path inside the trainer image              | /abs/path on this machine       |
 | plain/path            | inside the image, from its working directory     | resolved against the current dir|
@@ -50,10 +51,10 @@ def split_scheme(source: str) -> tuple[str, str]:
 
 
 def _remote(source: str, field: str, fetch: bool, *, output: bool = False) -> Optional["RemoteSource"]:
-    """The hf:// model or s3:// source the initializer fetches (None: the trainer reads `source`
-    itself). Callers that plan the initializer pass fetch=True (models, adapters and datasets of
-    every kind); for the others (EvalJob task files) a source that would need it is refused,
-    naming the field."""
+    """The hf:// or s3:// source the initializer fetches (None: the trainer reads `source`
+    itself). Callers that plan the initializer pass fetch=True (models, adapters, datasets and
+    EvalJob task files); for the others (a FineTuneJob's output read back) an s3:// source is
+    refused, naming the field."""
     from kubetune.operator.initializers import remote_sources  # it imports this module
 
     if output and split_scheme(source)[0] in ("hf", "s3"):
@@ -62,7 +63,7 @@ def _remote(source: str, field: str, fetch: bool, *, output: bool = False) -> Op
     if found:
         return found[0]
     if not fetch and split_scheme(source)[0] == "s3":
-        raise SourceError(f"{field}: {source!r}: the initializer fetches s3:// models, adapters and datasets only; "
+        raise SourceError(f"{field}: {source!r}: only models, adapters, datasets and task files are fetched from s3://; "
                           "put the files in a volume (pvc://CLAIM/path) or a local folder")
     return None
 

@@ -27,7 +27,11 @@ API server adds; each addition below says which behaviour of Kubernetes it stand
   - discovery paths with a trailing slash (/api/v1/, as the generated kubernetes_asyncio client
     asks for the core resource list): the API server serves them as without it, kmock 0.8 404s;
   - the discovery entry of authorization.k8s.io/v1 subjectaccessreviews (create only), so a
-    client that finds plurals by discovery can post reviews (answered by `grant`, above).
+    client that finds plurals by discovery can post reviews (answered by `grant`, above);
+  - authentication of bearer tokens that expired (`revoke`): 401 Unauthorized, as the API server
+    answers a projected service-account token past its expiry (the kubelet rotates the file
+    before that; a client that keeps the old token meets this). A watch already open goes on,
+    as a stream authenticated once does.
 """
 from __future__ import annotations
 
@@ -160,6 +164,8 @@ class Emulator(kmock.KubernetesEmulator):
     access_reviews: list[dict[str, Any]] = attrs.field(factory=list, init=False)
     owner_references_enforced: bool = attrs.field(default=False, init=False)
     may_set_finalizers: bool = attrs.field(default=True, init=False)
+    revoked: set[str] = attrs.field(factory=set, init=False)  # bearer tokens answered 401
+    unauthorized: list[str] = attrs.field(factory=list, init=False)  # "METHOD /path" answered 401
 
     def declare(self, resources: dict[str, dict[str, Any]]) -> None:
         for key, info in resources.items():
@@ -168,6 +174,10 @@ class Emulator(kmock.KubernetesEmulator):
     def bind_role(self, token: str, namespaces: set[str]) -> None:
         """Requests with this bearer token get only what Roles in these namespaces allow."""
         self.role = Role(token, frozenset(namespaces))
+
+    def revoke(self, token: str) -> None:
+        """Requests with this bearer token are answered 401 from now on (an expired token)."""
+        self.revoked.add(token)
 
     def grant(self, user: str, verb: str, resource: str, namespace: str, name: str = "*") -> None:
         """RBAC for SubjectAccessReviews: user may `verb` `resource` (named `name`, or any)."""
@@ -186,6 +196,10 @@ class Emulator(kmock.KubernetesEmulator):
         if raw_request.path != "/" and raw_request.path.endswith("/") and _is_discovery(raw_request.path):
             raw_request = raw_request.clone(rel_url=raw_request.rel_url.with_path(raw_request.path.rstrip("/")))
         _raw_request.set(raw_request)
+        if raw_request.headers.get("Authorization", "").removeprefix("Bearer ") in self.revoked:
+            self.unauthorized.append(f"{raw_request.method} {raw_request.path}")
+            body = {"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 401, "reason": "Unauthorized", "message": "Unauthorized"}
+            return aiohttp.web.json_response(body, status=401)
         if raw_request.method == "POST" and raw_request.path.rstrip("/") == "/apis/authorization.k8s.io/v1/subjectaccessreviews":
             return await self._access_review(raw_request)
         if self.role is not None and self.role.applies_to(raw_request) and not self.role.allows(raw_request.path):

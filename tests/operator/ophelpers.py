@@ -42,10 +42,12 @@ async def running_operator(
     it only talks HTTP to the emulator (and kopf's shutdown sees only its own tasks).
     namespaces: watch only these (`kubetune operator --namespace NS`); none: cluster-wide.
     settings/peering: a replica of a peering (make_settings(peering=...)); token: its identity
-    in the emulator's request log (each replica its own)."""
-    options = dict(sync_interval=0.2, metrics_port=0, metrics_addr="127.0.0.1", retry_delay=0.2, scrape_timeout=1.0)
+    in the emulator's request log (each replica its own); config: OperatorConfig fields (login:
+    another login function than the fixed token)."""
+    options = dict(sync_interval=0.2, metrics_port=0, metrics_addr="127.0.0.1", retry_delay=0.2, scrape_timeout=1.0,
+                   login=lambda **_: kopf.ConnectionInfo(server=emu.base_url, token=token))
     options.update(config)
-    state = OperatorState(OperatorConfig(login=lambda **_: kopf.ConnectionInfo(server=emu.base_url, token=token), **options))
+    state = OperatorState(OperatorConfig(**options))
     settings = settings or make_settings(peering=None, webhook=webhook)
     assert settings.admission.managed is None  # the operator never writes webhook configurations
     settings.watching.server_timeout = 5  # the emulator never ends watches itself

@@ -237,7 +237,7 @@ CASES = [
     Case("config value changed", changed(TINY, "spec.config.max_steps", 301), TINY, (immutable("config"),)),
     Case("config removed", changed(TINY, "spec.config"), TINY, (immutable("config"),)),
     Case("output changed", changed(TWO_NODES, "spec.output.source", "pvc://outputs/elsewhere"), TWO_NODES, (immutable("output"),)),
-    Case("output added", changed(TINY, "spec.output", {"source": "pvc://outputs/demo"}), TINY, (immutable("output"),)),
+    Case("output added", changed(TINY, "spec.output", {"source": "pvc://outputs/tiny"}), TINY, (immutable("output"),)),
     Case("empty output added (the default)", changed(TINY, "spec.output", {}), TINY),
     Case("gpus changed", changed(TINY, "spec.resources.gpusPerNode", 1), TINY, (immutable("resources"),)),
     Case("resources removed (gpus 0 -> 1)", changed(TINY, "spec.resources"), TINY, (immutable("resources"),)),
@@ -280,7 +280,7 @@ CASES += [
     Case("FineTuneJob with model and fineTuneJob", changed(TINY, "spec.fineTuneJob", {"name": "pretrain"}), None, (ONE_MODEL,)),
     Case("FineTuneJob with neither", changed(TINY, "spec.model"), None, (ONE_MODEL,)),
     Case("FineTuneJob from another's output", changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "pretrain"}), None),
-    Case("FineTuneJob from its own output", changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "demo"}), None, (SELF,)),
+    Case("FineTuneJob from its own output", changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "tiny"}), None, (SELF,)),
     Case("FineTuneJob's start changed", changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "other"}),
          changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "pretrain"}), (IMMUTABLE,)),
 ]

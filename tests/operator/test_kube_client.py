@@ -2,9 +2,11 @@
 against the emulator. Plurals come from API discovery, not a table: a kind the operator never
 named (NetworkPolicy, plural `networkpolicies`) works, a CRD installed after the first look is
 found, a kind the API does not serve is a clear 404; kopf's credentials travel with every
-request; certificate data from a kubeconfig becomes private files that go with the client."""
+request; a 401 (a rotated token) logs in again once and retries; certificate data from a
+kubeconfig becomes private files that go with the client."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import stat
@@ -76,6 +78,38 @@ async def test_kopf_credentials_reach_the_api_and_refusals_keep_their_status(emu
             await kube.list("v1", "ConfigMap", "team-b")
         assert err.value.status == 403 and err.value.reason == "Forbidden" and "forbidden" in err.value.message
         assert all(r.headers.get("Authorization") == f"Bearer {OPERATOR_TOKEN}" for r in emulator)
+    finally:
+        await kube.close()
+
+
+async def test_a_401_logs_in_again_once_and_retries_with_the_new_token(emulator, tmp_path):
+    """A projected service-account token: the kubelet rewrites the file, the API server answers
+    401 to the old token once it expired. The client reads the file again (through its relogin)
+    and retries once; until the file changes the 401 stands, without a loop of retries."""
+    token_file = tmp_path / "token"
+    token_file.write_text("token-1")
+    logins: list[str] = []
+
+    async def relogin():
+        logins.append(token_file.read_text())
+        return kopf.ConnectionInfo(server=emulator.base_url, token=token_file.read_text())
+
+    kube = KubeClient(kopf.ConnectionInfo(server=emulator.base_url, token="token-1"), relogin=relogin)
+    try:
+        await kube.create(network_policy("api"))
+        emulator.revoke("token-1")
+        with pytest.raises(ApiError) as err:  # the file still holds the expired token
+            await kube.get("networking.k8s.io/v1", "NetworkPolicy", NS, "api")
+        assert err.value.status == 401 and logins == ["token-1"]
+
+        token_file.write_text("token-2")  # rotated
+        found = await asyncio.gather(*(kube.get("networking.k8s.io/v1", "NetworkPolicy", NS, "api") for _ in range(5)))
+        assert all(f["metadata"]["name"] == "api" for f in found)
+        assert logins == ["token-1", "token-2"]  # five 401s at once, one re-login
+        patched = await kube.patch("networking.k8s.io/v1", "NetworkPolicy", NS, "api", {"metadata": {"labels": {"tier": "serve"}}})
+        assert patched["metadata"]["labels"]["tier"] == "serve" and logins == ["token-1", "token-2"]
+        assert all(r.headers.get("Authorization") == "Bearer token-2" for r in list(emulator)[-6:])
+        assert len(emulator.unauthorized) == 6  # the first get, and each of the five once
     finally:
         await kube.close()
 

@@ -104,3 +104,51 @@ def test_apply_trains_a_model_fetched_from_s3(s3, tmp_path):
     fresh = [sys.executable, "-m", "kubetune.cli", "apply", "-f", str(manifest), "--runs-dir", str(tmp_path / "runs-2"), "--no-progress"]
     wrong = subprocess.run(fresh, capture_output=True, text=True, cwd=REPO, env={**env, "AWS_SECRET_ACCESS_KEY": "wrong"}, timeout=60)
     assert wrong.returncode == 2 and "error: spec.model.source: s3://models/tiny" in wrong.stderr and "spec.secrets.s3" in wrong.stderr
+
+
+def test_apply_evaluates_a_task_file_fetched_from_s3(s3, tmp_path):
+    """An EvalJob whose task file is s3://...: fetched into runs/.cache by `kubetune apply`, then
+    evaluated; the same records from the built-in source give the same metrics, so the file the
+    eval read is the object that was uploaded. A wrong key fails the EvalJob naming the task's field."""
+    from kubetune.trainer.data.synthetic import multiple_choice_records
+
+    records = multiple_choice_records()
+    client = s3.client()
+    client.create_bucket(Bucket="evals")
+    client.put_object(Bucket="evals", Key="suites/facts.jsonl", Body="".join(json.dumps(r) + "\n" for r in records).encode())
+    options = {"context_field": "question"}
+    evaljob = {
+        "apiVersion": "kubetune.dev/v1alpha1", "kind": "EvalJob", "metadata": {"name": "task-from-s3"},
+        "spec": {"model": {"source": "builtin://tiny"}, "resources": {"gpusPerNode": 0},
+                 "s3": {"endpoint": s3.endpoint, "region": "us-east-1"}, "secrets": {"s3": {"name": "eval-keys"}},
+                 "tasks": [{"name": "fetched", "type": "multiple_choice", "source": "s3://evals/suites/facts.jsonl", "options": options},
+                           {"name": "builtin", "type": "multiple_choice", "source": "builtin://tiny_instruct_mc", "options": options}],
+                 "config": {"device": "cpu", "batch_size": 36, "max_seq_len": 64}},
+    }
+    manifest = tmp_path / "eval.yaml"
+    manifest.write_text(yaml.safe_dump(evaljob))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "HF_"))}, **s3.env, "HF_HOME": str(tmp_path / "hf-home")}
+    runs = tmp_path / "runs"
+    argv = [sys.executable, "-m", "kubetune.cli", "apply", "-f", str(manifest), "--runs-dir", str(runs), "--no-progress"]
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
+    log = runs / "task-from-s3" / "eval.log"
+    assert out.returncode == 0, out.stderr + (log.read_text()[-3000:] if log.exists() else "")
+    assert "spec.tasks[0].source: s3://evals/suites/facts.jsonl fetched in" in out.stderr
+    assert "evaljob.kubetune.dev/task-from-s3 Succeeded" in out.stdout
+
+    config = yaml.safe_load((runs / "task-from-s3" / "config.yaml").read_text())
+    path = Path(config["tasks"][0]["path"])
+    assert path.is_relative_to(runs / ".cache" / "s3") and path.name == "facts.jsonl"
+    assert path.read_bytes() == client.get_object(Bucket="evals", Key="suites/facts.jsonl")["Body"].read()
+    status = yaml.safe_load((runs / "task-from-s3" / "status.yaml").read_text())["status"]
+    metrics = status["result"]["metrics"]
+    fetched = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("fetched/")}
+    assert fetched and fetched == {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("builtin/")}
+
+    wrong = subprocess.run([*argv[:-3], "--runs-dir", str(tmp_path / "runs-2"), "--no-progress"], capture_output=True, text=True,
+                           cwd=REPO, env={**env, "AWS_SECRET_ACCESS_KEY": "wrong"}, timeout=120)
+    assert wrong.returncode != 0
+    status = yaml.safe_load((tmp_path / "runs-2" / "task-from-s3" / "status.yaml").read_text())["status"]
+    failed = {c["type"]: c for c in status["conditions"]}["Failed"]
+    assert failed["reason"] == "InitializerFailed" and failed["message"].startswith("spec.tasks[0].source: s3://evals/suites/facts.jsonl")
+    assert "spec.secrets.s3" in failed["message"]

@@ -185,8 +185,9 @@ def test_promotion_metric_must_exist_in_the_evaljobs_tasks():
 
 
 def test_dependency_order_puts_references_first_and_refuses_cycles():
-    objs = [mdep(promotion={"evalJob": "demo-eval", "metric": "facts/acc", "min": 0.5}), evj(),
-            parse_object(yaml.safe_load((REPO / "examples" / "finetune-tiny.yaml").read_text()), "t")]
+    ftj = yaml.safe_load((REPO / "examples" / "finetune-tiny.yaml").read_text())
+    ftj["metadata"]["name"] = "demo"  # the one evj() refers to
+    objs = [mdep(promotion={"evalJob": "demo-eval", "metric": "facts/acc", "min": 0.5}), evj(), parse_object(ftj, "t")]
     assert [o.kind for o in dependency_order(objs)] == ["FineTuneJob", "EvalJob", "ModelDeployment"]
 
     def node(kind, name, ref):
@@ -455,10 +456,59 @@ def test_deployment_fetches_hub_and_s3_models_and_adapters_with_kubetunes_image(
     assert other_map["metadata"]["annotations"][SPEC_HASH_ANNOTATION] != sources_map["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
 
 
-def test_task_files_on_s3_are_still_refused_naming_the_field():
-    job = evj(tasks=[{"name": "t", "type": "generate", "source": "s3://bucket/tasks.jsonl"}])
-    with pytest.raises(KubetuneError, match=r"spec.tasks\[0\].source.*models, adapters and datasets only"):
-        plan_eval(job, ftj_body())
+def test_evaljob_task_files_on_s3_and_the_hub_are_fetched_by_the_initializer_and_read_from_the_cache():
+    # A task source with shell metacharacters: it may reach the pod only as data (the plan), never a command string.
+    hostile = "s3://tasks/evals/$(reboot);x.jsonl"
+    tasks = [{"name": "mc", "type": "multiple_choice", "source": hostile, "options": {"context_field": "question"}},
+             "hellaswag",  # lm-eval names: not sources
+             {"name": "gen", "type": "generate", "source": "hf://acme/evals/qa/dev.jsonl@v2"},
+             {"name": "ppl", "type": "perplexity", "source": "pvc://evals/heldout.jsonl"}]
+    job = evj(tasks=tasks, s3={"endpoint": "http://minio:9000", "region": "eu-west-1"},
+              secrets={"hfToken": {"name": "hf", "key": "token"}, "s3": {"name": "s3-keys"}})
+    config_map, job_ = plan_eval(job, ftj_body())  # the model: the FineTuneJob's output on a claim (nothing to fetch)
+    pod = job_["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["initializer", "baseline"]  # the files are there before either eval
+    init = init_of(pod)["initializer"]
+    assert init["command"] == ["kubetune", "initialize", "--plan", "/etc/kubetune/sources.yaml"]
+    plan = yaml.safe_load(config_map["data"]["sources.yaml"])
+    assert [(s["field"], s["uri"]) for s in plan["sources"]] == [
+        ("spec.tasks[0].source", hostile), ("spec.tasks[2].source", "hf://acme/evals/qa/dev.jsonl@v2")]
+    assert plan["s3"] == {"endpoint": "http://minio:9000", "region": "eu-west-1"}
+    dests = {s["field"]: s["dest"] for s in plan["sources"]}
+    for file in ("config.yaml", "baseline.yaml"):  # both evals read the fetched files
+        cfg = resolve_config("eval", yaml.safe_load(config_map["data"][file]))
+        paths = {t.name: t.path for t in cfg.tasks if not isinstance(t, str)}
+        assert paths == {"mc": dests["spec.tasks[0].source"] + "/$(reboot);x.jsonl",  # the object's name in its download
+                         "gen": dests["spec.tasks[2].source"] + "/qa/dev.jsonl",  # its path in the repository
+                         "ppl": "/mnt/task-3/heldout.jsonl"}
+        assert all(path.startswith("/mnt/cache/") for name, path in paths.items() if name != "ppl")
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in init["env"] if "valueFrom" in e}
+    assert secrets == {"HF_TOKEN": {"name": "hf", "key": "token"}, "AWS_ACCESS_KEY_ID": {"name": "s3-keys", "key": "AWS_ACCESS_KEY_ID"},
+                       "AWS_SECRET_ACCESS_KEY": {"name": "s3-keys", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert not any("AWS" in e["name"] for c in pod["containers"] + [init_of(pod)["baseline"]] for e in c["env"])  # only the initializer
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["cache"] == {"name": "cache", "emptyDir": {}}
+    assert volumes["task-3"] == {"name": "task-3", "persistentVolumeClaim": {"claimName": "evals", "readOnly": True}}
+    for container in pod["containers"] + [init_of(pod)["baseline"]]:
+        assert {"name": "cache", "mountPath": "/mnt/cache", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "cache", "mountPath": "/mnt/cache"} in init["volumeMounts"]  # the only writer
+    every_string = json.dumps(job_)
+    assert "reboot" not in every_string  # the CR's source is in the ConfigMap only, as YAML data
+    assert not any(arg in ("sh", "bash", "-c") for c in pod["containers"] + pod["initContainers"] for arg in c["command"])
+    assert restricted(pod) == []
+    kubernetes_validate.validate(job_, K8S, strict=True)
+    kubernetes_validate.validate(config_map, K8S, strict=True)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("s3://tasks/evals/", r"spec\.tasks\[0\]\.source: 's3://tasks/evals/': a task's source is one JSONL file; write s3://BUCKET/PATH/TO/FILE\.jsonl"),
+    ("s3://tasks", r"spec\.tasks\[0\]\.source: 's3://tasks': a task's source is one JSONL file"),
+    ("hf://acme/evals", r"spec\.tasks\[0\]\.source: 'hf://acme/evals': a task's source is one JSONL file; write hf://ORG/NAME/PATH"),
+    ("hf://acme/evals/../x.jsonl", r"spec\.tasks\[0\]\.source: .*one JSONL file"),
+])
+def test_task_sources_that_name_no_file_are_refused_naming_the_field(source, message):
+    with pytest.raises(KubetuneError, match=message):
+        plan_eval(evj(tasks=[{"name": "t", "type": "generate", "source": source}]), ftj_body())
 
 
 @pytest.mark.parametrize("kind", ["EvalJob", "ModelDeployment", "FineTuneJob"])
