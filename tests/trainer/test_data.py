@@ -86,9 +86,9 @@ def test_unreadable_sources_are_errors_naming_file_and_record(tmp_path):
     (tmp_path / "obj.json").write_text('{"a": 1}')
     with pytest.raises(DatasetError, match="must be a list of records"):
         load_records(str(tmp_path / "obj.json"))
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(DatasetError, match="unsupported file type '.csv'"):
-        load_records(str(tmp_path / "data.csv"))
+    (tmp_path / "data.xml").write_text("<a/>\n")
+    with pytest.raises(DatasetError, match="unsupported file type '.xml'"):
+        load_records(str(tmp_path / "data.xml"))
     with pytest.raises(DatasetError, match="unknown built-in dataset"):
         load_records("builtin://nope")
 
