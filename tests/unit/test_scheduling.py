@@ -222,8 +222,8 @@ SCHEMA_REFUSES = [
     (TOL + ("operator",), "Lt", TOL + ("operator",)),  # alpha in Kubernetes 1.35, behind a feature gate
     (TOL + ("effect",), "NoScheduled", TOL + ("effect",)),
     (TOL + ("value",), "two words", TOL + ("value",)),
-    (TOL + ("tolerationSeconds",), "60", TOL + ("tolerationSeconds",)),
-    (TOL + ("tolerationSeconds",), 2**63, TOL + ("tolerationSeconds",)),
+    (TOL, {"key": "taint", "effect": "NoExecute", "tolerationSeconds": "an hour"}, TOL + ("tolerationSeconds",)),
+    (TOL, {"key": "taint", "effect": "NoExecute", "tolerationSeconds": 2**63}, TOL + ("tolerationSeconds",)),
     (NODE + ("nodeSelectorTerms",), [], NODE + ("nodeSelectorTerms",)),
     (NODE + ("nodeSelectorTerms", 0, "matchExpressions", 0, "operator"), "in", NODE + ("nodeSelectorTerms", 0, "matchExpressions", 0, "operator")),
     (NODE + ("nodeSelectorTerms", 1, "matchFields", 0, "key"), "metadata.labels", NODE + ("nodeSelectorTerms", 1, "matchFields", 0, "key")),
