@@ -284,6 +284,18 @@ CASES += [
     Case("FineTuneJob's start changed", changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "other"}),
          changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "pretrain"}), (IMMUTABLE,)),
 ]
+# spec.tolerations and spec.affinity (operator/api/scheduling.py): every cross-field rule, at each
+# place it sits in each kind, accepts the good values and rejects the value that breaks it
+from scheduling_cases import BREAKS, replaced, with_scheduling  # noqa: E402
+
+SCHEDULED = {"FineTuneJob": with_scheduling(TINY), "EvalJob": with_scheduling(EVAL), "ModelDeployment": with_scheduling(SERVE)}
+SCHEDULING_RULES = [r for r in RULES if r.path[1:2] in (("tolerations",), ("affinity",))]
+CASES += [Case(f"{kind} with every toleration and affinity field", doc, None) for kind, doc in SCHEDULED.items()]
+CASES += [
+    Case(f"{rule.kind} {rule.where}.{rule.message}", replaced(SCHEDULED[rule.kind], rule.path, BREAKS[rule.rule]), None,
+         (f"{rule.where}: {rule.message}",))
+    for rule in SCHEDULING_RULES if rule.rule in BREAKS
+]
 EXAMPLES = example_documents()
 EXAMPLE_IDS = [f"{doc['kind']}/{doc['metadata']['name']}" for doc in EXAMPLES]
 
@@ -375,3 +387,9 @@ def test_every_rule_is_seen_to_accept_and_to_reject():
     rejected = {o.rule for o in seen if o.error is not None}
     assert [str(r) for r in RULES if r not in accepted] == [], "rules never seen passing"
     assert [str(r) for r in RULES if r not in rejected] == [], "rules never seen rejecting"
+
+
+def test_every_scheduling_rule_has_a_value_that_breaks_it():
+    """tests/scheduling_cases.py BREAKS names each rule of the tolerations and affinity types."""
+    assert len(SCHEDULING_RULES) >= 3 * 40  # tolerations, node/pod (anti-)affinity terms and selectors, in 3 kinds
+    assert sorted({r.rule for r in SCHEDULING_RULES} - set(BREAKS)) == []
