@@ -30,6 +30,7 @@ from kubetune.trainer.training.checkpointing import (
     sharded_training_state,
     verify_checkpoint,
 )
+from kubetune.trainer.training.resume import RunRecord
 
 
 def tiny():
@@ -107,6 +108,26 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_is_used(tmp_p
     # Naming the damaged checkpoint explicitly is refused, with the reason.
     with pytest.raises(ResumeError, match=f"step_6 is damaged: {problem}"):
         manager.resume_from(str(newest))
+
+
+def test_a_flipped_byte_or_a_truncation_in_any_file_is_detected_with_hashing_threads(tmp_path, monkeypatch):
+    """Every file hashed in full, whichever thread hashes it: damage anywhere, in any file, is named."""
+    from kubetune.trainer.training import checkpointing
+
+    monkeypatch.setattr(checkpointing, "HASH_THREADS", 4)  # the thread pool, whatever the machine's cores
+    manager = CheckpointManager(tmp_path / "run", run=RunRecord("r", "h", {}, 9))  # with its run.json
+    folder = save(manager, 3, *tiny())
+    names = sorted(json.loads((folder / CHECKSUMS).read_text())["files"])
+    assert len(names) >= 5  # weights, DCP metadata and shard, training state, run.json
+    for name in names:
+        for damage, problem in [(flip_one_byte, "does not match its sha256"), (lambda p: os.truncate(p, p.stat().st_size - 1), "bytes")]:
+            copy = tmp_path / "copy"
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(folder, copy)
+            damage(copy / name)
+            found = verify_checkpoint(copy)
+            assert found is not None and found.startswith(f"{name} ") and problem in found, (name, found)
+    assert verify_checkpoint(folder) is None
 
 
 def test_checkpoints_without_checksums_get_a_structure_check(tmp_path):
