@@ -86,9 +86,9 @@ def test_unreadable_sources_are_errors_naming_file_and_record(tmp_path):
     (tmp_path / "obj.json").write_text('{"a": 1}')
     with pytest.raises(DatasetError, match="must be a list of records"):
         load_records(str(tmp_path / "obj.json"))
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(DatasetError, match="unsupported file type '.csv'"):
-        load_records(str(tmp_path / "data.csv"))
+    (tmp_path / "data.xml").write_text("<a/>\n")
+    with pytest.raises(DatasetError, match="unsupported file type '.xml'"):
+        load_records(str(tmp_path / "data.xml"))
     with pytest.raises(DatasetError, match="unknown built-in dataset"):
         load_records("builtin://nope")
 
@@ -332,3 +332,36 @@ def test_loader_ranks_take_disjoint_slices_of_each_global_batch():
     ranks = [BatchLoader(samples, batch_size=2, pad_id=0, seed=0, rank=r, world_size=2) for r in range(2)]
     seen = [row[0] for _ in range(2) for loader in ranks for row in loader.next_batch()["input_ids"].tolist()]
     assert sorted(seen) == [10 * i for i in range(8)]
+
+
+def test_loader_position_saved_by_two_ranks_resumes_on_one_and_back():
+    """Resume at another world size with the same global batch (2 ranks x 2 = 1 x 4): the position
+    counts global batches, so the resumed loader takes exactly the batches an uninterrupted loader at
+    the new world size takes from there. The two world sizes agree on every global batch of the
+    first epoch; with samples that do not divide the global batch (10 by 4) their epochs differ in
+    length (1 rank keeps the short last batch, several drop it), so past that point they do not."""
+    samples = [sample(2, 10 * i) for i in range(10)]
+
+    def loaders(world_size: int) -> list[BatchLoader]:
+        return [BatchLoader(samples, batch_size=4 // world_size, pad_id=0, seed=3, rank=r, world_size=world_size)
+                for r in range(world_size)]
+
+    def global_batch(group: list[BatchLoader]) -> list[int]:
+        return [row[0] for loader in group for row in loader.next_batch()["input_ids"].tolist()]
+
+    def uninterrupted(world_size: int, steps: int) -> list[list[int]]:
+        group = loaders(world_size)
+        return [global_batch(group) for _ in range(steps)]
+
+    one, two = uninterrupted(1, 6), uninterrupted(2, 6)
+    assert one[:2] == two[:2]  # the first epoch of 2 ranks (2 global batches) is 1 rank's first 8 samples
+    assert len(one[2]) == 2 and len(two[2]) == 4  # then 1 rank takes the short batch of 2, 2 ranks a new epoch
+    for old, new, reference in ((2, 1, one), (1, 2, two)):
+        for position in range(5):
+            saved = loaders(old)
+            for _ in range(position):
+                global_batch(saved)
+            resumed = loaders(new)
+            for loader in resumed:
+                loader.load_state_dict(saved[0].state_dict())
+            assert [global_batch(resumed) for _ in range(6 - position)] == reference[position:]

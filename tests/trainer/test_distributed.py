@@ -330,7 +330,8 @@ def test_qlora_under_fsdp2_matches_one_process_with_the_same_nf4_groups(tmp_path
     extra = ["save_every_steps=3", "save_merged=false"]
     train("lora_finetune", "tiny_qlora", tmp_path / "nproc2", 2, *extra)
     quantize = quant.quantize_base
-    monkeypatch.setattr(quant, "quantize_base", lambda model, shards=1: quantize(model, shards=2))
+    monkeypatch.setattr(quant, "quantize_base",
+                        lambda model, shards=1, world_size=1: quantize(model, shards=2, world_size=world_size))
     recipe_main(resolve_config("lora_finetune", "tiny_qlora", [
         *command("lora_finetune", "tiny_qlora", tmp_path / "nproc1", 1, *extra)[7:]]))
     assert_same_losses(tmp_path / "nproc2", tmp_path / "nproc1")

@@ -63,6 +63,12 @@ LAYOUTS = {
         "README.md": card("configs:\n- config_name: main\n  data_files: [shards/*.jsonl, extra.jsonl]\n"),
         "shards/s1.jsonl": rows("s1", 2), "shards/s0.jsonl": rows("s0", 1), "extra.jsonl": rows("extra", 1),
     }, [(None, "train"), ("main", "train")]),
+    # the Hub documentation's own example: CSV files at the root, one per split
+    "docs_example_csv": ({
+        "README.md": card("configs:\n- config_name: default\n  data_files:\n  - split: train\n    path: \"data.csv\"\n"
+                          "  - split: test\n    path: \"holdout.csv\"\n"),
+        "data.csv": 'text,n,score\nhello,1,0.5\n"a, quoted\nline",2,\nNA,3,1.5\n', "holdout.csv": "text,n,score\nheld,9,2.0\n",
+    }, [(None, "train"), (None, "test")]),
     "data_dir_alone": ({
         "README.md": card("configs:\n- config_name: default\n  data_dir: v2\n"),
         "v2/train.jsonl": rows("v2-train", 2), "v2/test.jsonl": rows("v2-test", 1), "train.jsonl": rows("v1", 5),
@@ -120,9 +126,9 @@ def test_missing_splits_and_configs_are_named_with_the_ones_there_are(tmp_path):
     ("configs:\n- config_name: default\n  data_files: https://example.com/a.jsonl\n", r"only paths inside the repository"),
     ("configs:\n- config_name: default\n  data_files: ../outside.jsonl\n", r"only paths inside the repository"),
     ("configs:\n- config_name: default\n  data_files: nothing-*.jsonl\n", r"split 'train': 'nothing-\*\.jsonl' matches no file in"),
-    ("configs:\n- config_name: default\n  data_files: '*.csv'\n", r"split 'train' is a\.csv: no file kubetune reads; convert"),
+    ("configs:\n- config_name: default\n  data_files: '*.xml'\n", r"split 'train' is a\.xml: no file kubetune reads; convert"),
 ])
 def test_bad_cards_are_errors_naming_the_fix(yaml_block, message, tmp_path):
-    folder = write(tmp_path / "repo", {"README.md": card(yaml_block), "a.jsonl": rows("a", 1), "b.jsonl": rows("b", 1), "a.csv": "x\n1\n"})
+    folder = write(tmp_path / "repo", {"README.md": card(yaml_block), "a.jsonl": rows("a", 1), "b.jsonl": rows("b", 1), "a.xml": "<a/>\n"})
     with pytest.raises(DatasetError, match=message):
         load_records(str(folder), "train")

@@ -1,4 +1,4 @@
-"""Read raw records (dicts) from where a config says: local JSON/JSONL/Parquet/.txt files or
+"""Read raw records (dicts) from where a config says: local JSON/JSONL/Parquet/CSV/.txt files or
 folders, the optional Hugging Face `datasets` library, or the built-in synthetic task.
 
 Plain `.txt` files are text records: one document per file (`txt_documents: file`), or one per
@@ -23,7 +23,7 @@ from typing import Any, Optional
 from kubetune.errors import KubetuneError
 from kubetune.safe_yaml import read_user_text
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 BUILTIN_SOURCES = ("builtin://tiny_instruct", "builtin://tiny_preference")
 
 
@@ -166,9 +166,11 @@ def read_file(path: Path) -> list[SourceRecord]:
         return _read_json(path)
     if suffix == ".parquet":
         return _read_parquet(path)
+    if suffix == ".csv":
+        return _read_csv(path)
     if suffix == ".txt":
         return _read_txt(path, "text", "file")
-    raise DatasetError(f"{path}: unsupported file type '{suffix}'; use .jsonl, .json, .parquet or .txt")
+    raise DatasetError(f"{path}: unsupported file type '{suffix}'; use .jsonl, .json, .parquet, .csv or .txt")
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
@@ -182,7 +184,7 @@ def _split_files(folder: Path, split: str) -> list[Path]:
     found = sorted(p.name for p in folder.iterdir() if p.suffix in FILE_SUFFIXES)
     raise DatasetError(
         f"dataset.source {folder}: no file for split '{split}' (looked for {split}.jsonl, {split}.json, "
-        f"{split}.parquet, and {split}-*/{split}/ files there or in data/); found: {', '.join(found) or 'nothing'}; "
+        f"{split}.parquet, {split}.csv, and {split}-*/{split}/ files there or in data/); found: {', '.join(found) or 'nothing'}; "
         "set dataset.split to one of them"
     )
 
@@ -231,6 +233,18 @@ def _read_parquet(path: Path) -> list[SourceRecord]:
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise DatasetError(f"{path}: cannot read as Parquet: {exc}") from None
     return [SourceRecord(row, f"{path} record {i}") for i, row in enumerate(rows, start=1)]
+
+
+def _read_csv(path: Path) -> list[SourceRecord]:
+    """A CSV file with a header row, columns typed as the `datasets` library (pandas) types them:
+    empty cells and NA/null are None, numbers are numbers."""
+    import pyarrow.csv as pcsv
+
+    try:
+        rows = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(strings_can_be_null=True)).to_pylist()
+    except Exception as exc:  # pyarrow raises ArrowInvalid and others for malformed files
+        raise DatasetError(f"{path}: cannot read as CSV (a header row, then one record per row): {exc}") from None
+    return [SourceRecord(row, f"{path} row {i}") for i, row in enumerate(rows, start=1)]
 
 
 def _read_txt(path: Path, text_key: str, documents: str) -> list[SourceRecord]:
