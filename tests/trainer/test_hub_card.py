@@ -69,6 +69,12 @@ LAYOUTS = {
                           "  - split: test\n    path: \"holdout.csv\"\n"),
         "data.csv": 'text,n,score\nhello,1,0.5\n"a, quoted\nline",2,\nNA,3,1.5\n', "holdout.csv": "text,n,score\nheld,9,2.0\n",
     }, [(None, "train"), (None, "test")]),
+    # the Hub documentation's builder-parameter example: a CSV separator per config
+    "csv_sep": ({
+        "README.md": card("configs:\n- config_name: tab\n  data_files: tab.csv\n  sep: \"\\t\"\n- config_name: semicolon\n"
+                          "  data_files: semi.csv\n  delimiter: \";\"\n  default: true\n"),
+        "tab.csv": "text\tn\nx, with comma\t1\n", "semi.csv": "text;n\ny, with comma;2\nz;3\n",
+    }, [(None, "train"), ("tab", "train")]),
     "data_dir_alone": ({
         "README.md": card("configs:\n- config_name: default\n  data_dir: v2\n"),
         "v2/train.jsonl": rows("v2-train", 2), "v2/test.jsonl": rows("v2-test", 1), "train.jsonl": rows("v1", 5),
@@ -127,6 +133,9 @@ def test_missing_splits_and_configs_are_named_with_the_ones_there_are(tmp_path):
     ("configs:\n- config_name: default\n  data_files: ../outside.jsonl\n", r"only paths inside the repository"),
     ("configs:\n- config_name: default\n  data_files: nothing-*.jsonl\n", r"split 'train': 'nothing-\*\.jsonl' matches no file in"),
     ("configs:\n- config_name: default\n  data_files: '*.xml'\n", r"split 'train' is a\.xml: no file kubetune reads; convert"),
+    ("configs:\n- config_name: default\n  data_files: a.jsonl\n  field: data\n",
+     r"config 'default' sets field, a loading option kubetune does not apply"),
+    ("configs:\n- config_name: default\n  data_files: a.jsonl\n  sep: ';;'\n", r"sep/delimiter must be one character"),
 ])
 def test_bad_cards_are_errors_naming_the_fix(yaml_block, message, tmp_path):
     folder = write(tmp_path / "repo", {"README.md": card(yaml_block), "a.jsonl": rows("a", 1), "b.jsonl": rows("b", 1), "a.xml": "<a/>\n"})
