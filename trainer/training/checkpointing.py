@@ -24,9 +24,9 @@ counts only checkpoints not known to be damaged, so a damaged one never displace
 A kill at the wrong moment can leave a complete checkpoint under a temporary name and no
 `step_<N>`: between `write_checksums` and the rename (a finished `step_<N>.tmp-*`), or, when the
 same step is saved again, between moving the old copy aside (`step_<N>.replaced-*`) and renaming
-the new one in (both). `recover_interrupted_writes` (rank 0, before resume picks a checkpoint, and
-again before every prune) renames the first of them that verifies back to `step_<N>`, so neither
-resume nor pruning ever loses a completed checkpoint.
+the new one in (both). `recover_interrupted_writes` (in resume's plan_resume, which only rank 0
+runs, and again before every prune) renames the first of them that verifies back to `step_<N>`,
+so neither resume nor pruning ever loses a completed checkpoint.
 """
 from __future__ import annotations
 
@@ -111,22 +111,14 @@ class CheckpointManager:
         """The damaged checkpoints found so far and what is wrong with each (for error messages)."""
         return "; ".join(f"{folder.name}: {problem}" for folder, problem in sorted(self.damaged.items()))
 
-    def recover_interrupted_writes(self, world: Optional["World"] = None) -> list[Path]:
+    def recover_interrupted_writes(self) -> list[Path]:
         """Put back every complete checkpoint a kill left under a temporary name (see the module
-        docstring); returns the folders put back. Every rank calls it before choosing a checkpoint:
-        rank 0 renames, the others wait for it (nobody lists the folder while it changes)."""
-        from kubetune.trainer.distributed import World
-
-        world = world or World()
-        recovered = self._recover_leftovers() if world.is_main else []
-        world.barrier()
-        return recovered
-
-    def _recover_leftovers(self) -> list[Path]:
-        """For each step with leftovers and no `step_<N>`: rename the first intact candidate to
-        `step_<N>`: the copy that was in place (`.replaced-*`), else a finished write (`.tmp-*` with
-        checksums.json, which is written last). When none verifies, the first is put back anyway,
-        so resume names its damage and pruning treats it as any damaged checkpoint."""
+        docstring); returns the folders put back. For each step with leftovers and no `step_<N>`:
+        the first intact one of the copy that was in place (`.replaced-*`) and a finished write
+        (`.tmp-*` with checksums.json, which is written last) is renamed to `step_<N>`; when none
+        verifies, the first is put back anyway, so resume names its damage and pruning treats it as
+        any damaged checkpoint. One process only (rank 0: resume's plan_resume, and prune), while no
+        other reads the folder."""
         if not self.dir.is_dir():
             return []
         leftovers: dict[int, list[Path]] = {}
@@ -246,7 +238,7 @@ class CheckpointManager:
     def prune(self) -> None:
         """Keep the newest keep_last complete checkpoints of the current run (and protected steps);
         remove leftovers of interrupted writes. Another run's checkpoints are never pruned here."""
-        self._recover_leftovers()  # a leftover that is a step's only complete copy is put back, not removed
+        self.recover_interrupted_writes()  # a leftover that is a step's only complete copy is put back, not removed
         checkpoints = self.complete_checkpoints(self.run.run_id if self.run is not None else None)
         # Only intact checkpoints count towards keep_last: a damaged one never displaces a good one.
         # A damaged one goes once an intact newer one exists (nothing would resume from it).

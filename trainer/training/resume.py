@@ -181,10 +181,13 @@ def clear_run_outputs(output_dir: Path) -> None:
 
 def plan_resume(cfg: Any, checkpoints: Any, total_steps: int, world_size: int = 1) -> ResumePlan:
     """Decide fresh start or resume for `cfg` in the checkpoint manager's output_dir; raise
-    ResumeError when they disagree. Reads only, except with overwrite_output_dir (the previous
-    run's outputs are cleared, by the main process: `is_main`). Sets `checkpoints.run`, so every
-    checkpoint carries the run record and pruning keeps to this run. The caller then writes
+    ResumeError when they disagree. One process decides (rank 0: `World.main_decides`): it puts
+    back a complete checkpoint a kill left under a temporary name (`recover_interrupted_writes`)
+    and verifies the newest checkpoint, then every rank gets the plan. Otherwise reads only (with
+    overwrite_output_dir, `start_run` clears the previous run's outputs). Sets `checkpoints.run`, so
+    every checkpoint carries the run record and pruning keeps to this run. The caller then writes
     run.json with `start_run` (rank 0)."""
+    checkpoints.recover_interrupted_writes()
     output_dir = checkpoints.dir.parent
     settings = matched_settings(cfg, world_size)
     digest = settings_hash(settings)
