@@ -365,3 +365,22 @@ def test_loader_position_saved_by_two_ranks_resumes_on_one_and_back():
             for loader in resumed:
                 loader.load_state_dict(saved[0].state_dict())
             assert [global_batch(resumed) for _ in range(6 - position)] == reference[position:]
+
+
+def test_loader_says_when_a_resume_changes_the_world_size_and_what_differs(caplog):
+    samples = [sample(2, 10 * i) for i in range(10)]
+    saved = BatchLoader(samples, batch_size=2, pad_id=0, rank=0, world_size=2)
+    saved.next_batch()
+    with caplog.at_level("INFO", logger="kubetune.data"):
+        BatchLoader(samples, batch_size=4, pad_id=0).load_state_dict(saved.state_dict())
+        BatchLoader(samples, batch_size=2, pad_id=0, rank=1, world_size=2).load_state_dict(saved.state_dict())
+    [message] = caplog.messages  # rank 0 only, and only when the world size changed
+    assert "taken with 2 process(es) x batch_size 2, this run has 1 x 4: the same global batch of 4" in message
+    assert "an epoch is 3 batches now, 2 before (10 samples do not divide the global batch" in message
+    caplog.clear()
+    even = [sample(2, 10 * i) for i in range(8)]
+    with caplog.at_level("INFO", logger="kubetune.data"):
+        BatchLoader(even, batch_size=4, pad_id=0).load_state_dict(
+            BatchLoader(even, batch_size=2, pad_id=0, world_size=2).state_dict())
+    [message] = caplog.messages
+    assert "the same global batch of 4" in message and "epoch" not in message

@@ -113,6 +113,7 @@ def test_full_dpo_killed_with_two_processes_resumes_with_one_as_the_one_process_
     position counted in global batches) and ends as the uninterrupted 1-process run."""
     out = train("tiny_dpo", full_runs["killed_at_2"], 1)
     assert "resuming run" in out and "step_2" in out
+    assert "the checkpoint was taken with 2 process(es) x batch_size 2, this run has 1 x 4: the same global batch" in out
     assert_same_run(full_runs["killed_at_2"], full_runs[1], "model/model.safetensors")
 
 
