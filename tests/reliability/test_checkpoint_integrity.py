@@ -386,6 +386,54 @@ def test_under_torchrun_rank_0_alone_chooses_the_checkpoint_and_every_rank_gets_
             assert reports[1] == {**reports[0], "hashed": 0}
 
 
+SAVING_WORKER = r"""
+import json, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from kubetune.trainer.distributed import close_distributed, init_distributed
+from kubetune.trainer.training import checkpointing
+from kubetune.trainer.training.checkpointing import CheckpointManager
+
+out = Path(sys.argv[1])
+world = init_distributed("cpu")
+hashed = []
+real_sha256 = checkpointing._sha256
+checkpointing._sha256 = lambda path: hashed.append(path.relative_to(out / "checkpoints").as_posix()) or real_sha256(path)
+
+def write_model(folder):
+    if world.is_main:
+        folder.mkdir()
+        save_file({"w": torch.ones(1000)}, str(folder / "model.safetensors"))
+
+# Each rank's own tensors (a sharded optimizer state): every rank writes a DCP shard file of its own.
+state = {"optimizer": {f"rank{world.rank}": torch.full((250_000,), float(world.rank))}}
+checkpointing.CheckpointManager(out).save(4, write_model, {"step": 4}, world=world, sharded_state=state,
+                                          rank_state={"rng": world.rank})
+(out / f"hashed-{world.rank}.json").write_text(json.dumps(sorted(hashed)))
+close_distributed()
+"""
+
+
+def test_under_torchrun_each_rank_hashes_the_shards_it_wrote_and_the_checksums_cover_all(tmp_path):
+    """At save, rank 1 hashes its own DCP shard and RNG state (still in its node's page cache), rank 0
+    the rest, and checksums.json lists every file; damage in rank 1's shard is found at resume."""
+    (tmp_path / "worker.py").write_text(SAVING_WORKER)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(tmp_path / "worker.py"), str(tmp_path)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-4000:]
+    hashed = [{"/".join(h.split("/")[1:]) for h in json.loads((tmp_path / f"hashed-{r}.json").read_text())} for r in (0, 1)]
+    folder = tmp_path / "checkpoints" / "step_4"
+    listed = set(json.loads((folder / CHECKSUMS).read_text())["files"])
+    assert hashed[1] == {"distcp/__1_0.distcp", "rng_rank_1.pt"}
+    assert not hashed[0] & hashed[1] and hashed[0] | hashed[1] == listed
+    assert {"model.safetensors", TRAINING_STATE, "distcp/.metadata", "distcp/__0_0.distcp"} <= hashed[0]
+    assert verify_checkpoint(folder) is None
+    flip_one_byte(folder / "distcp" / "__1_0.distcp")
+    assert verify_checkpoint(folder).startswith("distcp/__1_0.distcp does not match its sha256")
+
+
 # ------------------------------------------------------------------------------------ full disk
 
 CHILD = r"""

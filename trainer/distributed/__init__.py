@@ -104,6 +104,14 @@ class World:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (small, picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def main_decides(self, decide: Callable[[], Any]) -> Any:
         """Rank 0's `decide()` on every rank, the others never running it (resume's choice: one rank
         hashes the newest checkpoint and renames leftovers, not every rank at once); a KubetuneError

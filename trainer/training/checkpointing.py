@@ -14,7 +14,8 @@ Given the run it belongs to (`run=`, a `resume.RunRecord`), each checkpoint also
 run's `run.json`, and pruning and `latest_of(run_id)` only ever consider that run's checkpoints.
 
 Integrity: the last file written into a checkpoint, before the rename, is `checksums.json` (the
-size and sha256 of every other file, every rank's shards included). Resume verifies the newest
+size and sha256 of every other file, every rank's shards included: each rank hashes the files it
+wrote itself, at once and from its own page cache, and rank 0 the rest). Resume verifies the newest
 checkpoint against it; one that fails (a truncated safetensors file, a damaged optimizer shard or
 training state, a missing file: disks and copies do that after the fact) is named in a warning and
 the next older checkpoint is used instead. A checkpoint written before checksums existed gets a
@@ -228,10 +229,13 @@ class CheckpointManager:
                 dcp.save(sharded_state, checkpoint_id=str(tmp / SHARDED_STATE), no_dist=not world.distributed)
         if rank_state is not None and not world.is_main:
             _save_fsynced(rank_state, tmp / rank_state_name(world.rank))
-        world.barrier()  # every rank's shards are on disk
+        # Each rank hashes the files it wrote itself (still in its own node's page cache, all ranks
+        # at once); rank 0 hashes the rest. The gather also means: every rank's shards are on disk.
+        hashed = world.gather_objects(_hash_own_files(tmp, world.rank) if world.rank > 0 else {})
         if world.is_main:
             _save_fsynced(training_state, tmp / TRAINING_STATE)
-            write_checksums(tmp)  # last: a folder with a valid checksums.json was written in full
+            # last: a folder with a valid checksums.json was written in full
+            write_checksums(tmp, hashed={name: entry for entries in hashed for name, entry in entries.items()})
             _replace_folder(tmp, final)
             self.damaged.pop(final, None)
 
@@ -298,15 +302,31 @@ def _sha256_all(paths: list[Path]) -> list[str]:
         return list(pool.map(_sha256, paths))
 
 
+def _hash_own_files(folder: Path, rank: int) -> dict[str, dict[str, Any]]:
+    """Checksum entries for the files rank `rank` (> 0) wrote into a checkpoint: its RNG state and
+    its torch.distributed.checkpoint shards (`__<rank>_<n>.distcp`, DCP's file naming). A file
+    named otherwise is hashed by rank 0 instead, so a change of naming costs time, never coverage."""
+    own = [folder / rank_state_name(rank), *sorted((folder / SHARDED_STATE).glob(f"__{rank}_*.distcp"))]
+    own = [p for p in own if p.is_file()]
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(own, _sha256_all(own))}
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
 
 
-def write_checksums(folder: Path) -> None:
-    """checksums.json: the size and sha256 of every file in `folder` (written atomically, fsynced)."""
+def write_checksums(folder: Path, hashed: Optional[dict[str, dict[str, Any]]] = None) -> None:
+    """checksums.json: the size and sha256 of every file in `folder` (written atomically, fsynced).
+    `hashed`: entries other ranks computed for the files they wrote ({name: {"size", "sha256"}});
+    every other file is hashed here."""
+    hashed = hashed or {}
     files = _files(folder)
-    digests = _sha256_all(files)
-    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
+    todo = [p for p in files if p.relative_to(folder).as_posix() not in hashed]
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(todo, _sha256_all(todo))}
+    for name, entry in hashed.items():
+        if (folder / name).stat().st_size != entry["size"]:  # changed since it was hashed: should never happen
+            raise OSError(f"{name} changed while the checkpoint was being written ({entry['size']} bytes hashed)")
+        entries[name] = entry
     tmp = folder / f".{CHECKSUMS}.tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump({"files": entries}, handle, indent=1, sort_keys=True)
