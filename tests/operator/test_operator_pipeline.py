@@ -56,10 +56,11 @@ def finetunejob(**changes) -> dict:
     return manifest(**{"spec.output": {"source": "pvc://outputs/demo"}, **changes})
 
 
-async def finish_finetunejob(api, adapter: str = "/mnt/output/adapter") -> None:
-    """What the FineTuneJob's own sync writes once its trainer succeeded."""
+async def finish_finetunejob(api, adapter: str = "/mnt/output/adapter", **result) -> None:
+    """What the FineTuneJob's own sync writes once its trainer succeeded: phase and result in one
+    patch (what waits on it may start the moment the phase changes)."""
     await eventually(lambda: status(api, "finetunejobs", "demo").get("phase") == "Pending", what="FineTuneJob reconciled")
-    await api.patch(f"{KT}/finetunejobs/demo/status", {"status": {"phase": "Succeeded", "result": {"adapter": adapter, "finalLoss": 0.4}}})
+    await api.patch(f"{KT}/finetunejobs/demo/status", {"status": {"phase": "Succeeded", "result": {"adapter": adapter, "finalLoss": 0.4, **result}}})
 
 
 async def run_eval_pod(api, name: str, metrics: dict, baseline: dict | None = None) -> None:
@@ -442,8 +443,7 @@ async def test_a_finetunejob_waits_for_the_one_it_starts_from_then_trains_on_its
         assert status(api, "finetunejobs", "instruct")["phase"] == "Pending" and no_children(api, "instruct")
 
         # demo was a LoRA run with save_merged: its merged model (not its adapter) is the start
-        await finish_finetunejob(api)
-        await api.patch(f"{KT}/finetunejobs/demo/status", {"status": {"result": {"checkpoint": "/mnt/output/demo/model"}}})
+        await finish_finetunejob(api, checkpoint="/mnt/output/demo/model")
         await eventually(lambda: status(api, "finetunejobs", "instruct").get("workload"), what="instruct's workload created")
         st = status(api, "finetunejobs", "instruct")
         assert st["baseModel"] == "pvc://outputs/demo/model" and st["fineTuneJobUid"] == api.ftj("demo")["metadata"]["uid"]
