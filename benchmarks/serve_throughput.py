@@ -7,7 +7,8 @@ request produces exactly its max_tokens.
 Simultaneous arrivals (all requests at once, each `--max-tokens` new tokens):
 - transformers generate, one prompt after another (the sequential baseline);
 - transformers generate on all prompts in one left-padded batch (the static batch), at 16 and 32;
-- kubetune serve (its own process, 127.0.0.1, the openai client) at concurrency 16 and 32.
+- kubetune serve (its own process, 127.0.0.1, the openai client) at concurrency 16 and 32;
+the static batch and the server alternate for `--rounds` rounds and each reports its median round.
 
 Staggered arrivals (Poisson, mixed prompt lengths and output lengths):
 - kubetune serve, each request sent at its arrival time (streamed: time to first token measured
@@ -225,6 +226,11 @@ def start_server(folder: Path, concurrency: int) -> tuple[subprocess.Popen, str]
         time.sleep(0.2)
 
 
+def median_run(runs: list[tuple[float, int]]) -> tuple[float, int]:
+    """The (seconds, tokens) round of median time."""
+    return sorted(runs)[len(runs) // 2]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -237,6 +243,7 @@ def main() -> None:
     parser.add_argument("--arrivals", type=int, default=48, help="requests in the Poisson run (0: skip it)")
     parser.add_argument("--rate", type=float, default=12.0, help="Poisson arrivals per second")
     parser.add_argument("--batch", type=int, default=16, help="the static loop's batch size")
+    parser.add_argument("--rounds", type=int, default=3, help="simultaneous-arrival rounds per side (the median is reported)")
     parser.add_argument("--sequential", type=int, default=16, help="prompts for the sequential baseline (0: skip)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/OMP threads on both sides (1: fair on a shared box, where 2 OMP threads stall each other)")
@@ -254,27 +261,33 @@ def main() -> None:
     rows = []
     if args.sequential:
         rows.append(("transformers generate, sequential", args.sequential, *hf_sequential(model, tokenizer, prompts[: args.sequential], args.max_tokens)))
-    for count in args.prompts:
-        rows.append(("transformers generate, one left-padded batch", count, *hf_static(model, tokenizer, prompts[:count], args.max_tokens)))
     arrivals = poisson_arrivals(args.arrivals, args.rate) if args.arrivals else []
-    static_loop = hf_static_loop(model, tokenizer, arrivals, args.batch) if arrivals else None
 
-    served, poisson = [], None
+    poisson = static_loop = None
     concurrency = max(args.prompts)
     server, url = start_server(folder, concurrency)
     try:
-        for count in args.prompts:
-            served.append(("kubetune serve", count, *asyncio.run(server_simultaneous(url, prompts[:count], args.max_tokens))))
+        # Rounds alternate the two sides (static batch, then the server, per count), and each side's
+        # median round is reported: a load change on a shared box then hits both sides alike.
+        static_runs: dict[int, list[tuple[float, int]]] = {count: [] for count in args.prompts}
+        served_runs: dict[int, list[tuple[float, int]]] = {count: [] for count in args.prompts}
+        for _ in range(args.rounds):
+            for count in args.prompts:
+                static_runs[count].append(hf_static(model, tokenizer, prompts[:count], args.max_tokens))
+                served_runs[count].append(asyncio.run(server_simultaneous(url, prompts[:count], args.max_tokens)))
         if arrivals:
+            static_loop = hf_static_loop(model, tokenizer, arrivals, args.batch)
             poisson = asyncio.run(server_poisson(url, arrivals))
     finally:
         server.terminate()
         server.wait(60)
+    rows += [("transformers generate, one left-padded batch", count, *median_run(static_runs[count])) for count in args.prompts]
+    served = [("kubetune serve", count, *median_run(served_runs[count])) for count in args.prompts]
 
     static = {count: tokens / seconds for name, count, seconds, tokens in rows if "batch" in name}
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"model: random Llama 8 layers x 512 hidden (~25M parameters), fp32 CPU; greedy, EOS ignored\n")
-    print(f"### Simultaneous arrivals, {args.max_tokens} new tokens each\n")
+    print(f"### Simultaneous arrivals, {args.max_tokens} new tokens each (median of {args.rounds} alternating rounds)\n")
     print("| setup | requests | seconds | output tokens | output tokens/s | vs static batch |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, count, seconds, tokens in rows + served:

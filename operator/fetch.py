@@ -35,6 +35,7 @@ from kubetune.errors import KubetuneError
 from kubetune.operator.initializers import RemoteSource, parse_remote
 
 MARKER = ".kubetune-source.json"
+CARD = "README.md"  # a dataset repository's card: its `configs` say which files make which split
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken", "403", "401"}
 
@@ -94,7 +95,7 @@ def _tmp_for(dest: Path) -> Path:
 
 
 def fetch_hf(source: RemoteSource, dest: Path, env: Mapping[str, str]) -> Fetched:
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     if source.revision and _COMMIT.match(source.revision) and _up_to_date(dest, source, {"revision": source.revision}):
@@ -105,21 +106,31 @@ def fetch_hf(source: RemoteSource, dest: Path, env: Mapping[str, str]) -> Fetche
     try:
         api = HfApi(endpoint=endpoint, token=token)
         info = api.dataset_info if source.repo_type == "dataset" else api.model_info
-        commit = info(source.repo, revision=source.revision).sha
+        repo_info = info(source.repo, revision=source.revision)
+        commit = repo_info.sha
         identity = {"revision": commit}
         if _up_to_date(dest, source, identity):
             return Fetched(source, dest, True, identity)
-        # A dataset config is a folder of the repository: only its files (and none of the others');
-        # a task file: only that file (escaped: the patterns are fnmatch globs).
-        patterns = [f"{source.subset}/**"] if source.subset else [glob.escape(source.file)] if source.file else None
         tmp = _tmp_for(dest)
         try:
+            configs: dict[str, Any] = {}
+            if source.file:  # a task file: only that file (escaped: the patterns are fnmatch globs)
+                patterns: Optional[list[str]] = [glob.escape(source.file)]
+            elif source.repo_type == "dataset":  # the card's config, or a folder: only their files
+                has_card = any(sibling.rfilename == CARD for sibling in repo_info.siblings or [])
+                if has_card:
+                    hf_hub_download(source.repo, CARD, repo_type="dataset", revision=commit, local_dir=tmp, token=token, endpoint=endpoint)
+                configs = _card_configs(source, tmp / CARD if has_card else None)
+                patterns = _dataset_patterns(source, configs)
+            else:
+                patterns = None
             snapshot_download(source.repo, repo_type=source.repo_type, revision=commit, local_dir=tmp, token=token,
                               endpoint=endpoint, allow_patterns=patterns)
-            if source.subset and not (tmp / source.subset).is_dir():
+            if source.subset and source.subset not in configs and not (tmp / source.subset).is_dir():
+                declared = f" and its card declares no config {source.subset!r} (its configs: {', '.join(configs)})" if configs else ""
                 raise FetchError(
-                    f"{source.field}: {source.uri}: the dataset has no folder {source.subset!r} (its config); "
-                    "name one of its folders after the repository, or none"
+                    f"{source.field}: {source.uri}: the dataset has no folder {source.subset!r} (its config){declared}; "
+                    "name one of its configs or folders after the repository, or none"
                 )
             if source.file and not (tmp / source.file).is_file():
                 raise FetchError(
@@ -153,6 +164,42 @@ def fetch_hf(source: RemoteSource, dest: Path, env: Mapping[str, str]) -> Fetche
     except OSError as err:  # connection errors (requests' and httpx's are OSErrors or wrapped as such)
         raise FetchError(f"{source.field}: {source.uri}: cannot reach {where}: {err}") from None
     return Fetched(source, dest, False, identity)
+
+
+def _card_configs(source: RemoteSource, card: Optional[Path]) -> dict[str, Any]:
+    """The configs the dataset card (README.md) declares, read as the trainer reads them."""
+    from kubetune.trainer.data.hub_card import card_configs
+    from kubetune.trainer.data.sources import DatasetError
+
+    if card is None:
+        return {}
+    try:
+        return card_configs(card.read_text(encoding="utf-8", errors="replace"), f"{source.field}: {source.uri}: {CARD}")
+    except DatasetError as err:
+        raise FetchError(f"{err}; fix the card, or name a folder of the repository (hf://ORG/NAME/FOLDER)") from None
+
+
+def _dataset_patterns(source: RemoteSource, configs: dict[str, Any]) -> Optional[list[str]]:
+    """What to download of a dataset repository (None: all of it): the files of the config the
+    trainer will read (hf://org/name/CONFIG, else the card's default config) and the card; with
+    a CONFIG the card does not declare, the repository's CONFIG/ folder."""
+    from kubetune.trainer.data.hub_card import default_config, download_patterns
+    from kubetune.trainer.data.sources import DatasetError
+
+    if source.subset:
+        return download_patterns(configs[source.subset]) if source.subset in configs else [f"{source.subset}/**"]
+    if not configs:
+        return None
+    try:
+        config = default_config(configs, f"{source.field}: {source.uri}: {CARD}")
+    except DatasetError as err:
+        raise FetchError(str(err)) from None
+    if config is None:
+        raise FetchError(
+            f"{source.field}: {source.uri}: the dataset card declares the configs {', '.join(configs)} and none is "
+            "the default; name one: hf://ORG/NAME/CONFIG"
+        )
+    return download_patterns(config)
 
 
 # --- s3:// -------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 _HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _SUBSET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HUB_KINDS = {"datasets": "a dataset repository", "spaces": "a Space"}  # huggingface_hub's hf://KIND/ORG/NAME
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,12 @@ def parse_remote(source: str, field: str) -> Optional[RemoteSource]:
     if scheme == "hf":
         path, _, revision = rest.partition("@")
         dataset = is_dataset_field(field)
+        kind, _, after = path.partition("/")
+        if kind in _HUB_KINDS:  # huggingface_hub's own form, hf://datasets/ORG/NAME: the Hub reserves these names
+            if kind != "datasets" or not (dataset or task):
+                wanted = "a dataset repository: hf://datasets/ORG/NAME or hf://ORG/NAME" if dataset or task else "a model repository: hf://ORG/NAME"
+                raise SourceError(f"{field}: {source!r} names {_HUB_KINDS[kind]}; this field reads {wanted}")
+            path = after
         repo, subset, file = path, None, None
         if task:
             org_name = path.split("/", 2)

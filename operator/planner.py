@@ -20,6 +20,7 @@ import yaml
 from kubetune.operator.api import API_VERSION
 from kubetune.operator.api.common import DEFAULT_TRAINER_IMAGE, RunPolicy
 from kubetune.operator.api.finetune import FineTuneJob, FineTuneJobSpec
+from kubetune.operator.api.scheduling import pod_fields
 from kubetune.operator.initializers import (
     CACHE_MOUNT,
     CACHE_VOLUME,
@@ -454,10 +455,10 @@ def pod_account_and_scheduling(spec: Any) -> dict[str, Any]:
         pod["automountServiceAccountToken"] = False
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.tolerations:  # as given (typed and checked as the API server checks a pod spec)
+        pod["tolerations"] = [pod_fields(t) for t in spec.tolerations]
     if spec.affinity:
-        pod["affinity"] = dict(spec.affinity)
+        pod["affinity"] = pod_fields(spec.affinity)
     if spec.priority_class_name:
         pod["priorityClassName"] = spec.priority_class_name
     return pod

@@ -126,7 +126,7 @@ def policy_errors(job: Any, policy: Policy) -> list[str]:
         errors.append(f"spec.image: {spec.image} is not from an allowed registry ({', '.join(policy.allowed_registries) or 'none'}; KUBETUNE_ALLOWED_REGISTRIES)")
     if policy.allowed_tolerations is not None:
         for index, toleration in enumerate(spec.tolerations):
-            key = toleration.get("key")
+            key = toleration.key
             if key not in policy.allowed_tolerations:
                 allowed = ", ".join(policy.allowed_tolerations) or "none"
                 errors.append(f"spec.tolerations[{index}].key: {key!r} is not an allowed toleration ({allowed}; KUBETUNE_ALLOWED_TOLERATIONS)")

@@ -171,7 +171,10 @@ def kind_for(name: str) -> KindInfo:
 def format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for error in err.errors():
-        dotted = ".".join(str(part) for part in error["loc"])
+        loc = tuple(error["loc"])
+        if error["type"] == "field_rule":  # a rule between fields names the field it is about (scheduling.py)
+            loc += (error["ctx"]["field"],)
+        dotted = ".".join(str(part) for part in loc)
         given = error.get("input")
         # a whole object as "got" is noise: the rule's message names the fields
         hint = "" if error["type"] == "missing" or isinstance(given, dict) else f" (got {given!r})"

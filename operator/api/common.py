@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -261,6 +261,10 @@ class RunStatus(ApiModel):
     completion_time: Optional[str] = None
 
 
+# Typed as Kubernetes types them (scheduling.py builds on ApiModel, so it is imported here).
+from kubetune.operator.api.scheduling import Affinity, Toleration  # noqa: E402
+
+
 class PodOptions(ApiModel):
     """Scheduling and identity of the trainer pods (copied to the pod template as-is)."""
 
@@ -280,14 +284,13 @@ class PodOptions(ApiModel):
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels the pods must match, as in a pod spec", json_schema_extra={"maxProperties": 64}
     )
-    tolerations: list[dict[str, Any]] = Field(
+    tolerations: list[Toleration] = Field(
         default_factory=list,
         max_length=64,
         description="Tolerations of the pods, as in a pod spec (e.g. for GPU node taints)",
-        json_schema_extra={"items": FREE_FORM_MAP},
     )
-    affinity: Optional[dict[str, Any]] = Field(
-        default=None, description="Pod affinity, as in a pod spec", json_schema_extra={"additionalProperties": FREE_FORM_MAP["additionalProperties"]}
+    affinity: Optional[Affinity] = Field(
+        default=None, description="Node affinity, pod affinity and anti-affinity of the pods, as in a pod spec"
     )
     priority_class_name: Optional[str] = Field(
         default=None, max_length=253, pattern=DNS_SUBDOMAIN, description="PriorityClass of the pods (preemption order)"

@@ -52,7 +52,11 @@ def one_model(spec: Any) -> Any:
 class LocalTask(ApiModel):
     name: str = Field(min_length=1, max_length=128)
     type: Literal["perplexity", "multiple_choice", "generate"]
-    source: str = Field(min_length=1, max_length=1024, description="JSONL file with the task's samples")
+    source: str = Field(
+        min_length=1, max_length=1024,
+        description="JSONL file with the task's samples: a path, pvc://CLAIM/path, s3://BUCKET/file.jsonl or "
+        "hf://ORG/NAME/path/file.jsonl[@REVISION] (a file of a dataset repository; both fetched by the initializer)",
+    )
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -70,8 +74,12 @@ class EvalJobSpec(PodOptions):
     resources: Resources = Field(default_factory=Resources)
     env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Extra environment")
     secrets: Secrets = Field(default_factory=Secrets)
-    s3: S3Options = Field(default_factory=S3Options, description="Where s3:// model and adapter sources live (the initializer fetches them)")
-    cache: CacheOptions = Field(default_factory=CacheOptions, description="Where the initializer puts hf:// and s3:// models and adapters")
+    s3: S3Options = Field(
+        default_factory=S3Options, description="Where s3:// model, adapter and task-file sources live (the initializer fetches them)"
+    )
+    cache: CacheOptions = Field(
+        default_factory=CacheOptions, description="Where the initializer puts hf:// and s3:// models, adapters and task files"
+    )
     baseline: bool = Field(
         default=False,
         description="Also evaluate the model the FineTuneJob started from (with spec.model: the model without "

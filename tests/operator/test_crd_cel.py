@@ -237,7 +237,7 @@ CASES = [
     Case("config value changed", changed(TINY, "spec.config.max_steps", 301), TINY, (immutable("config"),)),
     Case("config removed", changed(TINY, "spec.config"), TINY, (immutable("config"),)),
     Case("output changed", changed(TWO_NODES, "spec.output.source", "pvc://outputs/elsewhere"), TWO_NODES, (immutable("output"),)),
-    Case("output added", changed(TINY, "spec.output", {"source": "pvc://outputs/demo"}), TINY, (immutable("output"),)),
+    Case("output added", changed(TINY, "spec.output", {"source": "pvc://outputs/tiny"}), TINY, (immutable("output"),)),
     Case("empty output added (the default)", changed(TINY, "spec.output", {}), TINY),
     Case("gpus changed", changed(TINY, "spec.resources.gpusPerNode", 1), TINY, (immutable("resources"),)),
     Case("resources removed (gpus 0 -> 1)", changed(TINY, "spec.resources"), TINY, (immutable("resources"),)),
@@ -280,9 +280,21 @@ CASES += [
     Case("FineTuneJob with model and fineTuneJob", changed(TINY, "spec.fineTuneJob", {"name": "pretrain"}), None, (ONE_MODEL,)),
     Case("FineTuneJob with neither", changed(TINY, "spec.model"), None, (ONE_MODEL,)),
     Case("FineTuneJob from another's output", changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "pretrain"}), None),
-    Case("FineTuneJob from its own output", changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "demo"}), None, (SELF,)),
+    Case("FineTuneJob from its own output", changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "tiny"}), None, (SELF,)),
     Case("FineTuneJob's start changed", changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "other"}),
          changed(changed(TINY, "spec.model"), "spec.fineTuneJob", {"name": "pretrain"}), (IMMUTABLE,)),
+]
+# spec.tolerations and spec.affinity (operator/api/scheduling.py): every cross-field rule, at each
+# place it sits in each kind, accepts the good values and rejects the value that breaks it
+from scheduling_cases import BREAKS, replaced, with_scheduling  # noqa: E402
+
+SCHEDULED = {"FineTuneJob": with_scheduling(TINY), "EvalJob": with_scheduling(EVAL), "ModelDeployment": with_scheduling(SERVE)}
+SCHEDULING_RULES = [r for r in RULES if r.path[1:2] in (("tolerations",), ("affinity",))]
+CASES += [Case(f"{kind} with every toleration and affinity field", doc, None) for kind, doc in SCHEDULED.items()]
+CASES += [
+    Case(f"{rule.kind} {rule.where}.{rule.message}", replaced(SCHEDULED[rule.kind], rule.path, BREAKS[rule.rule]), None,
+         (f"{rule.where}: {rule.message}",))
+    for rule in SCHEDULING_RULES if rule.rule in BREAKS
 ]
 EXAMPLES = example_documents()
 EXAMPLE_IDS = [f"{doc['kind']}/{doc['metadata']['name']}" for doc in EXAMPLES]
@@ -375,3 +387,9 @@ def test_every_rule_is_seen_to_accept_and_to_reject():
     rejected = {o.rule for o in seen if o.error is not None}
     assert [str(r) for r in RULES if r not in accepted] == [], "rules never seen passing"
     assert [str(r) for r in RULES if r not in rejected] == [], "rules never seen rejecting"
+
+
+def test_every_scheduling_rule_has_a_value_that_breaks_it():
+    """tests/scheduling_cases.py BREAKS names each rule of the tolerations and affinity types."""
+    assert len(SCHEDULING_RULES) >= 3 * 40  # tolerations, node/pod (anti-)affinity terms and selectors, in 3 kinds
+    assert sorted({r.rule for r in SCHEDULING_RULES} - set(BREAKS)) == []

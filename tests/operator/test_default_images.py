@@ -53,4 +53,4 @@ async def test_running_operator_gives_its_default_image_to_a_job_without_one(api
         await api.create_ftj(doc)
         (job,) = await eventually(lambda: api.children(JOBS), what="the Job")
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/ml/trainer:cu128"
-    assert "image" not in api.ftj("demo")["spec"]  # spec stays the user's: GitOps sees no drift
+    assert "image" not in api.ftj("tiny")["spec"]  # spec stays the user's: GitOps sees no drift

@@ -25,18 +25,18 @@ def operator_writes_to_finetunejobs(emulator) -> list:
 async def test_operator_writes_only_status_through_a_jobs_life(api, operator, emulator):
     applied = manifest()
     applied["metadata"]["labels"] = {"team": "nlp"}
-    applied["metadata"]["annotations"] = {"argocd.argoproj.io/tracking-id": "app:kubetune.dev/FineTuneJob:team-a/demo"}
+    applied["metadata"]["annotations"] = {"argocd.argoproj.io/tracking-id": "app:kubetune.dev/FineTuneJob:team-a/tiny"}
     async with operator():
         await api.create_ftj(applied)
-        await eventually(lambda: api.status("demo").get("phase") == "Pending", what="Pending")
+        await eventually(lambda: api.status("tiny").get("phase") == "Pending", what="Pending")
         # The user (git) suspends and resumes: the operator follows, writing only status.
-        await api.patch(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/demo", {"spec": {"suspend": True}})
-        await eventually(lambda: api.status("demo").get("phase") == "Suspended", what="Suspended")
-        await api.patch(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/demo", {"spec": {"suspend": False}})
-        await eventually(lambda: api.status("demo").get("phase") == "Pending", what="Pending again")
-        await api.patch(f"/apis/batch/v1/namespaces/{NS}/jobs/demo/status", {"status": {
+        await api.patch(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/tiny", {"spec": {"suspend": True}})
+        await eventually(lambda: api.status("tiny").get("phase") == "Suspended", what="Suspended")
+        await api.patch(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/tiny", {"spec": {"suspend": False}})
+        await eventually(lambda: api.status("tiny").get("phase") == "Pending", what="Pending again")
+        await api.patch(f"/apis/batch/v1/namespaces/{NS}/jobs/tiny/status", {"status": {
             "active": 0, "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}})
-        await eventually(lambda: api.status("demo").get("phase") == "Succeeded", what="Succeeded")
+        await eventually(lambda: api.status("tiny").get("phase") == "Succeeded", what="Succeeded")
 
     writes = operator_writes_to_finetunejobs(emulator)
     assert writes, "the operator wrote nothing: the test would prove nothing"
@@ -50,7 +50,7 @@ async def test_operator_writes_only_status_through_a_jobs_life(api, operator, em
         for key in metadata.get("annotations") or {}:
             assert key.startswith("kubetune.dev/"), f"the operator wrote annotation {key}"
 
-    live = api.ftj("demo")
+    live = api.ftj("tiny")
     expected = copy.deepcopy(applied)
     expected["spec"]["suspend"] = False
     for key, value in expected["spec"].items():

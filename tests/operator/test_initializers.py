@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -267,7 +268,8 @@ def test_hf_datasets_are_fetched_from_the_dataset_repository_and_read_as_local_s
     config = parse_remote("hf://acme/chat/small", "spec.dataset.source")
     config_dest = Path(config.cache_path(str(tmp_path / "cache")))
     fetch(config, config_dest, env={"HF_ENDPOINT": dataset_hub.url})
-    assert files_under(config_dest) == {"small/train.jsonl": DATASET_FILES["small/train.jsonl"]}  # only that config's files
+    assert files_under(config_dest) == {  # only that config's files, and the card (read first: it may declare configs)
+        "small/train.jsonl": DATASET_FILES["small/train.jsonl"], "README.md": DATASET_FILES["README.md"]}
     assert [r.data for r in load_records(config.local_path(str(tmp_path / "cache")), "train")] == [{"instruction": "s", "output": "t"}]
 
 
@@ -284,6 +286,29 @@ def test_hf_dataset_errors_name_the_field(dataset_hub, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(("uri", "field", "message"), [
+    ("hf://datasets/acme/chat", "spec.model.source", r"names a dataset repository; this field reads a model repository: hf://ORG/NAME"),
+    ("hf://spaces/acme/demo", "spec.dataset.source", r"names a Space; this field reads a dataset repository"),
+    ("hf://spaces/acme/demo", "spec.model.source", r"names a Space; this field reads a model repository"),
+])
+def test_hub_kind_prefixes_must_fit_the_field(uri, field, message):
+    with pytest.raises(SourceError, match=rf"{re.escape(field)}: '{re.escape(uri)}' {message}"):
+        parse_remote(uri, field)
+
+
+def test_huggingface_hubs_own_form_hf_datasets_org_name_reads_the_same_repository(dataset_hub, tmp_path):
+    """hf://datasets/ORG/NAME[/...] (huggingface_hub's URLs) is the dataset repository ORG/NAME, not
+    a repository `datasets/ORG` with a config NAME."""
+    env, cache = {"HF_ENDPOINT": dataset_hub.url}, str(tmp_path / "cache")
+    for uri, field, subset, file in (("hf://datasets/acme/chat/small", "spec.dataset.source", "small", None),
+                                     ("hf://datasets/acme/chat/small/train.jsonl", "spec.tasks[0].source", None, "small/train.jsonl")):
+        source = parse_remote(uri, field)
+        assert (source.repo, source.repo_type, source.subset, source.file) == ("acme/chat", "dataset", subset, file)
+        fetch(source, Path(source.cache_path(cache)), env=env)
+        local = Path(source.local_path(cache))
+        assert (local / "train.jsonl" if subset else local).read_bytes() == DATASET_FILES["small/train.jsonl"]
+
+
 def test_hf_task_file_is_that_one_file_of_the_dataset_repository(dataset_hub, tmp_path):
     env = {"HF_ENDPOINT": dataset_hub.url}
     source = parse_remote("hf://acme/chat/small/train.jsonl", "spec.tasks[0].source")
@@ -295,3 +320,64 @@ def test_hf_task_file_is_that_one_file_of_the_dataset_repository(dataset_hub, tm
     with pytest.raises(FetchError, match=r"spec\.tasks\[1\]\.source: hf://acme/chat/small/dev\.jsonl: the dataset repository has no file 'small/dev\.jsonl'"):
         fetch(parse_remote("hf://acme/chat/small/dev.jsonl", "spec.tasks[1].source"), tmp_path / "missing", env=env)
     assert not (tmp_path / "missing").exists()
+
+
+CARD_ONLY = {  # splits declared only in the dataset card: no file is named after a split
+    "README.md": (b"---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path:\n    - corpus/part-*.parquet\n"
+                  b"  - split: validation\n    path: heldout/dev.jsonl\n- config_name: small\n  data_files: [mini/*.jsonl]\n---\n# Card\n"),
+    "corpus/part-0.parquet": parquet_bytes(TRAIN[:2]),
+    "corpus/part-1.parquet": parquet_bytes(TRAIN[2:]),
+    "heldout/dev.jsonl": b'{"instruction": "d", "output": "e"}\n',
+    "mini/one.jsonl": b'{"instruction": "m", "output": "n"}\n',
+    "raw/unused.jsonl": b'{"instruction": "never", "output": "fetched"}\n',
+}
+
+
+@pytest.fixture
+def card_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    with FakeHub(FakeRepo("acme/card", dict(CARD_ONLY), repo_type="dataset")) as server:
+        yield server
+
+
+def test_hf_dataset_splits_declared_only_in_the_card_are_fetched_and_read_per_config(card_hub, tmp_path):
+    from kubetune.trainer.data.sources import DatasetError, has_split, load_records
+
+    env, cache = {"HF_ENDPOINT": card_hub.url}, str(tmp_path / "cache")
+    source = parse_remote("hf://acme/card", "spec.dataset.source")
+    dest = Path(source.cache_path(cache))
+    fetch(source, dest, env=env)
+    # the default config's files and the card: not the other config's, not the rest of the repository
+    assert set(files_under(dest)) == {"README.md", "corpus/part-0.parquet", "corpus/part-1.parquet", "heldout/dev.jsonl"}
+    path = source.local_path(cache)
+    assert [r.data for r in load_records(path, "train")] == TRAIN
+    assert [r.data for r in load_records(path, "validation")] == [{"instruction": "d", "output": "e"}] and has_split(path, "validation")
+    with pytest.raises(DatasetError, match=r"config 'default' of its dataset card: no split 'test'; its splits: train, validation"):
+        load_records(path, "test")
+
+    small = parse_remote("hf://acme/card/small", "spec.dataset.source")
+    fetch(small, Path(small.cache_path(cache)), env=env)
+    assert set(files_under(Path(small.cache_path(cache)))) == {"README.md", "mini/one.jsonl"}
+    assert not Path(small.local_path(cache)).exists()  # a config of the card, not a folder: the reader asks the card
+    assert [r.data for r in load_records(small.local_path(cache), "train")] == [{"instruction": "m", "output": "n"}]
+
+    with pytest.raises(FetchError, match=r"spec\.dataset\.source: hf://acme/card/large: the dataset has no folder 'large' \(its config\) "
+                                         r"and its card declares no config 'large' \(its configs: default, small\)"):
+        fetch(parse_remote("hf://acme/card/large", "spec.dataset.source"), tmp_path / "large", env=env)
+    folder = parse_remote("hf://acme/card/raw", "spec.dataset.source")  # a folder the card does not declare: read as a folder
+    fetch(folder, Path(folder.cache_path(cache)), env=env)
+    assert [r.data["instruction"] for r in load_records(folder.local_path(cache), "unused")] == ["never"]
+
+
+def test_hf_dataset_card_without_a_default_config_is_refused_at_fetch_naming_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    files = {"README.md": b"---\nconfigs:\n- config_name: en\n  data_files: en.jsonl\n- config_name: fr\n  data_files: fr.jsonl\n---\n",
+             "en.jsonl": b'{"a": 1}\n', "fr.jsonl": b'{"a": 2}\n'}
+    with FakeHub(FakeRepo("acme/langs", files, repo_type="dataset")) as server:
+        with pytest.raises(FetchError, match=r"spec\.dataset\.source: hf://acme/langs: the dataset card declares the configs en, fr and none "
+                                             r"is the default; name one: hf://ORG/NAME/CONFIG"):
+            fetch(parse_remote("hf://acme/langs", "spec.dataset.source"), tmp_path / "x", env={"HF_ENDPOINT": server.url})
+        fr = parse_remote("hf://acme/langs/fr", "spec.dataset.source")
+        fetch(fr, Path(fr.cache_path(str(tmp_path))), env={"HF_ENDPOINT": server.url})
+        assert set(files_under(Path(fr.cache_path(str(tmp_path))))) == {"README.md", "fr.jsonl"}
+    assert not (tmp_path / "x").exists()

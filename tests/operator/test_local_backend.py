@@ -23,7 +23,7 @@ FAKE_TRAINER = [sys.executable, str(Path(__file__).with_name("fake_trainer.py"))
 pytestmark = pytest.mark.timeout(60)
 
 
-def tiny_job(name: str = "demo", **config):
+def tiny_job(name: str = "tiny", **config):
     doc = yaml.safe_load((REPO / "examples" / "finetune-tiny.yaml").read_text())
     doc["metadata"]["name"] = name
     doc["spec"]["config"].update(config)
@@ -57,9 +57,9 @@ def test_local_run_writes_progress_then_the_result(tmp_path, monkeypatch):
     cfg = resolve_config("full_finetune", yaml.safe_load(run.config_path.read_text()))
     assert cfg.model.path == "builtin://tiny"
     assert cfg.dataset.source == str(REPO / "examples" / "data" / "tiny_instruct.jsonl")
-    assert cfg.output_dir == str(tmp_path / "runs" / "demo" / "output")
+    assert cfg.output_dir == str(tmp_path / "runs" / "tiny" / "output")
     assert cfg.metrics_port == run.metrics_port and cfg.max_steps == 6
-    assert run.env["KUBETUNE_TERMINATION_LOG"] == str(tmp_path / "runs" / "demo" / "termination-log")
+    assert run.env["KUBETUNE_TERMINATION_LOG"] == str(tmp_path / "runs" / "tiny" / "termination-log")
 
     final: dict = {}
     thread = threading.Thread(target=lambda: final.update(run_local(run, poll_interval=0.05)))
@@ -158,3 +158,30 @@ def test_apply_with_a_bad_manifest_exits_2_naming_the_field(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "spec.resources.nodes" in out.stderr and out.stderr.startswith("error:")
     assert load_manifest(REPO / "examples" / "eval-and-serve.yaml")[0].kind == "EvalJob"
+
+
+def folders_written(obj, runs: Path) -> set[Path]:
+    """Where `kubetune apply` writes for an object: its run folder (runs/<name>) and the folder of
+    every claim it names (runs/<claim>: pvc:// sources, outputs included)."""
+    folders = {runs / obj.metadata.name}
+    spec = obj.spec.model_dump(by_alias=True, exclude_none=True)
+    sources = [node.get("source") for node in spec.values() if isinstance(node, dict)]
+    for source in sources:
+        if isinstance(source, str) and source.startswith("pvc://"):
+            folders.add(runs / source.removeprefix("pvc://").split("/")[0])
+    return folders
+
+
+def test_the_tiny_example_and_the_demo_pipeline_write_into_different_folders(tmp_path):
+    """examples/finetune-tiny.yaml (runs/tiny/) must not write into the demo's claim folder
+    (runs/demo/, where `make demo` puts its data and each stage's output), nor into any run
+    folder of the demo's objects: one would overwrite or refuse the other's files."""
+    from kubetune.operator.local_pipeline import load_objects
+
+    runs = tmp_path / "runs"
+    (tiny,) = load_objects([str(REPO / "examples" / "finetune-tiny.yaml")])
+    mine = folders_written(tiny, runs)
+    assert mine == {runs / "tiny"}
+    demo = set().union(*(folders_written(obj, runs) for obj in load_objects([str(REPO / "examples" / "demo")])))
+    assert runs / "demo" in demo  # the claim (pvc://demo/...) the pipeline reads and writes
+    assert not [(a, b) for a in mine for b in demo if a == b or a.is_relative_to(b) or b.is_relative_to(a)]

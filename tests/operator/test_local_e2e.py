@@ -1,4 +1,4 @@
-"""End to end: `kubetune apply -f` the demo manifest (fewer steps) with the real full_finetune
+"""End to end: `kubetune apply -f` the tiny manifest (fewer steps) with the real full_finetune
 recipe on builtin://tiny, then `kubetune get`."""
 from __future__ import annotations
 
@@ -25,18 +25,18 @@ def test_apply_runs_the_demo_manifest_with_the_real_trainer(tmp_path):
         [sys.executable, "-m", "kubetune.cli", "apply", "-f", str(manifest), "--runs-dir", str(runs), "--no-progress"],
         capture_output=True, text=True, cwd=REPO, timeout=220,
     )
-    log = (runs / "demo" / "trainer.log")
+    log = (runs / "tiny" / "trainer.log")
     assert out.returncode == 0, out.stderr + (log.read_text()[-3000:] if log.exists() else "")
-    assert "finetunejob.kubetune.dev/demo Succeeded" in out.stdout
+    assert "finetunejob.kubetune.dev/tiny Succeeded" in out.stdout
 
-    status = yaml.safe_load((runs / "demo" / "status.yaml").read_text())["status"]
-    summary = json.loads((runs / "demo" / "termination-log").read_text())
+    status = yaml.safe_load((runs / "tiny" / "status.yaml").read_text())["status"]
+    summary = json.loads((runs / "tiny" / "termination-log").read_text())
     assert status["phase"] == "Succeeded"
     assert status["result"]["steps"] == summary["steps"] == 3
     assert status["result"]["finalLoss"] == summary["finalLoss"]
     assert Path(status["result"]["checkpoint"]).is_dir()
-    assert Path(status["result"]["checkpoint"]).is_relative_to(runs / "demo" / "output")
+    assert Path(status["result"]["checkpoint"]).is_relative_to(runs / "tiny" / "output")
     assert status["progress"]["totalSteps"] == 3 and status["progress"]["percent"] == 100.0
 
     listed = subprocess.run([sys.executable, "-m", "kubetune.cli", "get", "--runs-dir", str(runs)], capture_output=True, text=True, check=True)
-    assert listed.stdout.splitlines()[1].split()[:3] == ["demo", "full_finetune", "Succeeded"]
+    assert listed.stdout.splitlines()[1].split()[:3] == ["tiny", "full_finetune", "Succeeded"]

@@ -35,7 +35,7 @@ def ago(seconds: float) -> str:
 
 def jobset_pod(workload: dict, name: str, *, port: int, restart: int = 0, gpus: int = 0, started: str = None) -> dict:
     """Pod 0 of the JobSet's indexed Job `<jobset>-node-0`, as its controllers make it."""
-    template = workload["spec"]["replicatedJobs"][0]["template"]["spec"]["template"] if workload["kind"] == "JobSet" else {"metadata": {"labels": {"kubetune.dev/job": "demo", "app.kubernetes.io/managed-by": "kubetune"}}}
+    template = workload["spec"]["replicatedJobs"][0]["template"]["spec"]["template"] if workload["kind"] == "JobSet" else {"metadata": {"labels": {"kubetune.dev/job": "tiny", "app.kubernetes.io/managed-by": "kubetune"}}}
     jobset_name = workload["metadata"]["name"]
     labels = {
         **template["metadata"]["labels"],
@@ -89,7 +89,7 @@ async def test_auto_takes_the_trainjob_when_trainer_v2_and_the_runtime_are_there
     await install_runtime(api)
     async with operator():
         await api.create_ftj(manifest())
-        await eventually(lambda: api.status("demo").get("workload", {}).get("kind") == "TrainJob", what="TrainJob")
+        await eventually(lambda: api.status("tiny").get("workload", {}).get("kind") == "TrainJob", what="TrainJob")
     (train,) = api.children("trainer.kubeflow.org/v1alpha1/trainjobs")
     assert train["spec"]["runtimeRef"]["name"] == "kubetune-torch"
     assert not api.children("jobset.x-k8s.io/v1alpha2/jobsets") and not api.children("kubeflow.org/v1/pytorchjobs") and not api.children("batch/v1/jobs")
@@ -99,9 +99,9 @@ async def test_auto_passes_over_trainjob_without_its_runtime_to_jobset(api, oper
     emulator.declare({**PYTORCHJOBS, **JOBSETS, **TRAINJOBS})  # Trainer v2 served, kubetune-torch not installed
     async with operator():
         await api.create_ftj(manifest())
-        await eventually(lambda: api.status("demo").get("workload", {}).get("kind") == "JobSet", what="JobSet")
+        await eventually(lambda: api.status("tiny").get("workload", {}).get("kind") == "JobSet", what="JobSet")
     (jobset,) = api.children("jobset.x-k8s.io/v1alpha2/jobsets")
-    assert jobset["metadata"]["ownerReferences"][0]["uid"] == api.ftj("demo")["metadata"]["uid"]
+    assert jobset["metadata"]["ownerReferences"][0]["uid"] == api.ftj("tiny")["metadata"]["uid"]
     assert not api.children("trainer.kubeflow.org/v1alpha1/trainjobs")
 
 
@@ -110,23 +110,23 @@ async def test_auto_passes_over_trainjob_without_its_runtime_to_jobset(api, oper
 
 async def test_jobset_status_drives_phase_suspend_and_failure(api, operator, emulator):
     emulator.declare(JOBSETS)
-    path = f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/demo"
+    path = f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/finetunejobs/tiny"
     async with operator():
         await api.create_ftj(manifest(**{"spec.backend": "jobset"}))
-        await eventually(lambda: api.status("demo").get("phase") == "Pending", what="Pending")
-        await api.patch(f"{JOBSET_PATH}/demo/status", {"status": {"restarts": 0, "replicatedJobsStatus": [
+        await eventually(lambda: api.status("tiny").get("phase") == "Pending", what="Pending")
+        await api.patch(f"{JOBSET_PATH}/tiny/status", {"status": {"restarts": 0, "replicatedJobsStatus": [
             {"name": "node", "ready": 1, "active": 1, "succeeded": 0, "failed": 0, "suspended": 0}]}})
-        await eventually(lambda: api.status("demo").get("phase") == "Running", what="Running from the JobSet")
+        await eventually(lambda: api.status("tiny").get("phase") == "Running", what="Running from the JobSet")
         await api.patch(path, {"spec": {"suspend": True}})
         await eventually(lambda: api.children("jobset.x-k8s.io/v1alpha2/jobsets")[0]["spec"]["suspend"] is True, what="JobSet suspended")
-        await api.patch(f"{JOBSET_PATH}/demo/status", {"status": {"replicatedJobsStatus": [], "conditions": [
+        await api.patch(f"{JOBSET_PATH}/tiny/status", {"status": {"replicatedJobsStatus": [], "conditions": [
             {"type": "Suspended", "status": "True", "reason": "SuspendedJobs"}]}})
-        await eventually(lambda: api.status("demo").get("phase") == "Suspended", what="Suspended")
-        await api.patch(f"{JOBSET_PATH}/demo/status", {"status": {"conditions": [
+        await eventually(lambda: api.status("tiny").get("phase") == "Suspended", what="Suspended")
+        await api.patch(f"{JOBSET_PATH}/tiny/status", {"status": {"conditions": [
             {"type": "Failed", "status": "True", "reason": "ReachedMaxRestarts", "message": "jobset failed due to reaching max number of restarts"}]}})
-        await eventually(lambda: api.status("demo").get("phase") == "Failed", what="Failed")
-    failed = next(c for c in api.status("demo")["conditions"] if c["type"] == "Failed")
-    assert failed["reason"] == "ReachedMaxRestarts" and "max number of restarts" in failed["message"] and "kubectl describe jobset demo" in failed["message"]
+        await eventually(lambda: api.status("tiny").get("phase") == "Failed", what="Failed")
+    failed = next(c for c in api.status("tiny")["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "ReachedMaxRestarts" and "max number of restarts" in failed["message"] and "kubectl describe jobset tiny" in failed["message"]
 
 
 async def test_trainjob_status_drives_phase_to_success(api, operator, emulator):
@@ -134,12 +134,12 @@ async def test_trainjob_status_drives_phase_to_success(api, operator, emulator):
     await install_runtime(api)
     async with operator():
         await api.create_ftj(manifest(**{"spec.backend": "trainjob"}))
-        await eventually(lambda: api.status("demo").get("phase") == "Pending", what="Pending")
-        await api.patch(f"{TRAINJOB_PATH}/demo/status", {"status": {"jobsStatus": [{"name": "node", "active": 1, "ready": 1}]}})
-        await eventually(lambda: api.status("demo").get("phase") == "Running", what="Running from the TrainJob")
-        await api.patch(f"{TRAINJOB_PATH}/demo/status", {"status": {"jobsStatus": [{"name": "node", "succeeded": 1}], "conditions": [
+        await eventually(lambda: api.status("tiny").get("phase") == "Pending", what="Pending")
+        await api.patch(f"{TRAINJOB_PATH}/tiny/status", {"status": {"jobsStatus": [{"name": "node", "active": 1, "ready": 1}]}})
+        await eventually(lambda: api.status("tiny").get("phase") == "Running", what="Running from the TrainJob")
+        await api.patch(f"{TRAINJOB_PATH}/tiny/status", {"status": {"jobsStatus": [{"name": "node", "succeeded": 1}], "conditions": [
             {"type": "Complete", "status": "True", "reason": "JobsCompleted", "message": "jobs completed"}]}})
-        await eventually(lambda: api.status("demo").get("phase") == "Succeeded", what="Succeeded")
+        await eventually(lambda: api.status("tiny").get("phase") == "Succeeded", what="Succeeded")
 
 
 # --- restarts, resume, GPU time --------------------------------------------------------------
@@ -148,24 +148,24 @@ async def test_trainjob_status_drives_phase_to_success(api, operator, emulator):
 async def test_a_jobset_restart_shows_restarts_and_the_step_it_resumed_from(api, operator, emulator, rank0):
     emulator.declare(JOBSETS)
     async with operator():
-        await api.create_ftj(manifest(**{"spec.backend": "jobset", "spec.output.source": "pvc://outputs/demo", "spec.runPolicy": {"backoffLimit": 3}}))
-        await eventually(lambda: api.status("demo").get("workload"), what="JobSet created")
+        await api.create_ftj(manifest(**{"spec.backend": "jobset", "spec.output.source": "pvc://outputs/tiny", "spec.runPolicy": {"backoffLimit": 3}}))
+        await eventually(lambda: api.status("tiny").get("workload"), what="JobSet created")
         (jobset,) = api.children("jobset.x-k8s.io/v1alpha2/jobsets")
         assert jobset["spec"]["failurePolicy"] == {"maxRestarts": 3, "restartStrategy": "Recreate"}
-        assert "OutputPersistent" not in {c["type"] for c in api.status("demo")["conditions"]}
-        await api.post(PODS, jobset_pod(jobset, "demo-node-0-0-a", port=rank0.port))
+        assert "OutputPersistent" not in {c["type"] for c in api.status("tiny")["conditions"]}
+        await api.post(PODS, jobset_pod(jobset, "tiny-node-0-0-a", port=rank0.port))
         rank0.set(step=45, total_steps=100, last_checkpoint_step=40)
-        await api.patch(f"{JOBSET_PATH}/demo/status", {"status": {"restarts": 0, "replicatedJobsStatus": [{"name": "node", "active": 1}]}})
-        await eventually(lambda: api.status("demo").get("progress", {}).get("lastCheckpointStep") == 40, what="checkpoint step scraped")
-        assert not api.status("demo").get("restarts")
+        await api.patch(f"{JOBSET_PATH}/tiny/status", {"status": {"restarts": 0, "replicatedJobsStatus": [{"name": "node", "active": 1}]}})
+        await eventually(lambda: api.status("tiny").get("progress", {}).get("lastCheckpointStep") == 40, what="checkpoint step scraped")
+        assert not api.status("tiny").get("restarts")
 
         # A node died: the JobSet controller recreates the group (restart 1) and the trainer resumes.
-        await api.delete(f"{PODS}/demo-node-0-0-a")
-        await api.post(PODS, jobset_pod(jobset, "demo-node-0-0-b", port=rank0.port, restart=1))
+        await api.delete(f"{PODS}/tiny-node-0-0-a")
+        await api.post(PODS, jobset_pod(jobset, "tiny-node-0-0-b", port=rank0.port, restart=1))
         rank0.set(step=41)
-        await api.patch(f"{JOBSET_PATH}/demo/status", {"status": {"restarts": 1}})
-        await eventually(lambda: api.status("demo").get("restarts") == 1, what="restarts 1")
-        assert api.status("demo")["resumedFromStep"] == 40
+        await api.patch(f"{JOBSET_PATH}/tiny/status", {"status": {"restarts": 1}})
+        await eventually(lambda: api.status("tiny").get("restarts") == 1, what="restarts 1")
+        assert api.status("tiny")["resumedFromStep"] == 40
         await eventually(lambda: any(e.get("reason") == "Restarted" and "resumes from step 40" in e.get("message", "") for e in api.children("v1/events")), what="Restarted event")
 
 
@@ -174,18 +174,18 @@ async def test_a_restart_with_an_emptydir_output_resumes_from_zero_and_the_job_s
     await install_runtime(api)
     async with operator():
         await api.create_ftj(manifest(**{"spec.backend": "trainjob"}))
-        await eventually(lambda: api.status("demo").get("workload"), what="TrainJob created")
-        warning = next(c for c in api.status("demo")["conditions"] if c["type"] == "OutputPersistent")
+        await eventually(lambda: api.status("tiny").get("workload"), what="TrainJob created")
+        warning = next(c for c in api.status("tiny")["conditions"] if c["type"] == "OutputPersistent")
         assert warning["status"] == "False" and warning["reason"] == "EmptyDirOutput" and "pvc://" in warning["message"]
         (train,) = api.children("trainer.kubeflow.org/v1alpha1/trainjobs")
         rank0.set(step=12, total_steps=100, last_checkpoint_step=10)
-        await api.post(PODS, jobset_pod(train, "demo-node-0-0-a", port=rank0.port))
-        await api.patch(f"{TRAINJOB_PATH}/demo/status", {"status": {"jobsStatus": [{"name": "node", "active": 1}]}})
-        await eventually(lambda: api.status("demo").get("progress", {}).get("lastCheckpointStep") == 10, what="checkpoint step scraped")
-        await api.delete(f"{PODS}/demo-node-0-0-a")
-        await api.post(PODS, jobset_pod(train, "demo-node-0-0-b", port=rank0.port, restart=1))
-        await eventually(lambda: api.status("demo").get("restarts") == 1, what="restarts from the pods' restart attempt")
-        assert api.status("demo")["resumedFromStep"] == 0
+        await api.post(PODS, jobset_pod(train, "tiny-node-0-0-a", port=rank0.port))
+        await api.patch(f"{TRAINJOB_PATH}/tiny/status", {"status": {"jobsStatus": [{"name": "node", "active": 1}]}})
+        await eventually(lambda: api.status("tiny").get("progress", {}).get("lastCheckpointStep") == 10, what="checkpoint step scraped")
+        await api.delete(f"{PODS}/tiny-node-0-0-a")
+        await api.post(PODS, jobset_pod(train, "tiny-node-0-0-b", port=rank0.port, restart=1))
+        await eventually(lambda: api.status("tiny").get("restarts") == 1, what="restarts from the pods' restart attempt")
+        assert api.status("tiny")["resumedFromStep"] == 0
         assert any(e.get("reason") == "EmptyDirOutput" for e in api.children("v1/events"))
 
 
@@ -193,18 +193,18 @@ async def test_gpu_seconds_add_up_the_pods_running_time_times_their_gpus(api, op
     emulator.declare(JOBSETS)
     async with operator():
         await api.create_ftj(manifest(**{"spec.backend": "jobset"}))
-        await eventually(lambda: api.status("demo").get("workload"), what="JobSet created")
+        await eventually(lambda: api.status("tiny").get("workload"), what="JobSet created")
         (jobset,) = api.children("jobset.x-k8s.io/v1alpha2/jobsets")
         started = ago(100)
-        await api.post(PODS, jobset_pod(jobset, "demo-node-0-0-a", port=rank0.port, gpus=2, started=started))
+        await api.post(PODS, jobset_pod(jobset, "tiny-node-0-0-a", port=rank0.port, gpus=2, started=started))
         impostor = jobset_pod(jobset, "impostor", port=rank0.port, gpus=8, started=ago(1000))
         impostor["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-uid"] = "someone-else"
         await api.post(PODS, impostor)
-        await api.patch(f"{JOBSET_PATH}/demo/status", {"status": {"replicatedJobsStatus": [{"name": "node", "active": 1}]}})
-        first = await eventually(lambda: api.status("demo").get("gpuSeconds"), what="gpuSeconds")
+        await api.patch(f"{JOBSET_PATH}/tiny/status", {"status": {"replicatedJobsStatus": [{"name": "node", "active": 1}]}})
+        first = await eventually(lambda: api.status("tiny").get("gpuSeconds"), what="gpuSeconds")
         assert 200 <= first <= 212  # 2 GPUs x ~100 s (plus the seconds the test took), not the impostor's 8 x 1000
-        await eventually(lambda: api.status("demo")["gpuSeconds"] >= first + 2, timeout=5, what="gpuSeconds growing while it runs")
-        status = api.status("demo")
+        await eventually(lambda: api.status("tiny")["gpuSeconds"] >= first + 2, timeout=5, what="gpuSeconds growing while it runs")
+        status = api.status("tiny")
         assert status["gpuHours"] == round(status["gpuSeconds"] / 3600, 2)
         ran = (dt.datetime.now(dt.timezone.utc) - dt.datetime.strptime(started, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)).total_seconds()
         assert status["gpuSeconds"] <= 2 * ran + 2  # the sync intervals tile: no second counted twice
@@ -213,21 +213,21 @@ async def test_gpu_seconds_add_up_the_pods_running_time_times_their_gpus(api, op
 async def test_a_failed_initializer_names_the_source_in_the_conditions(api, operator):
     async with operator():
         await api.create_ftj(manifest(**{"spec.model.source": "s3://weights/models/huge", "spec.secrets.s3": {"name": "s3-keys"}}))
-        await eventually(lambda: api.status("demo").get("workload"), what="Job created")
+        await eventually(lambda: api.status("tiny").get("workload"), what="Job created")
         (job,) = api.children("batch/v1/jobs")
         assert job["spec"]["template"]["spec"]["initContainers"][0]["name"] == "initializer"
         message = "error: spec.model.source: s3://weights/models/huge: no objects under that prefix in bucket weights at S3; check the path"
         pod = {
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "demo-0-x", "namespace": NS, "labels": dict(job["spec"]["template"]["metadata"]["labels"]),
-                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "demo", "uid": job["metadata"]["uid"], "controller": True}]},
+            "metadata": {"name": "tiny-0-x", "namespace": NS, "labels": dict(job["spec"]["template"]["metadata"]["labels"]),
+                         "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "tiny", "uid": job["metadata"]["uid"], "controller": True}]},
             "spec": {"containers": [{"name": "trainer", "image": "x"}]},
             "status": {"phase": "Failed", "initContainerStatuses": [
                 {"name": "initializer", "state": {"terminated": {"exitCode": 2, "message": message}}}]},
         }
         await api.post(PODS, pod)
-        await api.patch(f"/apis/batch/v1/namespaces/{NS}/jobs/demo/status", {"status": {"failed": 1, "conditions": [
+        await api.patch(f"/apis/batch/v1/namespaces/{NS}/jobs/tiny/status", {"status": {"failed": 1, "conditions": [
             {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}})
-        await eventually(lambda: api.status("demo").get("phase") == "Failed", what="Failed")
-    failed = next(c for c in api.status("demo")["conditions"] if c["type"] == "Failed")
+        await eventually(lambda: api.status("tiny").get("phase") == "Failed", what="Failed")
+    failed = next(c for c in api.status("tiny")["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "InitializerFailed" and "s3://weights/models/huge: no objects under that prefix" in failed["message"]

@@ -27,12 +27,12 @@ def workload_named(api, plural: str, name: str):
     return next((c for c in api.children(plural) if c["metadata"]["name"] == name), None)
 
 
-async def succeed(api, name: str = "demo", **result) -> float:
+async def succeed(api, name: str = "tiny", **result) -> float:
     """What the FineTuneJob's sync writes when its trainer finished (phase and result in one patch);
     the time it was written."""
     await eventually(lambda: status(api, "finetunejobs", name).get("phase") == "Pending", what=f"{name} reconciled")
     await api.patch(f"{KT}/finetunejobs/{name}/status", {"status": {"phase": "Succeeded", "result": {
-        "adapter": "/mnt/output/adapter", "checkpoint": "/mnt/output/demo/model", **result}}})
+        "adapter": "/mnt/output/adapter", "checkpoint": "/mnt/output/tiny/model", **result}}})
     return time.monotonic()
 
 
@@ -48,7 +48,7 @@ async def test_a_chained_finetunejob_starts_the_moment_its_reference_succeeds(ap
         elapsed = time.monotonic() - written
         await eventually(lambda: status(api, "finetunejobs", "instruct").get("workload"), timeout=PROMPT, what="status.workload")
         st = status(api, "finetunejobs", "instruct")
-        assert st["baseModel"] == "pvc://outputs/demo/model" and st["phase"] == "Pending" and elapsed < PROMPT
+        assert st["baseModel"] == "pvc://outputs/tiny/model" and st["phase"] == "Pending" and elapsed < PROMPT
         assert condition(api, "finetunejobs", "instruct", "ModelReady")["status"] == "True"
         assert len([j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "instruct"]) == 1
         await eventually(lambda: "Created" in {e.get("reason") for e in api.children("v1/events")
@@ -63,7 +63,7 @@ async def test_a_failed_or_deleted_reference_fails_the_chained_finetunejob_at_on
         await api.create_ftj(chained("after-other", ref="other"))
         for name in ("instruct", "after-other"):
             await eventually(lambda: condition(api, "finetunejobs", name, "ModelReady").get("reason") == "WaitingForFineTuneJob", what=f"{name} waiting")
-        for name in ("demo", "other"):  # their own reconcile done (its status patch would undo the test's)
+        for name in ("tiny", "other"):  # their own reconcile done (its status patch would undo the test's)
             await eventually(lambda: status(api, "finetunejobs", name).get("phase") == "Pending", what=f"{name} reconciled")
 
         await api.patch(f"{KT}/finetunejobs/demo/status", {"status": {"phase": "Failed", "conditions": [
@@ -83,20 +83,20 @@ async def test_evaljob_and_modeldeployment_wait_without_reading_and_start_when_i
         await api.create_ftj(finetunejob())
         await api.post(f"{KT}/evaljobs", evaljob())
         await api.post(f"{KT}/modeldeployments", modeldeployment())
-        await eventually(lambda: status(api, "finetunejobs", "demo").get("phase") == "Pending", what="demo reconciled")
-        for plural, name in (("evaljobs", "demo-eval"), ("modeldeployments", "bot")):
+        await eventually(lambda: status(api, "finetunejobs", "tiny").get("phase") == "Pending", what="tiny reconciled")
+        for plural, name in (("evaljobs", "tiny-eval"), ("modeldeployments", "bot")):
             await eventually(lambda: condition(api, plural, name, "ModelReady").get("reason") == "WaitingForFineTuneJob", what=f"{name} waiting")
-        await asyncio.sleep(0.5)  # reconciles already under way end (demo's Pending wakes them once)
-        before = reads_of(emulator, "demo")
+        await asyncio.sleep(0.5)  # reconciles already under way end (tiny's Pending wakes them once)
+        before = reads_of(emulator, "tiny")
         await asyncio.sleep(2.0)  # about 7 rounds of the pipeline reconciler
-        assert reads_of(emulator, "demo") == before, "a waiting EvalJob or ModelDeployment read its FineTuneJob every round"
+        assert reads_of(emulator, "tiny") == before, "a waiting EvalJob or ModelDeployment read its FineTuneJob every round"
 
         written = await succeed(api)
-        await eventually(lambda: workload_named(api, "batch/v1/jobs", "demo-eval") and workload_named(api, "apps/v1/deployments", "bot"),
+        await eventually(lambda: workload_named(api, "batch/v1/jobs", "tiny-eval") and workload_named(api, "apps/v1/deployments", "bot"),
                          timeout=PROMPT, what="eval Job and server Deployment within 2 s")
         assert time.monotonic() - written < PROMPT
-        await eventually(lambda: status(api, "evaljobs", "demo-eval").get("workload"), what="EvalJob status")
-        assert len([j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "demo-eval"]) == 1
+        await eventually(lambda: status(api, "evaljobs", "tiny-eval").get("workload"), what="EvalJob status")
+        assert len([j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "tiny-eval"]) == 1
 
 
 async def test_a_missed_event_is_caught_by_the_slow_poll(api, operator, emulator):
@@ -107,15 +107,15 @@ async def test_a_missed_event_is_caught_by_the_slow_poll(api, operator, emulator
         await api.create_ftj(chained())
         await api.post(f"{KT}/evaljobs", evaljob())
         await eventually(lambda: condition(api, "finetunejobs", "instruct", "ModelReady").get("reason") == "WaitingForFineTuneJob", what="waiting")
-        await eventually(lambda: condition(api, "evaljobs", "demo-eval", "ModelReady").get("reason") == "WaitingForFineTuneJob", what="eval waiting")
-        await eventually(lambda: status(api, "finetunejobs", "demo").get("phase") == "Pending", what="demo reconciled")
+        await eventually(lambda: condition(api, "evaljobs", "tiny-eval", "ModelReady").get("reason") == "WaitingForFineTuneJob", what="eval waiting")
+        await eventually(lambda: status(api, "finetunejobs", "tiny").get("phase") == "Pending", what="tiny reconciled")
 
-        emulator.objects["kubetune.dev/v1alpha1/finetunejobs", NS, "demo"].patch(
-            {"status": {"phase": "Succeeded", "result": {"adapter": "/mnt/output/adapter", "checkpoint": "/mnt/output/demo/model"}}})
-        await eventually(lambda: workload_named(api, "batch/v1/jobs", "instruct") and workload_named(api, "batch/v1/jobs", "demo-eval"),
+        emulator.objects["kubetune.dev/v1alpha1/finetunejobs", NS, "tiny"].patch(
+            {"status": {"phase": "Succeeded", "result": {"adapter": "/mnt/output/adapter", "checkpoint": "/mnt/output/tiny/model"}}})
+        await eventually(lambda: workload_named(api, "batch/v1/jobs", "instruct") and workload_named(api, "batch/v1/jobs", "tiny-eval"),
                          timeout=5, what="both started by the poll")
-        await eventually(lambda: status(api, "finetunejobs", "instruct").get("baseModel") == "pvc://outputs/demo/model", what="status.baseModel")
-        assert state.jobs[(NS, "demo")]["status"]["phase"] == "Pending", "the operator saw the change: no event was missed"
+        await eventually(lambda: status(api, "finetunejobs", "instruct").get("baseModel") == "pvc://outputs/tiny/model", what="status.baseModel")
+        assert state.jobs[(NS, "tiny")]["status"]["phase"] == "Pending", "the operator saw the change: no event was missed"
 
 
 async def test_a_woken_job_whose_workload_cannot_be_made_yet_is_retried_not_stranded(api, operator, emulator):
@@ -125,10 +125,10 @@ async def test_a_woken_job_whose_workload_cannot_be_made_yet_is_retried_not_stra
         await api.create_ftj(finetunejob())
         await api.create_ftj(chained())
         await eventually(lambda: condition(api, "finetunejobs", "instruct", "ModelReady").get("reason") == "WaitingForFineTuneJob", what="waiting")
-        await eventually(lambda: status(api, "finetunejobs", "demo").get("workload"), what="demo's own Job made")
+        await eventually(lambda: status(api, "finetunejobs", "tiny").get("workload"), what="tiny's own Job made")
         emulator.fail("POST", f"/apis/batch/v1/namespaces/{NS}/jobs$", 500, times=2)
         await succeed(api)
         await eventually(lambda: status(api, "finetunejobs", "instruct").get("workload"), timeout=5, what="workload after the retries")
         assert [h for h in emulator.hits if h[0] == "POST"] and len(emulator.hits) == 2
         assert len([j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "instruct"]) == 1
-        assert status(api, "finetunejobs", "instruct")["baseModel"] == "pvc://outputs/demo/model"
+        assert status(api, "finetunejobs", "instruct")["baseModel"] == "pvc://outputs/tiny/model"

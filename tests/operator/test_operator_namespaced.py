@@ -27,7 +27,7 @@ def in_namespace(namespace: str) -> dict:
 
 
 def ftj(emulator, namespace: str) -> dict:
-    return emulator.objects[FTJS, namespace, "demo"].raw
+    return emulator.objects[FTJS, namespace, "tiny"].raw
 
 
 def children(emulator, namespace: str) -> dict[str, list[str]]:
@@ -68,12 +68,12 @@ async def test_namespaced_operator_reconciles_its_namespace_and_leaves_others_al
         await api.create_ftj(in_namespace(NS))
         await eventually(lambda: ftj(emulator, NS).get("status", {}).get("phase") == "Pending", what="phase Pending in the watched namespace")
         await eventually(lambda: sync_rounds(emulator, NS) >= 3, what="three rounds of the sync loop")
-        assert (NS, "demo") in state.jobs and (OTHER_NS, "demo") not in state.jobs
+        assert (NS, "tiny") in state.jobs and (OTHER_NS, "tiny") not in state.jobs
 
     watched = children(emulator, NS)
-    assert (watched["v1/configmaps"], watched["v1/services"], watched["batch/v1/jobs"]) == (["demo-config"], ["demo"], ["demo"])
+    assert (watched["v1/configmaps"], watched["v1/services"], watched["batch/v1/jobs"]) == (["tiny-config"], ["tiny"], ["tiny"])
     workload = ftj(emulator, NS)["status"]["workload"]
-    assert (workload["apiVersion"], workload["kind"], workload["name"], workload["backend"]) == ("batch/v1", "Job", "demo", "job")
+    assert (workload["apiVersion"], workload["kind"], workload["name"], workload["backend"]) == ("batch/v1", "Job", "tiny", "job")
 
     other = ftj(emulator, OTHER_NS)
     assert "status" not in other

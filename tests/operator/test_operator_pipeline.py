@@ -36,8 +36,8 @@ def condition(api, plural: str, name: str, type_: str) -> dict:
     return next((c for c in status(api, plural, name).get("conditions", []) if c["type"] == type_), {})
 
 
-def evaljob(name: str = "demo-eval", **spec) -> dict:
-    body = {"fineTuneJob": {"name": "demo"}, "baseline": True, "tasks": TASKS, "resources": {"gpusPerNode": 0}}
+def evaljob(name: str = "tiny-eval", **spec) -> dict:
+    body = {"fineTuneJob": {"name": "tiny"}, "baseline": True, "tasks": TASKS, "resources": {"gpusPerNode": 0}}
     body.update(spec)
     if "model" in spec:
         body.pop("fineTuneJob")
@@ -45,7 +45,7 @@ def evaljob(name: str = "demo-eval", **spec) -> dict:
 
 
 def modeldeployment(name: str = "bot", **spec) -> dict:
-    body = {"fineTuneJob": {"name": "demo"}, "replicas": 2, "resources": {"gpusPerNode": 0}}
+    body = {"fineTuneJob": {"name": "tiny"}, "replicas": 2, "resources": {"gpusPerNode": 0}}
     body.update(spec)
     if "model" in spec:
         body.pop("fineTuneJob")
@@ -53,14 +53,14 @@ def modeldeployment(name: str = "bot", **spec) -> dict:
 
 
 def finetunejob(**changes) -> dict:
-    return manifest(**{"spec.output": {"source": "pvc://outputs/demo"}, **changes})
+    return manifest(**{"spec.output": {"source": "pvc://outputs/tiny"}, **changes})
 
 
 async def finish_finetunejob(api, adapter: str = "/mnt/output/adapter", **result) -> None:
     """What the FineTuneJob's own sync writes once its trainer succeeded: phase and result in one
     patch (what waits on it may start the moment the phase changes)."""
-    await eventually(lambda: status(api, "finetunejobs", "demo").get("phase") == "Pending", what="FineTuneJob reconciled")
-    await api.patch(f"{KT}/finetunejobs/demo/status", {"status": {"phase": "Succeeded", "result": {"adapter": adapter, "finalLoss": 0.4, **result}}})
+    await eventually(lambda: status(api, "finetunejobs", "tiny").get("phase") == "Pending", what="FineTuneJob reconciled")
+    await api.patch(f"{KT}/finetunejobs/tiny/status", {"status": {"phase": "Succeeded", "result": {"adapter": adapter, "finalLoss": 0.4, **result}}})
 
 
 async def run_eval_pod(api, name: str, metrics: dict, baseline: dict | None = None) -> None:
@@ -102,32 +102,32 @@ def served_model_id(api, name: str = "bot") -> str:
 async def test_evaljob_waits_for_its_finetunejob_then_evaluates_it_against_the_baseline(api, operator):
     async with operator():
         await api.post(f"{KT}/evaljobs", evaljob())
-        await eventually(lambda: condition(api, "evaljobs", "demo-eval", "ModelReady")["reason"] == "FineTuneJobNotFound", what="not found yet")
-        assert status(api, "evaljobs", "demo-eval")["phase"] == "Pending"
+        await eventually(lambda: condition(api, "evaljobs", "tiny-eval", "ModelReady")["reason"] == "FineTuneJobNotFound", what="not found yet")
+        assert status(api, "evaljobs", "tiny-eval")["phase"] == "Pending"
         await api.create_ftj(finetunejob())
-        await eventually(lambda: condition(api, "evaljobs", "demo-eval", "ModelReady")["reason"] == "WaitingForFineTuneJob", what="waiting")
-        assert condition(api, "evaljobs", "demo-eval", "ModelReady")["status"] == "False" and "demo" in condition(api, "evaljobs", "demo-eval", "ModelReady")["message"]
-        assert not [j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "demo-eval"]
+        await eventually(lambda: condition(api, "evaljobs", "tiny-eval", "ModelReady")["reason"] == "WaitingForFineTuneJob", what="waiting")
+        assert condition(api, "evaljobs", "tiny-eval", "ModelReady")["status"] == "False" and "tiny" in condition(api, "evaljobs", "tiny-eval", "ModelReady")["message"]
+        assert not [j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "tiny-eval"]
 
         await finish_finetunejob(api)
-        await eventually(lambda: status(api, "evaljobs", "demo-eval").get("workload"), what="eval Job created")
-        st = status(api, "evaljobs", "demo-eval")
-        assert st["model"] == "finetunejob/demo" and st["modelId"] == f"finetunejob/demo@{api.ftj('demo')['metadata']['uid']}"
-        (job,) = [j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "demo-eval"]
-        (cm,) = [c for c in api.children("v1/configmaps") if c["metadata"]["name"] == "demo-eval-config"]
+        await eventually(lambda: status(api, "evaljobs", "tiny-eval").get("workload"), what="eval Job created")
+        st = status(api, "evaljobs", "tiny-eval")
+        assert st["model"] == "finetunejob/tiny" and st["modelId"] == f"finetunejob/tiny@{api.ftj('tiny')['metadata']['uid']}"
+        (job,) = [j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "tiny-eval"]
+        (cm,) = [c for c in api.children("v1/configmaps") if c["metadata"]["name"] == "tiny-eval-config"]
         for child in (job, cm):
             kubernetes_validate.validate(child, "1.30.0", strict=True)
-            assert child["metadata"]["ownerReferences"][0]["uid"] == obj(api, "evaljobs", "demo-eval")["metadata"]["uid"]
+            assert child["metadata"]["ownerReferences"][0]["uid"] == obj(api, "evaljobs", "tiny-eval")["metadata"]["uid"]
         assert "adapter: /mnt/output/adapter" in cm["data"]["config.yaml"] and "adapter: null" in cm["data"]["baseline.yaml"]
 
-        await run_eval_pod(api, "demo-eval", {"facts/acc": 0.9}, baseline={"facts/acc": 0.25})
-        await eventually(lambda: status(api, "evaljobs", "demo-eval").get("phase") == "Succeeded", what="Succeeded")
-        result = status(api, "evaljobs", "demo-eval")["result"]
+        await run_eval_pod(api, "tiny-eval", {"facts/acc": 0.9}, baseline={"facts/acc": 0.25})
+        await eventually(lambda: status(api, "evaljobs", "tiny-eval").get("phase") == "Succeeded", what="Succeeded")
+        result = status(api, "evaljobs", "tiny-eval")["result"]
         assert result["metrics"] == {"facts/acc": 0.9} and result["baseline"] == {"facts/acc": 0.25}
         assert result["delta"] == {"facts/acc": pytest.approx(0.65)} and result["mainMetric"] == "facts/acc=0.9 (+0.65 vs baseline)"
-        table = format_table([obj(api, "evaljobs", "demo-eval")], "EvalJob").splitlines()
+        table = format_table([obj(api, "evaljobs", "tiny-eval")], "EvalJob").splitlines()
         assert table[0].split() == ["NAME", "MODEL", "PHASE", "MAIN", "METRIC", "AGE"]
-        assert table[1].split()[:4] == ["demo-eval", "finetunejob/demo", "Succeeded", "facts/acc=0.9"]
+        assert table[1].split()[:4] == ["tiny-eval", "finetunejob/tiny", "Succeeded", "facts/acc=0.9"]
         await eventually(lambda: {"Created", "Succeeded"} <= {e.get("reason") for e in api.children("v1/events")
                                                               if e.get("involvedObject", {}).get("kind") == "EvalJob"}, what="events")
 
@@ -136,13 +136,13 @@ async def test_evaljob_fails_when_its_finetunejob_fails_or_is_deleted(api, opera
     async with operator():
         await api.create_ftj(finetunejob())
         await api.post(f"{KT}/evaljobs", evaljob())
-        await eventually(lambda: condition(api, "evaljobs", "demo-eval", "ModelReady")["reason"] == "WaitingForFineTuneJob", what="waiting")
-        await eventually(lambda: status(api, "finetunejobs", "demo").get("phase") == "Pending")
-        await api.patch(f"{KT}/finetunejobs/demo/status", {"status": {"phase": "Failed", "conditions": [
+        await eventually(lambda: condition(api, "evaljobs", "tiny-eval", "ModelReady")["reason"] == "WaitingForFineTuneJob", what="waiting")
+        await eventually(lambda: status(api, "finetunejobs", "tiny").get("phase") == "Pending")
+        await api.patch(f"{KT}/finetunejobs/tiny/status", {"status": {"phase": "Failed", "conditions": [
             {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "the trainer ran out of memory"}]}})
-        await eventually(lambda: status(api, "evaljobs", "demo-eval").get("phase") == "Failed", what="Failed")
-        ready = condition(api, "evaljobs", "demo-eval", "ModelReady")
-        assert ready["reason"] == "FineTuneJobFailed" and "FineTuneJob demo failed: the trainer ran out of memory" in ready["message"]
+        await eventually(lambda: status(api, "evaljobs", "tiny-eval").get("phase") == "Failed", what="Failed")
+        ready = condition(api, "evaljobs", "tiny-eval", "ModelReady")
+        assert ready["reason"] == "FineTuneJobFailed" and "FineTuneJob tiny failed: the trainer ran out of memory" in ready["message"]
 
         await api.post(f"{KT}/evaljobs", evaljob("orphan", fineTuneJob={"name": "gone"}))
         await eventually(lambda: status(api, "evaljobs", "orphan").get("phase") == "Pending")
@@ -152,7 +152,7 @@ async def test_evaljob_fails_when_its_finetunejob_fails_or_is_deleted(api, opera
         await eventually(lambda: status(api, "evaljobs", "orphan").get("phase") == "Failed", what="deleted -> Failed")
         ready = condition(api, "evaljobs", "orphan", "ModelReady")
         assert ready["reason"] == "FineTuneJobNotFound" and "FineTuneJob gone was deleted" in ready["message"]
-        assert not [j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] in ("demo-eval", "orphan")]
+        assert not [j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] in ("tiny-eval", "orphan")]
 
 
 async def test_modeldeployment_serves_the_finetunejobs_output_and_rolls_out_a_rerun(api, operator):
@@ -167,7 +167,7 @@ async def test_modeldeployment_serves_the_finetunejobs_output_and_rolls_out_a_re
         kubernetes_validate.validate(dep, "1.30.0", strict=True)
         assert len(services) == 1 and services[0]["metadata"]["ownerReferences"][0]["kind"] == "ModelDeployment"
         argv = dep["spec"]["template"]["spec"]["containers"][0]["command"]
-        assert "demo=/mnt/output/adapter" in argv and dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+        assert "tiny=/mnt/output/adapter" in argv and dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
         await eventually(lambda: status(api, "modeldeployments", "bot").get("phase") == "Progressing", what="Progressing")
         assert status(api, "modeldeployments", "bot")["ready"] == "0/2"
 
@@ -175,24 +175,24 @@ async def test_modeldeployment_serves_the_finetunejobs_output_and_rolls_out_a_re
         await eventually(lambda: status(api, "modeldeployments", "bot").get("phase") == "Ready", what="Ready")
         st = status(api, "modeldeployments", "bot")
         assert st["ready"] == "2/2" and st["readyReplicas"] == 2 and st["url"] == f"http://bot.{NS}.svc:8000/v1"
-        assert st["servedModels"] == ["bot", "demo"] and st["model"] == "finetunejob/demo"
+        assert st["servedModels"] == ["bot", "tiny"] and st["model"] == "finetunejob/tiny"
         assert condition(api, "modeldeployments", "bot", "Available")["status"] == "True"
         assert condition(api, "modeldeployments", "bot", "Progressing")["reason"] == "NewReplicaSetAvailable"
         table = format_table([obj(api, "modeldeployments", "bot")], "ModelDeployment").splitlines()
         assert table[0].split() == ["NAME", "MODEL", "READY", "URL", "AGE"]
-        assert table[1].split()[:4] == ["bot", "finetunejob/demo", "2/2", f"http://bot.{NS}.svc:8000/v1"]
+        assert table[1].split()[:4] == ["bot", "finetunejob/tiny", "2/2", f"http://bot.{NS}.svc:8000/v1"]
 
         # A re-run of the FineTuneJob (deleted, created again): the old model serves meanwhile,
         # then the new output rolls out through the Deployment's rolling update.
         first_id = served_model_id(api)
-        await api.delete(f"{KT}/finetunejobs/demo")
+        await api.delete(f"{KT}/finetunejobs/tiny")
         await eventually(lambda: condition(api, "modeldeployments", "bot", "ModelReady")["reason"] == "FineTuneJobNotFound", what="gone")
         assert status(api, "modeldeployments", "bot")["phase"] == "Ready" and served_model_id(api) == first_id
         await api.create_ftj(finetunejob())
         await finish_finetunejob(api, adapter="/mnt/output/adapter-v2")
         await eventually(lambda: served_model_id(api) != first_id, what="rollout of the re-run")
         (dep,) = api.children("apps/v1/deployments")
-        assert "demo=/mnt/output/adapter-v2" in dep["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert "tiny=/mnt/output/adapter-v2" in dep["spec"]["template"]["spec"]["containers"][0]["command"]
         assert dep["metadata"]["generation"] == 2  # patched in place: a rolling update, not a new Deployment
         await eventually(lambda: status(api, "modeldeployments", "bot").get("phase") == "Progressing", what="rolling")
 
@@ -313,7 +313,7 @@ async def test_admission_webhook_refuses_bad_evaljobs_and_modeldeployments_namin
                 await asyncio.sleep(0.1)
         raise AssertionError("webhook did not answer")
 
-    emulator.grant("alice", "get", "finetunejobs", NS, "demo")  # tenancy: the FineTuneJob they reference
+    emulator.grant("alice", "get", "finetunejobs", NS, "tiny")  # tenancy: the FineTuneJob they reference
     async with operator(webhook=webhook, admission=True):
         async with aiohttp.ClientSession() as http:
             bad_eval = await answer(http, "validate-evaljob", evaljob(config={"batch_sise": 4}), "evaljobs")
@@ -419,7 +419,7 @@ async def test_modeldeployment_whose_initializer_fails_names_the_source(api, ope
 # --- a FineTuneJob from another FineTuneJob's output (spec.fineTuneJob) -----------------------
 
 
-def chained(name: str = "instruct", ref: str = "demo") -> dict:
+def chained(name: str = "instruct", ref: str = "tiny") -> dict:
     doc = finetunejob(**{"metadata.name": name, "spec.recipe": "lora_finetune", "spec.fineTuneJob": {"name": ref},
                          "spec.output": {"source": f"pvc://outputs/{name}"}})
     del doc["spec"]["model"]
@@ -439,17 +439,17 @@ async def test_a_finetunejob_waits_for_the_one_it_starts_from_then_trains_on_its
         await api.create_ftj(finetunejob())
         await eventually(lambda: condition(api, "finetunejobs", "instruct", "ModelReady").get("reason") == "WaitingForFineTuneJob", what="waiting")
         ready = condition(api, "finetunejobs", "instruct", "ModelReady")
-        assert ready["status"] == "False" and "waiting for FineTuneJob demo to succeed" in ready["message"]
+        assert ready["status"] == "False" and "waiting for FineTuneJob tiny to succeed" in ready["message"]
         assert status(api, "finetunejobs", "instruct")["phase"] == "Pending" and no_children(api, "instruct")
 
-        # demo was a LoRA run with save_merged: its merged model (not its adapter) is the start
-        await finish_finetunejob(api, checkpoint="/mnt/output/demo/model")
+        # tiny was a LoRA run with save_merged: its merged model (not its adapter) is the start
+        await finish_finetunejob(api, checkpoint="/mnt/output/tiny/model")
         await eventually(lambda: status(api, "finetunejobs", "instruct").get("workload"), what="instruct's workload created")
         st = status(api, "finetunejobs", "instruct")
-        assert st["baseModel"] == "pvc://outputs/demo/model" and st["fineTuneJobUid"] == api.ftj("demo")["metadata"]["uid"]
+        assert st["baseModel"] == "pvc://outputs/tiny/model" and st["fineTuneJobUid"] == api.ftj("tiny")["metadata"]["uid"]
         assert condition(api, "finetunejobs", "instruct", "ModelReady")["status"] == "True"
         (cm,) = [c for c in api.children("v1/configmaps") if c["metadata"]["name"] == "instruct-config"]
-        assert yaml.safe_load(cm["data"]["config.yaml"])["model"]["path"] == "/mnt/model/demo/model"
+        assert yaml.safe_load(cm["data"]["config.yaml"])["model"]["path"] == "/mnt/model/tiny/model"
         (job,) = [j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "instruct"]
         kubernetes_validate.validate(job, "1.30.0", strict=True)
         pod = job["spec"]["template"]["spec"]
@@ -466,7 +466,7 @@ async def test_a_finetunejob_waits_for_the_one_it_starts_from_then_trains_on_its
         await eventually(lambda: status(api, "evaljobs", "instruct-eval").get("workload"), what="eval Job created")
         (cm,) = [c for c in api.children("v1/configmaps") if c["metadata"]["name"] == "instruct-eval-config"]
         config, baseline = yaml.safe_load(cm["data"]["config.yaml"]), yaml.safe_load(cm["data"]["baseline.yaml"])
-        assert config["model"]["path"] == baseline["model"]["path"] == "/mnt/model/demo/model"
+        assert config["model"]["path"] == baseline["model"]["path"] == "/mnt/model/tiny/model"
         assert config["adapter"] == "/mnt/output/instruct/adapter" and baseline["adapter"] is None
 
 
@@ -475,12 +475,12 @@ async def test_a_finetunejob_fails_when_the_one_it_starts_from_fails_never_exist
         await api.create_ftj(finetunejob())
         await api.create_ftj(chained())
         await eventually(lambda: condition(api, "finetunejobs", "instruct", "ModelReady").get("reason") == "WaitingForFineTuneJob", what="waiting")
-        await eventually(lambda: status(api, "finetunejobs", "demo").get("phase") == "Pending")
-        await api.patch(f"{KT}/finetunejobs/demo/status", {"status": {"phase": "Failed", "conditions": [
+        await eventually(lambda: status(api, "finetunejobs", "tiny").get("phase") == "Pending")
+        await api.patch(f"{KT}/finetunejobs/tiny/status", {"status": {"phase": "Failed", "conditions": [
             {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "the trainer ran out of memory"}]}})
         await eventually(lambda: status(api, "finetunejobs", "instruct").get("phase") == "Failed", what="Failed")
         failed = condition(api, "finetunejobs", "instruct", "Failed")
-        assert failed["reason"] == "FineTuneJobFailed" and "FineTuneJob demo failed: the trainer ran out of memory" in failed["message"]
+        assert failed["reason"] == "FineTuneJobFailed" and "FineTuneJob tiny failed: the trainer ran out of memory" in failed["message"]
 
         await api.create_ftj(chained("orphan", ref="gone"))  # never created: fails after the grace
         await eventually(lambda: status(api, "finetunejobs", "orphan").get("phase") == "Failed", what="orphan Failed")
@@ -491,7 +491,7 @@ async def test_a_finetunejob_fails_when_the_one_it_starts_from_fails_never_exist
         await api.create_ftj(chained("after-adapter", ref="adapter-only"))
         await eventually(lambda: status(api, "finetunejobs", "adapter-only").get("phase") == "Pending")
         await api.patch(f"{KT}/finetunejobs/adapter-only/status", {"status": {"phase": "Succeeded", "result": {
-            "checkpoint": "/mnt/output/demo/adapter", "adapter": "/mnt/output/demo/adapter"}}})
+            "checkpoint": "/mnt/output/tiny/adapter", "adapter": "/mnt/output/tiny/adapter"}}})
         await eventually(lambda: status(api, "finetunejobs", "after-adapter").get("phase") == "Failed", what="adapter-only -> Failed")
         assert "give FineTuneJob adapter-only spec.config.save_merged: true" in condition(api, "finetunejobs", "after-adapter", "Failed")["message"]
         for name in ("instruct", "orphan", "after-adapter"):

@@ -26,7 +26,7 @@ async def test_the_operator_reconciles_on_after_its_token_rotates(api, emulator,
 
     async with running_operator(emulator, login=login):
         await api.create_ftj(manifest())
-        await eventually(lambda: api.status("demo").get("phase") == "Pending", what="reconciled with token-1")
+        await eventually(lambda: api.status("tiny").get("phase") == "Pending", what="reconciled with token-1")
         # kopf posts the handler's events in the background: all of them with token-1, so that no
         # request of kopf's own meets the 401 and logs in again for the operator's client.
         await eventually(lambda: {"Created", "EmptyDirOutput"} <= {e.get("reason") for e in api.children("v1/events")}, what="events posted")
@@ -34,8 +34,8 @@ async def test_the_operator_reconciles_on_after_its_token_rotates(api, emulator,
         token_file.write_text("token-2")  # the kubelet rotated the token ...
         emulator.revoke("token-1")  # ... and the old one expired
         # The status sync is the operator's own client only: no kopf request re-logs in for it.
-        await api.patch(f"{JOBS}/demo/status", {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}})
-        await eventually(lambda: api.status("demo").get("phase") == "Running", timeout=5, what="status synced after the rotation")
+        await api.patch(f"{JOBS}/tiny/status", {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}})
+        await eventually(lambda: api.status("tiny").get("phase") == "Running", timeout=5, what="status synced after the rotation")
         assert emulator.unauthorized, "the old token was never refused: the test did not rotate anything"
 
         await api.create_ftj(manifest(**{"metadata.name": "second"}))  # and a new job is planned and created

@@ -98,14 +98,14 @@ async def test_a_redirecting_trainer_cannot_copy_another_endpoints_numbers_into_
     redirect = endpoints(lambda: (302, {"Location": internal.url}, b""))
     async with operator():
         await api.create_ftj(manifest())
-        await eventually(lambda: api.status("demo").get("phase") == "Pending")
+        await eventually(lambda: api.status("tiny").get("phase") == "Pending")
         pods = f"/api/v1/namespaces/{NS}/pods"
         (job,) = api.children("batch/v1/jobs")
         await api.post(pods, rank0_pod(redirect.port, job))
-        await api.patch(f"{pods}/demo-0-abcde/status", {"status": {"phase": "Running", "podIP": "127.0.0.1"}})
-        await api.patch(f"/apis/batch/v1/namespaces/{NS}/jobs/demo/status", {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}})
-        await eventually(lambda: api.status("demo").get("phase") == "Running", what="Running")
+        await api.patch(f"{pods}/tiny-0-abcde/status", {"status": {"phase": "Running", "podIP": "127.0.0.1"}})
+        await api.patch(f"/apis/batch/v1/namespaces/{NS}/jobs/tiny/status", {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}})
+        await eventually(lambda: api.status("tiny").get("phase") == "Running", what="Running")
         await eventually(lambda: redirect.hits >= 3, what="three scrapes of the redirecting pod")
         await asyncio.sleep(0.3)  # one more sync round after the last scrape
     assert internal.hits == 0
-    assert (api.status("demo").get("progress") or {}).get("step") != 77
+    assert (api.status("tiny").get("progress") or {}).get("step") != 77

@@ -49,11 +49,11 @@ def test_planned_pods_meet_the_restricted_standard(name, doc, has_pytorchjob):
 
 def test_planned_pods_with_every_pod_option_still_pass():
     """A job that sets a service account, node selector, tolerations, a PVC output and secrets."""
-    doc = copy.deepcopy(dict(EXAMPLES)["finetune-tiny.yaml:demo"])
+    doc = copy.deepcopy(dict(EXAMPLES)["finetune-tiny.yaml:tiny"])
     doc["spec"].update(
         serviceAccountName="trainer", nodeSelector={"gpu": "a100"},
         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        output={"source": "pvc://outputs/demo"}, secrets={"hfToken": {"name": "hf", "key": "token"}},
+        output={"source": "pvc://outputs/tiny"}, secrets={"hfToken": {"name": "hf", "key": "token"}},
         resources={"nodes": 2, "gpusPerNode": 8},
     )
     for workload in workloads(doc, has_pytorchjob=False) + workloads(doc, has_pytorchjob=True):

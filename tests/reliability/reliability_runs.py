@@ -61,9 +61,9 @@ def command(recipe: Recipe, output_dir: Path, *extra: str) -> list[str]:
 
 
 def start(recipe: Recipe, output_dir: Path, *extra: str, termination_log: Optional[Path] = None,
-          preexec_fn: Optional[Callable[[], None]] = None) -> subprocess.Popen:
+          preexec_fn: Optional[Callable[[], None]] = None, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
     # One thread per process: the CI box is small and shared.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     if termination_log:
         env["KUBETUNE_TERMINATION_LOG"] = str(termination_log)
     return subprocess.Popen(command(recipe, output_dir, *extra), env=env, stdout=subprocess.PIPE,

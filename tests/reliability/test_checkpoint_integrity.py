@@ -9,6 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +21,7 @@ from safetensors.torch import save_file
 
 from kubetune.trainer.training.checkpointing import (
     CHECKSUMS,
+    FAILPOINTS_ENV,
     TRAINING_STATE,
     CheckpointManager,
     ResumeError,
@@ -184,6 +190,123 @@ def test_saving_a_step_again_never_leaves_neither_copy(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_5"]
     assert verify_checkpoint(tmp_path / "checkpoints" / "step_5") is None
+
+
+# ------------------------------------------------------------- a kill between the swap's renames
+
+KILLED_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+from test_checkpoint_integrity import save, tiny
+from kubetune.trainer.training.checkpointing import CheckpointManager
+
+manager = CheckpointManager(sys.argv[1], keep_last=2)
+model, optimizer = tiny()
+for step in map(int, sys.argv[3:]):
+    model.weight.data.fill_(step)  # each checkpoint's weights say which step wrote them
+    save(manager, step, model, optimizer)
+print("not killed")
+"""
+
+
+@pytest.fixture(scope="module")
+def killed_mid_swap(tmp_path_factory):
+    """killed_mid_swap(into, failpoint, *steps): the checkpoints folder left when a child process
+    saving `steps` with the real writer SIGKILLs itself at `failpoint` (checkpointing._failpoint:
+    the exact moment between two renames, not timing luck), copied into `into`. Each state is
+    made once per module (a child process costs seconds)."""
+    made = {}
+
+    def make(into, failpoint, *steps):
+        key = (failpoint, steps)
+        if key not in made:
+            made[key] = out = tmp_path_factory.mktemp("killed")
+            script = out / "child.py"
+            script.write_text(KILLED_CHILD)
+            env = {**os.environ, FAILPOINTS_ENV: f"{failpoint}=SIGKILL", "OMP_NUM_THREADS": "1"}
+            child = subprocess.run([sys.executable, str(script), str(out), str(Path(__file__).parent), *map(str, steps)],
+                                   env=env, capture_output=True, text=True, timeout=120)
+            assert child.returncode == -signal.SIGKILL, (child.returncode, child.stdout, child.stderr[-3000:])
+        shutil.copytree(made[key] / "checkpoints", into / "checkpoints")
+        return sorted((into / "checkpoints").iterdir())
+
+    return make
+
+
+def weights_step(folder):
+    from safetensors.torch import load_file
+
+    values = set(load_file(folder / "model.safetensors")["weight"].flatten().tolist())
+    assert len(values) == 1
+    return int(values.pop())
+
+
+@pytest.mark.parametrize("point, left", [
+    ("replacing", ["step_3", "step_5.replaced-", "step_5.tmp-"]),  # step 5 saved again: both copies aside
+    ("renaming", ["step_3", "step_5.tmp-"]),  # step 5's first write, finished, not yet renamed
+])
+def test_a_kill_between_the_renames_never_loses_the_completed_checkpoint(tmp_path, caplog, killed_mid_swap, point,
+                                                                              left):
+    steps = (3, 5, 5) if point == "replacing" else (3, 5)
+    folders = killed_mid_swap(tmp_path, f"{point}:step_5", *steps)
+    assert len(folders) == len(left) and [f.name[: len(name)] for f, name in zip(folders, left)] == left
+    assert all(verify_checkpoint(f) is None for f in folders)  # every copy complete: nothing may be lost
+
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    with caplog.at_level(logging.WARNING, logger="kubetune.checkpoint"):
+        assert manager.recover_interrupted_writes() == [tmp_path / "checkpoints" / "step_5"]
+    assert f"was left as {folders[1].name} by a run killed while" in caplog.text
+    chosen = manager.resume_from("auto")
+    assert chosen == tmp_path / "checkpoints" / "step_5" and weights_step(chosen) == 5  # not step_3
+    fresh, fresh_optimizer = tiny()
+    load_sharded_training_state(chosen, fresh, fresh_optimizer)
+    assert torch.equal(fresh.weight, torch.full_like(fresh.weight, 5))
+    # The next save prunes the duplicate leftover and the oldest checkpoint, nothing else.
+    save(manager, 7, *tiny())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_5", "step_7"]
+
+
+def test_pruning_never_removes_the_only_complete_copy_of_a_step(tmp_path, killed_mid_swap):
+    """A save (and its prune) with the leftovers still there, as when nothing recovered them first."""
+    killed_mid_swap(tmp_path, "replacing:step_5", 3, 5, 5)
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    save(manager, 7, *tiny())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_5", "step_7"]
+    assert weights_step(tmp_path / "checkpoints" / "step_5") == 5
+
+
+def test_a_damaged_leftover_gives_way_to_the_intact_copy(tmp_path, caplog, killed_mid_swap):
+    folders = killed_mid_swap(tmp_path, "replacing:step_5", 3, 5, 5)
+    replaced, written = folders[1], folders[2]
+    flip_one_byte(replaced / "model.safetensors")
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.recover_interrupted_writes()
+    assert not written.exists() and replaced.exists()  # the intact new copy was put in place
+    assert manager.resume_from("auto") == tmp_path / "checkpoints" / "step_5"
+
+    # Both copies damaged: one is put back all the same, so resume names the damage and falls back.
+    folders = killed_mid_swap(tmp_path / "both", "replacing:step_5", 3, 5, 5)
+    for folder in folders[1:]:
+        truncate(folder / "model.safetensors")
+    manager = CheckpointManager(tmp_path / "both", keep_last=2)
+    manager.recover_interrupted_writes()
+    with caplog.at_level(logging.WARNING, logger="kubetune.checkpoint"):
+        assert manager.resume_from("auto") == tmp_path / "both" / "checkpoints" / "step_3"
+    assert "step_5 is damaged: model.safetensors has" in caplog.text
+
+
+def test_an_unfinished_write_is_not_put_back(tmp_path):
+    """A `step_N.tmp-*` without checksums.json (killed while writing): not a checkpoint."""
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    model, optimizer = tiny()
+    save(manager, 3, model, optimizer)
+    unfinished = tmp_path / "checkpoints" / "step_5.tmp-0123abcd"
+    shutil.copytree(tmp_path / "checkpoints" / "step_3", unfinished)
+    (unfinished / CHECKSUMS).unlink()
+    assert manager.recover_interrupted_writes() == []
+    assert manager.resume_from("auto") == tmp_path / "checkpoints" / "step_3"
+    save(manager, 6, model, optimizer)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3", "step_6"]
 
 
 # ------------------------------------------------------------------------------------ full disk

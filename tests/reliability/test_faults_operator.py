@@ -52,17 +52,17 @@ def assert_one_workload_each(api, names: list[str]) -> None:
 async def test_stopped_between_creating_children_and_writing_status_converges_without_duplicates(api, operator, emulator):
     """The operator creates the children, then cannot write status (500s) and is stopped: the
     next one finds the children, adopts them, and records the workload; no second Job."""
-    emulator.fail("PATCH", r"/finetunejobs/demo/status$", 500, times=10_000)
+    emulator.fail("PATCH", r"/finetunejobs/tiny/status$", 500, times=10_000)
     async with operator():
         await api.create_ftj(manifest())
         await eventually(lambda: len(api.children(JOBS)) == 1 and emulator.hits, what="children created, status refused")
-    assert not api.status("demo").get("workload")  # the crash window: children, no record of them
+    assert not api.status("tiny").get("workload")  # the crash window: children, no record of them
     emulator.faults.clear()
     (job,) = api.children(JOBS)
     async with operator():
-        await eventually(lambda: api.status("demo").get("workload"), what="status written by the restarted operator")
-        await eventually(lambda: api.status("demo").get("phase") == "Pending", what="phase")
-    assert_one_workload_each(api, ["demo"])
+        await eventually(lambda: api.status("tiny").get("workload"), what="status written by the restarted operator")
+        await eventually(lambda: api.status("tiny").get("phase") == "Pending", what="phase")
+    assert_one_workload_each(api, ["tiny"])
     assert api.children(JOBS)[0]["metadata"]["uid"] == job["metadata"]["uid"]  # adopted, not replaced
 
 
@@ -73,16 +73,16 @@ async def test_lost_answers_conflicts_throttling_and_errors_end_in_one_workload(
     emulator.fail("POST", r"/jobs$", 500, times=1, after=True)  # created, but the operator hears 500
     emulator.fail("POST", r"/configmaps$", DROP, times=1, after=True)  # created, then the connection ends
     emulator.fail("POST", r"/services$", 409, times=1)  # a conflict with nothing there
-    emulator.fail("PATCH", r"/finetunejobs/demo/status$", 429, times=2, message="Too many requests, please try again later.")
-    emulator.fail("PATCH", r"/finetunejobs/demo/status$", DROP, times=1)
+    emulator.fail("PATCH", r"/finetunejobs/tiny/status$", 429, times=2, message="Too many requests, please try again later.")
+    emulator.fail("PATCH", r"/finetunejobs/tiny/status$", DROP, times=1)
     emulator.fail("GET", r"/jobs$", PASS, times=3, delay=1.5)  # a slow list: the sync waits, nothing doubles
     emulator.fail("GET", r"/pods$", 503, times=2)
     async with operator():
         await api.create_ftj(manifest())
-        await eventually(lambda: api.status("demo").get("phase") == "Pending", timeout=30, what="Pending after the faults")
-        assert_one_workload_each(api, ["demo"])
-        await api.patch(f"{JOBS_PATH}/demo/status", {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}})
-        await eventually(lambda: api.status("demo").get("phase") == "Running", timeout=30, what="Running")
+        await eventually(lambda: api.status("tiny").get("phase") == "Pending", timeout=30, what="Pending after the faults")
+        assert_one_workload_each(api, ["tiny"])
+        await api.patch(f"{JOBS_PATH}/tiny/status", {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}})
+        await eventually(lambda: api.status("tiny").get("phase") == "Running", timeout=30, what="Running")
     # the lost answer: the retry met 409 and adopted the Job the first create made
     assert writes(emulator, "/jobs") == 2 and api.children(JOBS)[0]["metadata"]["resourceVersion"]
     served = sorted({status for _, _, status in emulator.hits})
@@ -110,8 +110,8 @@ async def test_a_create_that_times_out_after_the_write_is_adopted_not_repeated(a
     emulator.fail("POST", r"/jobs$", PASS, times=1, delay=35)
     async with operator():
         await api.create_ftj(manifest())
-        await eventually(lambda: api.status("demo").get("phase") == "Pending", timeout=90, what="Pending after the timeout")
-    assert_one_workload_each(api, ["demo"])
+        await eventually(lambda: api.status("tiny").get("phase") == "Pending", timeout=90, what="Pending after the timeout")
+    assert_one_workload_each(api, ["tiny"])
 
 
 # --- 100 jobs in flight, restarts ---------------------------------------------------------
@@ -200,9 +200,9 @@ async def test_two_replicas_with_peering_one_serves_the_other_takes_over(api, em
         await standby_stack.enter_async_context(replica(emulator, "replica-b", priority=100))
         await eventually(lambda: len(peers(emulator)) == 2, what="both replicas in the peering")
         await api.create_ftj(manifest())
-        await eventually(lambda: api.status("demo").get("phase") == "Pending", what="the active replica plans")
-        await api.patch(f"{JOBS_PATH}/demo/status", {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}})
-        await eventually(lambda: api.status("demo").get("phase") == "Running", what="the active replica syncs")
+        await eventually(lambda: api.status("tiny").get("phase") == "Pending", what="the active replica plans")
+        await api.patch(f"{JOBS_PATH}/tiny/status", {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}})
+        await eventually(lambda: api.status("tiny").get("phase") == "Running", what="the active replica syncs")
         b_writes = [f"{r.method.value} {r.url.path}" for r in emulator
                     if r.method.value in ("POST", "PATCH", "PUT", "DELETE") and r.headers.get("Authorization") == "Bearer replica-b"
                     and "kopfpeerings" not in r.url.path]
@@ -213,10 +213,10 @@ async def test_two_replicas_with_peering_one_serves_the_other_takes_over(api, em
         await eventually(lambda: len(peers(emulator)) == 1, what="the active replica left the peering")
         await api.create_ftj(manifest(**{"metadata.name": "after"}))
         await eventually(lambda: api.status("after").get("phase") == "Pending", timeout=30, what="the standby serves new jobs")
-        await api.patch(f"{JOBS_PATH}/demo/status", {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}})
-        await eventually(lambda: api.status("demo").get("phase") == "Succeeded", timeout=30, what="the standby syncs the old job")
-    assert writes(emulator, "/jobs", token="replica-b") == 1  # only "after": demo's Job was not made again
-    assert_one_workload_each(api, ["demo", "after"])
+        await api.patch(f"{JOBS_PATH}/tiny/status", {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}})
+        await eventually(lambda: api.status("tiny").get("phase") == "Succeeded", timeout=30, what="the standby syncs the old job")
+    assert writes(emulator, "/jobs", token="replica-b") == 1  # only "after": tiny's Job was not made again
+    assert_one_workload_each(api, ["tiny", "after"])
 
 
 async def test_a_replica_that_yields_to_a_higher_priority_stops_writing(api, emulator):
@@ -228,13 +228,13 @@ async def test_a_replica_that_yields_to_a_higher_priority_stops_writing(api, emu
     async with replica(emulator, "replica-b", priority=100):
         await eventually(lambda: len(peers(emulator)) == 1, what="the first replica in the peering")
         await api.create_ftj(manifest())
-        await eventually(lambda: api.status("demo").get("phase") == "Pending", what="the lone replica plans")
+        await eventually(lambda: api.status("tiny").get("phase") == "Pending", what="the lone replica plans")
         async with replica(emulator, "replica-a", priority=200):
             await eventually(lambda: len(peers(emulator)) == 2, what="both replicas in the peering")
             await asyncio.sleep(1.0)  # let the paused one notice (the emulator serves in this loop: no time.sleep)
             since = len(list(emulator))
-            await api.patch(f"{JOBS_PATH}/demo/status", {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}})
-            await eventually(lambda: api.status("demo").get("phase") == "Running", what="the active replica syncs")
+            await api.patch(f"{JOBS_PATH}/tiny/status", {"status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}})
+            await eventually(lambda: api.status("tiny").get("phase") == "Running", what="the active replica syncs")
             await asyncio.sleep(1.5)  # several sync rounds of both
             b_requests = [f"{r.method.value} {r.url.path}" for r in list(emulator)[since:]
                           if r.headers.get("Authorization") == "Bearer replica-b" and "kopfpeerings" not in r.url.path]
@@ -280,7 +280,7 @@ async def test_a_killed_active_replica_is_replaced_after_its_keep_alive_lapses(a
         async with replica(emulator, "replica-b", priority=100):
             await eventually(lambda: len(peers(emulator)) == 2, what="both replicas in the peering")
             await api.create_ftj(manifest())
-            await eventually(lambda: api.status("demo").get("phase") == "Pending", timeout=30, what="the active process plans")
+            await eventually(lambda: api.status("tiny").get("phase") == "Pending", timeout=30, what="the active process plans")
             assert writes(emulator, "/jobs", token="replica-a") == 1
 
             active.send_signal(signal.SIGKILL)  # no goodbye: its peering entry stays until it lapses
@@ -289,11 +289,11 @@ async def test_a_killed_active_replica_is_replaced_after_its_keep_alive_lapses(a
             await api.create_ftj(manifest(**{"metadata.name": "after"}))
             await eventually(lambda: api.status("after").get("phase") == "Pending", timeout=150,
                              what="the standby serves once the killed replica's keep-alive lapsed")
-            await api.patch(f"{JOBS_PATH}/demo/status", {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}})
-            await eventually(lambda: api.status("demo").get("phase") == "Succeeded", timeout=30, what="the standby syncs the old job")
+            await api.patch(f"{JOBS_PATH}/tiny/status", {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}})
+            await eventually(lambda: api.status("tiny").get("phase") == "Succeeded", timeout=30, what="the standby syncs the old job")
     finally:
         if active.poll() is None:
             active.kill()
             active.wait(timeout=10)
-    assert writes(emulator, "/jobs", token="replica-b") == 1  # only "after": demo's Job was not made again
-    assert_one_workload_each(api, ["demo", "after"])
+    assert writes(emulator, "/jobs", token="replica-b") == 1  # only "after": tiny's Job was not made again
+    assert_one_workload_each(api, ["tiny", "after"])

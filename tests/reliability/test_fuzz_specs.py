@@ -28,6 +28,7 @@ from kubetune.operator.evalplanner import plan_eval
 from kubetune.operator.handlers import admission_error
 from kubetune.operator.pipeline_handlers import deployment_admission_error, eval_admission_error
 from kubetune.operator.planner import ClusterInfo, plan
+from scheduling_cases import with_scheduling
 
 REPO = Path(__file__).resolve().parents[2]
 BACKENDS = ("job", "pytorchjob", "jobset", "trainjob")
@@ -43,6 +44,8 @@ def seeds() -> dict[str, list[dict[str, Any]]]:
             if isinstance(doc, dict) and doc.get("apiVersion") == "kubetune.dev/v1alpha1" and doc.get("kind") in out:
                 doc.setdefault("metadata", {}).setdefault("namespace", "ml")
                 out[doc["kind"]].append(doc)
+    for kind, docs in out.items():  # and one with every toleration and affinity field, to mutate those
+        docs.append(with_scheduling(docs[0]))
     return out
 
 
@@ -80,19 +83,14 @@ def _parent(doc: Any, path: tuple) -> Any:
     return doc
 
 
-PASS_THROUGH = {("spec", "tolerations"), ("spec", "affinity")}
-
-
 @st.composite
 def mutated(draw, kind: str) -> tuple[dict[str, Any], list[tuple]]:
     doc = copy.deepcopy(draw(st.sampled_from(SEEDS[kind])))
     touched: list[tuple] = []
     for _ in range(draw(st.integers(1, 3))):
-        # spec.tolerations and spec.affinity are copied into the pod spec as-is (free-form, as in a
-        # pod): a bad value there is refused by the API server when the workload is created, and
-        # that 422 fails the job as ChildRejected with the API's message
-        # (tests/operator/test_operator_identity.py). The fuzzer found it; it mutates the rest.
-        candidates = [p for p in paths(doc) if p[:1] in (("spec",), ("metadata",)) and p[:2] not in PASS_THROUGH]
+        # spec.tolerations and spec.affinity included: typed as in a pod spec (operator/api/scheduling.py),
+        # a bad value there is refused here, not by the API server when the workload is created
+        candidates = [p for p in paths(doc) if p[:1] in (("spec",), ("metadata",))]
         if not candidates:
             break
         path = draw(st.sampled_from(candidates))

@@ -32,7 +32,7 @@ from reliability_runs import (
     train,
     wait_until,
 )
-from kubetune.trainer.training.checkpointing import CHECKSUMS, verify_checkpoint
+from kubetune.trainer.training.checkpointing import CHECKSUMS, FAILPOINTS_ENV, verify_checkpoint
 
 pytest.importorskip("kubetune.trainer.tokenizers")
 
@@ -97,7 +97,36 @@ def damage_newest_then_resume(recipe_name, corruption, tmp_path, uninterrupted):
         assert verify_checkpoint(tmp_path / "checkpoints" / f"step_{step}") is None
 
 
+def killed_mid_swap_then_resume(recipe_name, failpoints, left, tmp_path, uninterrupted):
+    """SIGKILL at an exact moment of a checkpoint write (checkpointing._failpoint), between two
+    renames, so that step_6's only complete copies lie under temporary names: the resumed run must
+    put step_6 back, resume from it (not from step_3) and end equal to the uninterrupted run."""
+    recipe, reference = RECIPES[recipe_name], uninterrupted(recipe_name)
+    process = start(recipe, tmp_path, env={FAILPOINTS_ENV: failpoints})
+    _, err = process.communicate(timeout=400)
+    assert process.returncode == (-signal.SIGKILL if recipe.nproc == 1 else 1), err[-3000:]  # torchrun: 1
+    folders = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert [f.split("-")[0] for f in folders] == left, folders
+    assert all(verify_checkpoint(tmp_path / "checkpoints" / f) is None for f in folders)  # all complete copies
+
+    _, err = finish(start(recipe, tmp_path))
+    assert re.search(rf"checkpoint \S+/step_6 was left as step_6\.{left[1].split('.')[1]}-\w+ by a run killed", err), err[-3000:]
+    assert re.search(r"resuming run \w+ from \S+/checkpoints/step_6\b", err), err[-3000:]
+    assert_same_run(recipe, tmp_path, reference)
+    assert not list((tmp_path / "checkpoints").glob("step_*.*"))  # the duplicate went with the next prune
+
+
+# The same step saved again (SIGTERM right after the periodic step-6 save), killed after the old
+# copy was moved aside and before the new one was renamed in: both copies aside, no step_6.
+RESAVE_KILLED = "saved:step_6=SIGTERM,replacing:step_6=SIGKILL"
+BOTH_ASIDE = ["step_3", "step_6.replaced", "step_6.tmp"]
+
+
 # ------------------------------------------------------------------------------------------- CI
+
+def test_lora_killed_between_the_renames_of_a_resave_resumes_from_that_step_exactly(tmp_path, uninterrupted):
+    killed_mid_swap_then_resume("lora", RESAVE_KILLED, BOTH_ASIDE, tmp_path, uninterrupted)
+
 
 def test_lora_killed_with_a_damaged_newest_checkpoint_resumes_from_the_previous_one_exactly(tmp_path, uninterrupted):
     damage_newest_then_resume("lora", "garbage optimizer shard", tmp_path, uninterrupted)
@@ -136,6 +165,16 @@ def test_sigkill_at_a_seeded_step_then_resume_matches(tmp_path, uninterrupted, r
     finish(start(recipe, tmp_path))
     assert_same_run(recipe, tmp_path, reference)
     assert not list((tmp_path / "checkpoints").glob("step_*.*"))  # leftovers of the killed write are gone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe_name, failpoints, left", [
+    ("full_2proc", RESAVE_KILLED, BOTH_ASIDE),  # rank 0 renames, rank 1 waits at the barrier
+    ("dpo", RESAVE_KILLED, BOTH_ASIDE),
+    ("full", "renaming:step_6=SIGKILL", ["step_3", "step_6.tmp"]),  # a first write, finished, not yet renamed
+])
+def test_killed_between_the_renames_resumes_from_that_step(tmp_path, uninterrupted, recipe_name, failpoints, left):
+    killed_mid_swap_then_resume(recipe_name, failpoints, left, tmp_path, uninterrupted)
 
 
 @pytest.mark.slow

@@ -288,18 +288,18 @@ async def test_a_planted_secret_value_appears_in_nothing_the_operator_writes_or_
         await api.create_ftj(ftj)
         await api.post(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/evaljobs", evj)
         await api.post(f"/apis/kubetune.dev/v1alpha1/namespaces/{NS}/modeldeployments", mdep)
-        await eventually(lambda: api.status("demo").get("phase") == "Pending", what="the FineTuneJob planned")
-        (job,) = [j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "demo"]
+        await eventually(lambda: api.status("tiny").get("phase") == "Pending", what="the FineTuneJob planned")
+        (job,) = [j for j in api.children("batch/v1/jobs") if j["metadata"]["name"] == "tiny"]
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {
-            "name": "demo-0-x", "namespace": NS, "labels": {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-completion-index": "0"},
-            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "demo", "uid": job["metadata"]["uid"], "controller": True}]},
+            "name": "tiny-0-x", "namespace": NS, "labels": {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-completion-index": "0"},
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "tiny", "uid": job["metadata"]["uid"], "controller": True}]},
             "spec": {"containers": [{"name": "trainer", "image": "x"}]}}
         await api.post(f"/api/v1/namespaces/{NS}/pods", pod)
-        await api.patch(f"/api/v1/namespaces/{NS}/pods/demo-0-x/status", {"status": {"phase": "Failed", "containerStatuses": [{
+        await api.patch(f"/api/v1/namespaces/{NS}/pods/tiny-0-x/status", {"status": {"phase": "Failed", "containerStatuses": [{
             "name": "trainer", "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": "RuntimeError: boom"}}}]}})
-        await api.patch(f"/apis/batch/v1/namespaces/{NS}/jobs/demo/status", {"status": {"failed": 1, "conditions": [
+        await api.patch(f"/apis/batch/v1/namespaces/{NS}/jobs/tiny/status", {"status": {"failed": 1, "conditions": [
             {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "backoff"}]}})
-        await eventually(lambda: api.status("demo").get("phase") == "Failed", what="the FineTuneJob failed")
+        await eventually(lambda: api.status("tiny").get("phase") == "Failed", what="the FineTuneJob failed")
         await eventually(lambda: emulator.objects["kubetune.dev/v1alpha1/modeldeployments", NS, "walk-serve"].raw.get("status"), what="deployment status")
     encoded = base64.b64encode(PLANTED.encode()).decode()
     sent = [r for r in emulator if r.headers.get("Authorization") == f"Bearer {OPERATOR_TOKEN}" and r.method.value in ("POST", "PATCH", "PUT")]

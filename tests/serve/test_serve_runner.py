@@ -99,14 +99,15 @@ def test_rows_with_different_adapters_in_one_batch_match_peft(tmp_path):
     runner = runner_for(base, adapters=adapters)
     # rows: base, a, b, a -> the step groups rows per adapter (and a's rows are not contiguous)
     rows = [([1, 2, 3], 0, base), ([4, 5, 6, 7], 1, ref_a), ([8, 9], 2, ref_b), ([10, 11, 12, 13, 14], 1, ref_a)]
-    for i, (prompt, adapter, _) in enumerate(rows):
-        runner.add(i, prompt, adapter)
+    # prefilled in one forward: prompts of 2-5 tokens (the padding is never computed) with per-token adapters
+    firsts = runner.prefill([Prefill(i, prompt, adapter) for i, (prompt, adapter, _) in enumerate(rows)])
     nexts = [21, 22, 23, 24]
     stepped = runner.step(nexts)
     with torch.no_grad():
         for i, (prompt, _, reference) in enumerate(rows):
-            ref = reference(input_ids=torch.tensor([prompt + [nexts[i]]])).logits[0, -1]
-            torch.testing.assert_close(stepped[i], ref, atol=ATOL, rtol=0)
+            ref = reference(input_ids=torch.tensor([prompt + [nexts[i]]])).logits[0]
+            torch.testing.assert_close(firsts[i].logits, ref[-2], atol=ATOL, rtol=0)
+            torch.testing.assert_close(stepped[i], ref[-1], atol=ATOL, rtol=0)
     # and the adapters really change the output (the comparison above is not vacuous)
     with torch.no_grad():
         plain = base(torch.tensor([rows[1][0] + [nexts[1]]])).logits[0, -1]

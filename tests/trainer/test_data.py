@@ -86,9 +86,9 @@ def test_unreadable_sources_are_errors_naming_file_and_record(tmp_path):
     (tmp_path / "obj.json").write_text('{"a": 1}')
     with pytest.raises(DatasetError, match="must be a list of records"):
         load_records(str(tmp_path / "obj.json"))
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(DatasetError, match="unsupported file type '.csv'"):
-        load_records(str(tmp_path / "data.csv"))
+    (tmp_path / "data.xml").write_text("<a/>\n")
+    with pytest.raises(DatasetError, match="unsupported file type '.xml'"):
+        load_records(str(tmp_path / "data.xml"))
     with pytest.raises(DatasetError, match="unknown built-in dataset"):
         load_records("builtin://nope")
 
@@ -103,6 +103,8 @@ def test_hf_source_reads_through_the_datasets_library(tmp_path, monkeypatch):
     loaded = load_records("hf://org/name", "train")
     assert [r.data["output"] for r in loaded] == ["moo", "white", "cold"]
     assert loaded[2].where == "hf://org/name [train] record 3"
+    # huggingface_hub's form names the same repository (not a repository datasets/org with a config name)
+    assert [r.data for r in load_records("hf://datasets/org/name", "train")] == [r.data for r in loaded]
     with pytest.raises(DatasetError, match=r"hf://org/name split 'nosuch'"):
         load_records("hf://org/name", "nosuch")
 

@@ -185,8 +185,9 @@ def test_promotion_metric_must_exist_in_the_evaljobs_tasks():
 
 
 def test_dependency_order_puts_references_first_and_refuses_cycles():
-    objs = [mdep(promotion={"evalJob": "demo-eval", "metric": "facts/acc", "min": 0.5}), evj(),
-            parse_object(yaml.safe_load((REPO / "examples" / "finetune-tiny.yaml").read_text()), "t")]
+    ftj = yaml.safe_load((REPO / "examples" / "finetune-tiny.yaml").read_text())
+    ftj["metadata"]["name"] = "demo"  # the one evj() refers to
+    objs = [mdep(promotion={"evalJob": "demo-eval", "metric": "facts/acc", "min": 0.5}), evj(), parse_object(ftj, "t")]
     assert [o.kind for o in dependency_order(objs)] == ["FineTuneJob", "EvalJob", "ModelDeployment"]
 
     def node(kind, name, ref):

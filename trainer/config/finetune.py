@@ -50,7 +50,8 @@ class TokenizerSection(StrictModel):
 
 class DatasetSection(StrictModel):
     source: str = Field(
-        description="Local .json/.jsonl/.parquet file or folder (folder: <split>.<ext> inside), "
+        description="Local .json/.jsonl/.parquet/.csv/.txt file or folder (folder: <split>.<ext> inside, or the splits its "
+        "README.md's dataset-card configs declare; FOLDER/CONFIG: that config), "
         "hf://org/name (the optional `datasets` library), or builtin://tiny_instruct / builtin://tiny_preference (the synthetic tasks)"
     )
     format: Literal["alpaca", "chat", "prompt_completion", "text", "preference"] = "alpaca"

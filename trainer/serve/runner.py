@@ -13,9 +13,11 @@ cache[:, :B, :, :longest] without copying, and rows shorter than the longest are
 sequence costs one copy of the last row into its place (its real length only), once; a slot
 indirection instead would cost a gather of every row at every step.
 
-New sequences are prefilled together: one forward over their prompts right-padded to the longest
-(padding writes K/V past each row's length, which later steps mask and then overwrite), each row
-starting at its own position, so a row can resume after a prefix copied from the prefix cache.
+New sequences are prefilled together in one forward, each row starting at its own position (so a
+row can resume after a prefix copied from the prefix cache). Only their real tokens go through
+the embedding, projections and MLP (a flat batch, no padding: prompts of mixed lengths padded to
+the longest would cost up to twice the matmuls); attention alone sees them right-padded to the
+longest, as [rows, T] for SDPA, and padding writes no K/V.
 `fork` copies a prefilled row for the other choices of an n > 1 request.
 
 `run` does both in one forward: a decode step of the running rows and the prefill of new ones.
@@ -183,10 +185,11 @@ class BatchedRunner:
             rest = list(item.prompt_ids[start:])
             tokens[i, : len(rest)] = torch.tensor(rest)
             positions[i, : len(rest)] = torch.arange(start, len(item.prompt_ids))
-            # padding writes its K/V into the slot after the prompt (masked, then overwritten by
-            # the first decode step; the cache has one spare slot for a prompt of max_model_len)
+            # padding (never computed, see _forward) sits at the slot after the prompt, so each of
+            # its attention rows has a key and softmax stays finite; its output is dropped
             positions[i, len(rest) :] = len(item.prompt_ids)
-        return _Segment(slice(first, first + len(new)), tokens, positions, [item.adapter for item in new])
+        real = torch.arange(width)[None, :] < torch.tensor([len(item.prompt_ids) - start for item, start in zip(new, starts)])[:, None]
+        return _Segment(slice(first, first + len(new)), tokens, positions, [item.adapter for item in new], real)
 
     def _reuse_prefix(self, row: int, item: Prefill) -> int:
         """Copy the longest cached prefix of the prompt into `row`; returns its length (0: none)."""
@@ -261,12 +264,15 @@ class BatchedRunner:
         """Run the segments' tokens through the model as one flat batch (embedding, norms, projections,
         MLP per token), attention per segment over its own cache rows; writes their K/V. Returns
         the final-norm hidden states of each segment, [rows, T, hidden]."""
-        tokens = torch.cat([seg.tokens.reshape(-1) for seg in segments]).to(self.device)
-        positions = torch.cat([seg.positions.reshape(-1) for seg in segments]).to(self.device)
+        real = [seg.real_tokens() for seg in segments]  # per segment: flat indices of its real tokens
+        tokens = torch.cat([seg.tokens.reshape(-1)[idx] for seg, idx in zip(segments, real)]).to(self.device)
+        positions = torch.cat([seg.positions.reshape(-1)[idx] for seg, idx in zip(segments, real)]).to(self.device)
         cache_rows = torch.cat([
-            torch.arange(seg.rows.start, seg.rows.stop)[:, None].expand(seg.tokens.shape).reshape(-1) for seg in segments
+            torch.arange(seg.rows.start, seg.rows.stop)[:, None].expand(seg.tokens.shape).reshape(-1)[idx]
+            for seg, idx in zip(segments, real)
         ]).to(self.device)
-        groups = self._adapter_groups([a for seg in segments for a in seg.adapters for _ in range(seg.tokens.shape[1])])
+        groups = self._adapter_groups([seg.adapters[int(i) // seg.tokens.shape[1]] for seg, idx in zip(segments, real) for i in idx])
+        real = [None if idx.numel() == seg.tokens.numel() else idx.to(self.device) for seg, idx in zip(segments, real)]
         freqs = positions[:, None].float() * self.inv_freq  # [N, head_dim/2], float32 as in transformers
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None]  # [N, 1, D]
@@ -286,17 +292,20 @@ class BatchedRunner:
             self.k_cache[i][cache_rows, :, positions] = k
             self.v_cache[i][cache_rows, :, positions] = v
             outs, offset = [], 0
-            for seg, (key_len, mask) in zip(segments, masks):
+            for seg, idx, (key_len, mask) in zip(segments, real, masks):
                 rows, width = seg.tokens.shape
-                part = q[offset : offset + rows * width].view(rows, width, self.n_heads, self.head_dim).transpose(1, 2)
+                count_here = rows * width if idx is None else idx.numel()
+                part = _padded(q[offset : offset + count_here], idx, rows * width)
+                part = part.view(rows, width, self.n_heads, self.head_dim).transpose(1, 2)
                 keys = self.k_cache[i, seg.rows, :, :key_len]
                 values = self.v_cache[i, seg.rows, :, :key_len]
                 if width == 1:
                     out = self._decode_attention(part, keys, values, mask)
                 else:
                     out = F.scaled_dot_product_attention(part, keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
-                outs.append(out.transpose(1, 2).reshape(rows * width, self.n_heads * self.head_dim))
-                offset += rows * width
+                out = out.transpose(1, 2).reshape(rows * width, self.n_heads * self.head_dim)
+                outs.append(out if idx is None else out.index_select(0, idx))
+                offset += count_here
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = x + self._project(attn.o_proj, out, (i, "o_proj"), groups)
             h = layer.post_attention_layernorm(x)
@@ -306,10 +315,11 @@ class BatchedRunner:
             x = x + self._project(mlp.down_proj, F.silu(gate) * up, (i, "down_proj"), groups)
         x = self.model.model.norm(x)
         hidden, offset = [], 0
-        for seg in segments:
+        for seg, idx in zip(segments, real):
             rows, width = seg.tokens.shape
-            hidden.append(x[offset : offset + rows * width].view(rows, width, -1))
-            offset += rows * width
+            count_here = rows * width if idx is None else idx.numel()
+            hidden.append(_padded(x[offset : offset + count_here], idx, rows * width).view(rows, width, -1))
+            offset += count_here
         return hidden
 
     def _attention_mask(self, seg: "_Segment") -> tuple[int, torch.Tensor]:
@@ -336,3 +346,18 @@ class _Segment:
     tokens: torch.Tensor  # [rows, T], on the CPU
     positions: torch.Tensor  # [rows, T]
     adapters: list[int]  # per row
+    real: Optional[torch.Tensor] = None  # bool [rows, T]: not padding (None: every token is real)
+
+    def real_tokens(self) -> torch.Tensor:
+        """Flat indices (into tokens.reshape(-1)) of the tokens that are computed."""
+        if self.real is None:
+            return torch.arange(self.tokens.numel())
+        return self.real.reshape(-1).nonzero().squeeze(1)
+
+
+def _padded(flat: torch.Tensor, index: Optional[torch.Tensor], size: int) -> torch.Tensor:
+    """Rows `flat` placed at `index` of `size` zero rows (index None: flat is already all of them)."""
+    if index is None:
+        return flat
+    out = flat.new_zeros((size, *flat.shape[1:]))
+    return out.index_copy_(0, index, flat)

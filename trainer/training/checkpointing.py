@@ -20,6 +20,13 @@ training state, a missing file: disks and copies do that after the fact) is name
 the next older checkpoint is used instead. A checkpoint written before checksums existed gets a
 structure check (the safetensors headers fit the file sizes, training_state.pt loads). Pruning
 counts only checkpoints not known to be damaged, so a damaged one never displaces a good one.
+
+A kill at the wrong moment can leave a complete checkpoint under a temporary name and no
+`step_<N>`: between `write_checksums` and the rename (a finished `step_<N>.tmp-*`), or, when the
+same step is saved again, between moving the old copy aside (`step_<N>.replaced-*`) and renaming
+the new one in (both). `recover_interrupted_writes` (rank 0, before resume picks a checkpoint, and
+again before every prune) renames the first of them that verifies back to `step_<N>`, so neither
+resume nor pruning ever loses a completed checkpoint.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import os
 import re
 import struct
 import shutil
+import signal
 import uuid
 import warnings
 from pathlib import Path
@@ -51,6 +59,10 @@ TRAINING_STATE = "training_state.pt"
 CHECKSUMS = "checksums.json"  # {"files": {relative path: {"size": bytes, "sha256": hex}}}, written last
 SHARDED_STATE = "distcp"  # torch.distributed.checkpoint folder: {"model": ..., "optimizer": ...}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+REPLACED = ".replaced-"  # `step_<N>.replaced-*`: a complete step_<N> moved aside while the step is saved again
+_LEFTOVER = re.compile(rf"^step_(\d+)(?:{re.escape(PARTIAL_WRITE)}|{re.escape(REPLACED)})[0-9a-f]+$")
+FAILPOINTS_ENV = "KUBETUNE_TEST_FAILPOINTS"
+HASH_THREADS = min(8, os.cpu_count() or 1)  # files hashed at once by write_checksums and verify_checkpoint
 
 
 class CheckpointWriteError(KubetuneError):
@@ -98,6 +110,44 @@ class CheckpointManager:
     def damage_report(self) -> str:
         """The damaged checkpoints found so far and what is wrong with each (for error messages)."""
         return "; ".join(f"{folder.name}: {problem}" for folder, problem in sorted(self.damaged.items()))
+
+    def recover_interrupted_writes(self, world: Optional["World"] = None) -> list[Path]:
+        """Put back every complete checkpoint a kill left under a temporary name (see the module
+        docstring); returns the folders put back. Every rank calls it before choosing a checkpoint:
+        rank 0 renames, the others wait for it (nobody lists the folder while it changes)."""
+        from kubetune.trainer.distributed import World
+
+        world = world or World()
+        recovered = self._recover_leftovers() if world.is_main else []
+        world.barrier()
+        return recovered
+
+    def _recover_leftovers(self) -> list[Path]:
+        """For each step with leftovers and no `step_<N>`: rename the first intact candidate to
+        `step_<N>`: the copy that was in place (`.replaced-*`), else a finished write (`.tmp-*` with
+        checksums.json, which is written last). When none verifies, the first is put back anyway,
+        so resume names its damage and pruning treats it as any damaged checkpoint."""
+        if not self.dir.is_dir():
+            return []
+        leftovers: dict[int, list[Path]] = {}
+        for child in self.dir.iterdir():
+            match = _LEFTOVER.match(child.name)
+            if match and child.is_dir():
+                leftovers.setdefault(int(match.group(1)), []).append(child)
+        recovered = []
+        for step, folders in sorted(leftovers.items()):
+            final = self.dir / f"step_{step}"
+            candidates = sorted((f for f in folders if REPLACED in f.name or (f / CHECKSUMS).is_file()),
+                                key=lambda f: (REPLACED not in f.name, f.name))
+            if final.exists() or not candidates:
+                continue  # a duplicate of a step in place, or a write that never finished: pruning removes it
+            chosen = next((f for f in candidates if verify_checkpoint(f) is None), candidates[0])
+            os.rename(chosen, final)
+            _fsync_dir(self.dir)
+            log.warning("checkpoint %s was left as %s by a run killed while %s; put back in place", final,
+                        chosen.name, "replacing it" if REPLACED in chosen.name else "renaming it into place")
+            recovered.append(final)
+        return recovered
 
     def resume_from(self, resume: str) -> Optional[Path]:
         """The checkpoint `resume:` names: auto = the newest intact complete one (or none), never =
@@ -167,6 +217,7 @@ class CheckpointManager:
         if world.is_main:
             self.prune()
         world.barrier()  # no rank runs ahead (and may be killed) before the checkpoint is in place
+        _failpoint("saved", final)
         return final
 
     def _write(self, tmp: Path, final: Path, write_model: Callable[[Path], None], training_state: dict[str, Any],
@@ -195,6 +246,7 @@ class CheckpointManager:
     def prune(self) -> None:
         """Keep the newest keep_last complete checkpoints of the current run (and protected steps);
         remove leftovers of interrupted writes. Another run's checkpoints are never pruned here."""
+        self._recover_leftovers()  # a leftover that is a step's only complete copy is put back, not removed
         checkpoints = self.complete_checkpoints(self.run.run_id if self.run is not None else None)
         # Only intact checkpoints count towards keep_last: a damaged one never displaces a good one.
         # A damaged one goes once an intact newer one exists (nothing would resume from it).
@@ -207,7 +259,7 @@ class CheckpointManager:
             if folder in self.damaged and newest_intact is not None and step < newest_intact:
                 log.warning("removing damaged checkpoint %s (%s)", folder, self.damaged.pop(folder))
                 shutil.rmtree(folder, ignore_errors=True)
-        for child in [*self.dir.glob(f"step_*{PARTIAL_WRITE}*"), *self.dir.glob("step_*.replaced-*")]:
+        for child in [*self.dir.glob(f"step_*{PARTIAL_WRITE}*"), *self.dir.glob(f"step_*{REPLACED}*")]:
             shutil.rmtree(child, ignore_errors=True)
 
 
@@ -245,16 +297,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """sha256 of each file, HASH_THREADS files at a time (hashlib releases the GIL on large blocks,
+    so the threads hash in parallel; a single file is hashed by one thread)."""
+    if HASH_THREADS <= 1 or len(paths) <= 1:
+        return [_sha256(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+        return list(pool.map(_sha256, paths))
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
 
 
 def write_checksums(folder: Path) -> None:
-    """checksums.json: the size and sha256 of every file in `folder` (written atomically, fsynced).
-    Files are hashed in parallel threads (hashlib releases the GIL on large blocks)."""
+    """checksums.json: the size and sha256 of every file in `folder` (written atomically, fsynced)."""
     files = _files(folder)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(_sha256, files))
+    digests = _sha256_all(files)
     entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
     tmp = folder / f".{CHECKSUMS}.tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -282,8 +341,7 @@ def verify_checkpoint(folder: Path) -> Optional[str]:
         actual = path.stat().st_size
         if actual != size:
             return f"{name} has {actual} bytes, {size} were written (truncated or overwritten)"
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = dict(zip(expected, pool.map(_sha256, (folder / name for name in expected))))
+    digests = dict(zip(expected, _sha256_all([folder / name for name in expected])))
     for name, (_, sha) in sorted(expected.items()):
         if digests[name] != sha:
             return f"{name} does not match its sha256 in {CHECKSUMS} (its content changed after it was written)"
@@ -388,8 +446,9 @@ def _replace_folder(new: Path, final: Path) -> None:
     rename fails it is moved back: never a moment where a failure leaves neither."""
     replaced = None
     if final.exists():
-        replaced = final.with_name(f"{final.name}.replaced-{uuid.uuid4().hex[:8]}")
+        replaced = final.with_name(f"{final.name}{REPLACED}{uuid.uuid4().hex[:8]}")
         os.rename(final, replaced)
+    _failpoint("replacing" if replaced is not None else "renaming", final)  # a kill here: recover_interrupted_writes
     try:
         os.rename(new, final)
     except BaseException:
@@ -399,6 +458,25 @@ def _replace_folder(new: Path, final: Path) -> None:
     _fsync_dir(final.parent)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
+
+
+_fired: set[str] = set()
+
+
+def _failpoint(where: str, folder: Path) -> None:
+    """Fault injection for tests: with KUBETUNE_TEST_FAILPOINTS="saved:step_6=SIGTERM,replacing:step_6=SIGKILL"
+    this process sends itself that signal the first time it reaches that point for that folder: a
+    kill or preemption at an exact moment of a checkpoint write, not by timing luck. Points:
+    `saved` (save() returned on this rank), `renaming` / `replacing` (rank 0, the finished folder
+    about to be renamed into place; replacing: an existing one was just moved aside)."""
+    spec = os.environ.get(FAILPOINTS_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        point, _, name = item.strip().partition("=")
+        if point == f"{where}:{folder.name}" and point not in _fired:
+            _fired.add(point)
+            os.kill(os.getpid(), getattr(signal, name))
 
 
 def _save_fsynced(obj: Any, path: Path) -> None:
