@@ -66,7 +66,7 @@ async def test_a_failed_or_deleted_reference_fails_the_chained_finetunejob_at_on
         for name in ("tiny", "other"):  # their own reconcile done (its status patch would undo the test's)
             await eventually(lambda: status(api, "finetunejobs", name).get("phase") == "Pending", what=f"{name} reconciled")
 
-        await api.patch(f"{KT}/finetunejobs/demo/status", {"status": {"phase": "Failed", "conditions": [
+        await api.patch(f"{KT}/finetunejobs/tiny/status", {"status": {"phase": "Failed", "conditions": [
             {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "the trainer ran out of memory"}]}})
         await eventually(lambda: status(api, "finetunejobs", "instruct").get("phase") == "Failed", timeout=PROMPT, what="Failed within 2 s")
         failed = condition(api, "finetunejobs", "instruct", "Failed")
