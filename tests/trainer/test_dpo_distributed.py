@@ -117,6 +117,19 @@ def test_full_dpo_killed_with_two_processes_resumes_with_one_as_the_one_process_
     assert_same_run(full_runs["killed_at_2"], full_runs[1], "model/model.safetensors")
 
 
+def test_resume_with_another_global_batch_is_refused_saying_which_batch_size_continues_it(full_runs):
+    """The same batch_size with 1 process instead of 2 halves the global batch: refused before any
+    work (exit 2), naming the global batches and the batch_size that keeps it; the run is untouched."""
+    before = sorted(p.name for p in (full_runs[2] / "checkpoints").iterdir())
+    process = start("tiny_dpo", full_runs[2], 1, "batch_size=2")
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 2, out[-3000:]
+    assert "batch_size: 4 -> 2" in out
+    assert "batch_size is compared as the global batch (batch_size x processes): the run has 4, this config 2 " in out
+    assert "set batch_size: 4 to continue it with 1 process(es)" in out
+    assert sorted(p.name for p in (full_runs[2] / "checkpoints").iterdir()) == before
+
+
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory):
     """LoRA-DPO with 1 process and with 2, a checkpoint every 2 steps."""

@@ -141,6 +141,19 @@ def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
+def global_batch_hint(old: dict[str, Any], new: dict[str, Any], world_size: int) -> str:
+    """batch_size is matched as the global batch (batch_size x processes), so a run resumed with
+    another number of processes and the same batch_size differs in "batch_size": say what the
+    numbers are and which batch_size continues the run at this world size."""
+    before, now = old.get("batch_size"), new.get("batch_size")
+    if before == now or not isinstance(before, int) or not isinstance(now, int):
+        return ""
+    fix = (f"set batch_size: {before // world_size} to continue it with {world_size} process(es)" if before % world_size == 0
+           else f"{before} does not split over {world_size} processes: resume with a number of processes that divides it")
+    return (f"\nbatch_size is compared as the global batch (batch_size x processes): the run has {before}, this config "
+            f"{now} ({now // world_size} x {world_size} process(es)); {fix}")
+
+
 def _show(value: Any) -> str:
     return "(unset)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else json.dumps(value)
 
@@ -209,6 +222,7 @@ def plan_resume(cfg: Any, checkpoints: Any, total_steps: int, world_size: int = 
                 raise ResumeError(
                     f"resume: {checkpoint} belongs to run {record.run_id}, whose settings differ from this config:\n  "
                     + "\n  ".join(describe_differences(record.settings, settings))
+                    + global_batch_hint(record.settings, settings, world_size)
                     + f"\nresume it with the settings it was trained with, or {_ways_out(output_dir)}"
                 )
             return ResumePlan(record, checkpoint, False, [f"resuming run {record.run_id} from {checkpoint}"])
@@ -223,6 +237,7 @@ def plan_resume(cfg: Any, checkpoints: Any, total_steps: int, world_size: int = 
                 raise ResumeError(
                     f"output_dir {output_dir} holds run {current.run_id}, whose settings differ from this config:\n  "
                     + "\n  ".join(describe_differences(current.settings, settings))
+                    + global_batch_hint(current.settings, settings, world_size)
                     + f"\nresume: auto continues only a run with the same settings; {_ways_out(output_dir)}"
                 )
             checkpoint = checkpoints.latest_of(current.run_id)
