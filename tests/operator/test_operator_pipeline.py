@@ -56,9 +56,9 @@ def finetunejob(**changes) -> dict:
     return manifest(**{"spec.output": {"source": "pvc://outputs/tiny"}, **changes})
 
 
-async def finish_finetunejob(api, adapter: str = "/mnt/output/adapter", **result) -> None:
-    """What the FineTuneJob's own sync writes once its trainer succeeded: phase and result in one
-    patch (what waits on it may start the moment the phase changes)."""
+async def finish_finetunejob(api, adapter: str = "/mnt/output/adapter", **result: str) -> None:
+    """What the FineTuneJob's own sync writes once its trainer succeeded (in one write: a job
+    waiting for it may look in between)."""
     await eventually(lambda: status(api, "finetunejobs", "tiny").get("phase") == "Pending", what="FineTuneJob reconciled")
     await api.patch(f"{KT}/finetunejobs/tiny/status", {"status": {"phase": "Succeeded", "result": {"adapter": adapter, "finalLoss": 0.4, **result}}})
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from kubetune.trainer.training.checkpointing import (
     sharded_training_state,
     verify_checkpoint,
 )
+from kubetune.trainer.training.resume import RunRecord
 
 
 def tiny():
@@ -106,6 +108,26 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_is_used(tmp_p
     # Naming the damaged checkpoint explicitly is refused, with the reason.
     with pytest.raises(ResumeError, match=f"step_6 is damaged: {problem}"):
         manager.resume_from(str(newest))
+
+
+def test_a_flipped_byte_or_a_truncation_in_any_file_is_detected_with_hashing_threads(tmp_path, monkeypatch):
+    """Every file hashed in full, whichever thread hashes it: damage anywhere, in any file, is named."""
+    from kubetune.trainer.training import checkpointing
+
+    monkeypatch.setattr(checkpointing, "HASH_THREADS", 4)  # the thread pool, whatever the machine's cores
+    manager = CheckpointManager(tmp_path / "run", run=RunRecord("r", "h", {}, 9))  # with its run.json
+    folder = save(manager, 3, *tiny())
+    names = sorted(json.loads((folder / CHECKSUMS).read_text())["files"])
+    assert len(names) >= 5  # weights, DCP metadata and shard, training state, run.json
+    for name in names:
+        for damage, problem in [(flip_one_byte, "does not match its sha256"), (lambda p: os.truncate(p, p.stat().st_size - 1), "bytes")]:
+            copy = tmp_path / "copy"
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(folder, copy)
+            damage(copy / name)
+            found = verify_checkpoint(copy)
+            assert found is not None and found.startswith(f"{name} ") and problem in found, (name, found)
+    assert verify_checkpoint(folder) is None
 
 
 def test_checkpoints_without_checksums_get_a_structure_check(tmp_path):
@@ -199,8 +221,9 @@ import sys
 sys.path.insert(0, sys.argv[2])
 from test_checkpoint_integrity import save, tiny
 from kubetune.trainer.training.checkpointing import CheckpointManager
+from kubetune.trainer.training.resume import RunRecord
 
-manager = CheckpointManager(sys.argv[1], keep_last=2)
+manager = CheckpointManager(sys.argv[1], keep_last=2, run=RunRecord("run-killed", "", {}, 10))
 model, optimizer = tiny()
 for step in map(int, sys.argv[3:]):
     model.weight.data.fill_(step)  # each checkpoint's weights say which step wrote them
@@ -307,6 +330,108 @@ def test_an_unfinished_write_is_not_put_back(tmp_path):
     assert manager.resume_from("auto") == tmp_path / "checkpoints" / "step_3"
     save(manager, 6, model, optimizer)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3", "step_6"]
+
+
+DECIDING_WORKER = r"""
+import json, sys
+from pathlib import Path
+from types import SimpleNamespace
+from kubetune.errors import KubetuneError
+from kubetune.trainer.distributed import close_distributed, init_distributed
+from kubetune.trainer.training import checkpointing
+from kubetune.trainer.training.checkpointing import CheckpointManager
+from kubetune.trainer.training.resume import plan_resume
+
+out, model = Path(sys.argv[1]), sys.argv[2]
+world = init_distributed("cpu")
+hashed = []
+real_sha256 = checkpointing._sha256
+checkpointing._sha256 = lambda path: hashed.append(path.name) or real_sha256(path)
+cfg = SimpleNamespace(resume="auto", overwrite_output_dir=False, lr_scheduler=SimpleNamespace(on_resume="keep"),
+                      model_dump=lambda mode: {"model": model, "batch_size": 1})
+try:
+    plan = world.main_decides(lambda: plan_resume(cfg, CheckpointManager(out), 10, world.size))
+    report = {"checkpoint": str(plan.checkpoint), "run": plan.run.run_id}
+except KubetuneError as err:
+    report = {"error": str(err)}
+report["hashed"] = len(hashed)
+(out / f"report-{world.rank}.json").write_text(json.dumps(report))
+close_distributed()
+"""
+
+
+def test_under_torchrun_rank_0_alone_chooses_the_checkpoint_and_every_rank_gets_its_answer(tmp_path, killed_mid_swap):
+    """Two processes: only rank 0 puts the leftover back and hashes the newest checkpoint (each rank
+    hashing it would read the checkpoint once per process); rank 1 gets the same plan. A refusal
+    (the settings differ) reaches both ranks with the same message."""
+    from kubetune.trainer.training.resume import RUN_FILE, RunRecord, matched_settings, settings_hash
+
+    killed_mid_swap(tmp_path, "replacing:step_5", 3, 5, 5)
+    cfg = SimpleNamespace(model_dump=lambda mode: {"model": "m", "batch_size": 1})
+    settings = matched_settings(cfg, world_size=2)  # the run in output_dir: the killed one, with these settings
+    RunRecord("run-killed", settings_hash(settings), settings, 10).write(tmp_path / RUN_FILE)
+    (tmp_path / "worker.py").write_text(DECIDING_WORKER)
+    for model in ("m", "another-model"):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                              str(tmp_path / "worker.py"), str(tmp_path), model],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+        assert run.returncode == 0, run.stderr[-4000:]
+        reports = [json.loads((tmp_path / f"report-{rank}.json").read_text()) for rank in (0, 1)]
+        if model == "m":
+            assert reports[0]["checkpoint"] == str(tmp_path / "checkpoints" / "step_5")
+            assert reports[0]["hashed"] >= 4 and reports[1]["hashed"] == 0  # both leftovers, then step_5: rank 0 only
+            assert reports[1]["checkpoint"] == reports[0]["checkpoint"] and reports[1]["run"] == reports[0]["run"]
+        else:
+            assert "whose settings differ from this config" in reports[0]["error"]
+            assert reports[1] == {**reports[0], "hashed": 0}
+
+
+SAVING_WORKER = r"""
+import json, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from kubetune.trainer.distributed import close_distributed, init_distributed
+from kubetune.trainer.training import checkpointing
+from kubetune.trainer.training.checkpointing import CheckpointManager
+
+out = Path(sys.argv[1])
+world = init_distributed("cpu")
+hashed = []
+real_sha256 = checkpointing._sha256
+checkpointing._sha256 = lambda path: hashed.append(path.relative_to(out / "checkpoints").as_posix()) or real_sha256(path)
+
+def write_model(folder):
+    if world.is_main:
+        folder.mkdir()
+        save_file({"w": torch.ones(1000)}, str(folder / "model.safetensors"))
+
+# Each rank's own tensors (a sharded optimizer state): every rank writes a DCP shard file of its own.
+state = {"optimizer": {f"rank{world.rank}": torch.full((250_000,), float(world.rank))}}
+checkpointing.CheckpointManager(out).save(4, write_model, {"step": 4}, world=world, sharded_state=state,
+                                          rank_state={"rng": world.rank})
+(out / f"hashed-{world.rank}.json").write_text(json.dumps(sorted(hashed)))
+close_distributed()
+"""
+
+
+def test_under_torchrun_each_rank_hashes_the_shards_it_wrote_and_the_checksums_cover_all(tmp_path):
+    """At save, rank 1 hashes its own DCP shard and RNG state (still in its node's page cache), rank 0
+    the rest, and checksums.json lists every file; damage in rank 1's shard is found at resume."""
+    (tmp_path / "worker.py").write_text(SAVING_WORKER)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(tmp_path / "worker.py"), str(tmp_path)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-4000:]
+    hashed = [{"/".join(h.split("/")[1:]) for h in json.loads((tmp_path / f"hashed-{r}.json").read_text())} for r in (0, 1)]
+    folder = tmp_path / "checkpoints" / "step_4"
+    listed = set(json.loads((folder / CHECKSUMS).read_text())["files"])
+    assert hashed[1] == {"distcp/__1_0.distcp", "rng_rank_1.pt"}
+    assert not hashed[0] & hashed[1] and hashed[0] | hashed[1] == listed
+    assert {"model.safetensors", TRAINING_STATE, "distcp/.metadata", "distcp/__0_0.distcp"} <= hashed[0]
+    assert verify_checkpoint(folder) is None
+    flip_one_byte(folder / "distcp" / "__1_0.distcp")
+    assert verify_checkpoint(folder).startswith("distcp/__1_0.distcp does not match its sha256")
 
 
 # ------------------------------------------------------------------------------------ full disk

@@ -89,6 +89,10 @@ def planned_objects() -> list[dict[str, Any]]:
                     pass  # a backend that cannot run this spec refuses it (tests/operator/test_operator_backends.py)
     objects += pipeline_objects()
     objects += plan_eval(parse_object(copy.deepcopy(EVJ), "walk"))
+    remote_tasks = with_every_secret_reference(EVJ)  # task files the initializer fetches, one named as shell bait
+    remote_tasks["spec"]["tasks"] = [{**EVJ["spec"]["tasks"][0], "source": f"s3://bucket/evals/{SHELL_BAIT}.jsonl"},
+                                     {**EVJ["spec"]["tasks"][0], "name": "hub", "source": "hf://org/evals/mc/test.jsonl@v1"}]
+    objects += plan_eval(parse_object(remote_tasks, "walk"))
     for kind, planner in (("EvalJob", plan_eval), ("ModelDeployment", plan_deployment)):
         for doc in examples(kind):
             if (doc["spec"].get("fineTuneJob")) is None:

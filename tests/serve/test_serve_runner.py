@@ -126,3 +126,25 @@ def test_dora_adapter_is_refused_with_a_hint(tmp_path):
     dora.save_pretrained(str(tmp_path / "dora"))
     with pytest.raises(KubetuneError, match="use_dora.*kubetune merge"):
         load_lora_adapter("d", tmp_path / "dora", base)
+
+
+@pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])
+def test_bf16_runner_is_as_close_to_float32_as_transformers_bf16(family):
+    """The dtype GPUs serve in: the runner's own attention, rotary and cache in bfloat16 lose no more
+    than transformers does in bfloat16 (both measured against the float32 model), and stay within
+    bfloat16's resolution of transformers' bfloat16 logits (8 mantissa bits: ~0.4% of logits of size ~2)."""
+    reference = make_hf_model(family)
+    model = make_hf_model(family).to(torch.bfloat16)
+    runner = runner_for(model)
+    seqs = [[(7 * t) % 90 + 1 for t in range(60)], [5, 4, 3]]  # positions up to 60: rotary angles in bf16 would drift
+    firsts = runner.prefill([Prefill(i, seq) for i, seq in enumerate(seqs)])
+    nexts = [20, 30]
+    stepped = runner.step(nexts)
+    with torch.no_grad():
+        for i, seq in enumerate(seqs):
+            ids = torch.tensor([seq + [nexts[i]]])
+            exact, hf_bf16 = reference(ids).logits[0], model(ids).logits[0].float()
+            hf_error = (hf_bf16 - exact).abs().max()
+            for ours, position in ((firsts[i].logits, -2), (stepped[i], -1)):
+                assert (ours - exact[position]).abs().max() <= 1.5 * hf_error + 5e-3
+                torch.testing.assert_close(ours, hf_bf16[position], atol=5e-2, rtol=0)

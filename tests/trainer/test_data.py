@@ -332,3 +332,55 @@ def test_loader_ranks_take_disjoint_slices_of_each_global_batch():
     ranks = [BatchLoader(samples, batch_size=2, pad_id=0, seed=0, rank=r, world_size=2) for r in range(2)]
     seen = [row[0] for _ in range(2) for loader in ranks for row in loader.next_batch()["input_ids"].tolist()]
     assert sorted(seen) == [10 * i for i in range(8)]
+
+
+def test_loader_position_saved_by_two_ranks_resumes_on_one_and_back():
+    """Resume at another world size with the same global batch (2 ranks x 2 = 1 x 4): the position
+    counts global batches, so the resumed loader takes exactly the batches an uninterrupted loader at
+    the new world size takes from there. The two world sizes agree on every global batch of the
+    first epoch; with samples that do not divide the global batch (10 by 4) their epochs differ in
+    length (1 rank keeps the short last batch, several drop it), so past that point they do not."""
+    samples = [sample(2, 10 * i) for i in range(10)]
+
+    def loaders(world_size: int) -> list[BatchLoader]:
+        return [BatchLoader(samples, batch_size=4 // world_size, pad_id=0, seed=3, rank=r, world_size=world_size)
+                for r in range(world_size)]
+
+    def global_batch(group: list[BatchLoader]) -> list[int]:
+        return [row[0] for loader in group for row in loader.next_batch()["input_ids"].tolist()]
+
+    def uninterrupted(world_size: int, steps: int) -> list[list[int]]:
+        group = loaders(world_size)
+        return [global_batch(group) for _ in range(steps)]
+
+    one, two = uninterrupted(1, 6), uninterrupted(2, 6)
+    assert one[:2] == two[:2]  # the first epoch of 2 ranks (2 global batches) is 1 rank's first 8 samples
+    assert len(one[2]) == 2 and len(two[2]) == 4  # then 1 rank takes the short batch of 2, 2 ranks a new epoch
+    for old, new, reference in ((2, 1, one), (1, 2, two)):
+        for position in range(5):
+            saved = loaders(old)
+            for _ in range(position):
+                global_batch(saved)
+            resumed = loaders(new)
+            for loader in resumed:
+                loader.load_state_dict(saved[0].state_dict())
+            assert [global_batch(resumed) for _ in range(6 - position)] == reference[position:]
+
+
+def test_loader_says_when_a_resume_changes_the_world_size_and_what_differs(caplog):
+    samples = [sample(2, 10 * i) for i in range(10)]
+    saved = BatchLoader(samples, batch_size=2, pad_id=0, rank=0, world_size=2)
+    saved.next_batch()
+    with caplog.at_level("INFO", logger="kubetune.data"):
+        BatchLoader(samples, batch_size=4, pad_id=0).load_state_dict(saved.state_dict())
+        BatchLoader(samples, batch_size=2, pad_id=0, rank=1, world_size=2).load_state_dict(saved.state_dict())
+    [message] = caplog.messages  # rank 0 only, and only when the world size changed
+    assert "taken with 2 process(es) x batch_size 2, this run has 1 x 4: the same global batch of 4" in message
+    assert "an epoch is 3 batches now, 2 before (10 samples do not divide the global batch" in message
+    caplog.clear()
+    even = [sample(2, 10 * i) for i in range(8)]
+    with caplog.at_level("INFO", logger="kubetune.data"):
+        BatchLoader(even, batch_size=4, pad_id=0).load_state_dict(
+            BatchLoader(even, batch_size=2, pad_id=0, world_size=2).state_dict())
+    [message] = caplog.messages
+    assert "the same global batch of 4" in message and "epoch" not in message

@@ -9,6 +9,8 @@
   and 1 -> 2. SIGKILL of one rank: the launcher exits non-zero, names the rank, and no
   half-written checkpoint becomes the newest.
 - eval / generate refuse to run with WORLD_SIZE > 1.
+- QLoRA: 2 processes = 1 quantized with the same NF4 groups; slow: the 2-process checkpoint resumed
+  with 1 keeps that NF4 base and continues as that run.
 """
 from __future__ import annotations
 
@@ -314,7 +316,28 @@ def test_sigterm_of_the_launcher_checkpoints_every_rank_at_one_step(tmp_path):
     assert f"SIGTERM: saved a checkpoint at step {steps[0]}" in out  # rank 0's report
 
 
-def test_qlora_under_fsdp2_matches_one_process_with_the_same_nf4_groups(tmp_path, monkeypatch):
+QLORA = ["save_every_steps=3", "save_merged=false"]
+
+
+@pytest.fixture(scope="module")
+def qlora_runs(tmp_path_factory):
+    """QLoRA at 2 processes, and at 1 in this process quantized with the 2-rank NF4 groups."""
+    import kubetune.trainer.quant as quant
+    from kubetune.trainer.config import resolve_config
+    from kubetune.trainer.recipes.lora_finetune import recipe_main
+
+    root = tmp_path_factory.mktemp("qlora")
+    train("lora_finetune", "tiny_qlora", root / "nproc2", 2, *QLORA)
+    quantize = quant.quantize_base
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant, "quantize_base",
+                      lambda model, shards=1, world_size=1: quantize(model, shards=2, world_size=world_size))
+        recipe_main(resolve_config("lora_finetune", "tiny_qlora", [
+            *command("lora_finetune", "tiny_qlora", root / "nproc1", 1, *QLORA)[7:]]))
+    return {nproc: root / f"nproc{nproc}" for nproc in (1, 2)}
+
+
+def test_qlora_under_fsdp2_matches_one_process_with_the_same_nf4_groups(qlora_runs):
     """NF4 under FSDP2 (torchao's NF4Tensor all-gather) on gloo. On the tiny model the 2-rank run
     halves the NF4 double-quantization groups so they split over the ranks; the one-process
     reference quantizes with the same groups, and then the runs match (1e-5). (Run first in a fresh
@@ -322,19 +345,23 @@ def test_qlora_under_fsdp2_matches_one_process_with_the_same_nf4_groups(tmp_path
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    import kubetune.trainer.quant as quant
     from kubetune.trainer.checkpoint import resolve_model_dir
-    from kubetune.trainer.config import resolve_config
-    from kubetune.trainer.recipes.lora_finetune import recipe_main
 
-    extra = ["save_every_steps=3", "save_merged=false"]
-    train("lora_finetune", "tiny_qlora", tmp_path / "nproc2", 2, *extra)
-    quantize = quant.quantize_base
-    monkeypatch.setattr(quant, "quantize_base", lambda model, shards=1: quantize(model, shards=2))
-    recipe_main(resolve_config("lora_finetune", "tiny_qlora", [
-        *command("lora_finetune", "tiny_qlora", tmp_path / "nproc1", 1, *extra)[7:]]))
-    assert_same_losses(tmp_path / "nproc2", tmp_path / "nproc1")
-    assert_same_tensors(adapter_weights(tmp_path / "nproc2"), adapter_weights(tmp_path / "nproc1"))
-    assert 3 in checkpoint_steps(tmp_path / "nproc2")
+    assert_same_losses(qlora_runs[2], qlora_runs[1])
+    assert_same_tensors(adapter_weights(qlora_runs[2]), adapter_weights(qlora_runs[1]))
+    assert 3 in checkpoint_steps(qlora_runs[2])
     base = AutoModelForCausalLM.from_pretrained(resolve_model_dir("builtin://tiny"), dtype=torch.float32)
-    peft.PeftModel.from_pretrained(base, tmp_path / "nproc2" / "adapter")
+    peft.PeftModel.from_pretrained(base, qlora_runs[2] / "adapter")
+
+
+@pytest.mark.slow
+def test_qlora_checkpoint_of_two_processes_resumes_with_one_on_the_same_nf4_base(tmp_path, qlora_runs):
+    """The step-3 checkpoint of the 2-process run resumed with 1 process keeps the NF4 layout the run
+    started with (nf4_shards), so it continues as the 1-process run with the 2-rank groups (1e-5),
+    as the dpo recipe does (test_dpo_distributed.py)."""
+    resumed = tmp_path / "resumed_at_1"
+    train("lora_finetune", "tiny_qlora", resumed, 1, *QLORA, f"resume={qlora_runs[2] / 'checkpoints' / 'step_3'}")
+    got, want = train_losses(resumed), {k: v for k, v in train_losses(qlora_runs[1]).items() if k[0] > 3}
+    assert sorted(got) == sorted(want) and len(want) >= 4
+    assert max(abs(got[k] - want[k]) for k in want) <= TOL
+    assert_same_tensors(adapter_weights(resumed), adapter_weights(qlora_runs[1]))

@@ -7,13 +7,19 @@ proves full_finetune and lora_finetune:
   LoRA-DPO (the reference = the sharded base with its adapters off);
 - a 2-process full-DPO run SIGKILLed after its step-2 checkpoint and resumed with 2 processes
   ends as the 1-process run (1e-5) and, slow, exactly as an uninterrupted 2-process run (1e-6);
-- QLoRA-DPO (NF4 base): 2 processes = 1 process quantized with the same NF4 groups (1e-5);
-- slow: the same parity for loss: ipo and loss: simpo (no reference).
-To keep CI short the fast tests launch 6 runs and one in this process: full DPO at 1 process and at 2
-(killed, resumed), LoRA-DPO at 1 and at 2, QLoRA-DPO at 2 and (in this process) at 1.
+  resumed with 1 process instead (resume: auto), it ends as the 1-process run too (1e-5);
+- QLoRA-DPO (NF4 base): 2 processes = 1 process quantized with the same NF4 groups (1e-5), and the
+  2-process checkpoint resumed with 1 process keeps that NF4 base and continues as that run;
+- slow: a checkpoint resumed at the other world size continues as the uninterrupted run there
+  (LoRA-DPO 2 -> 1 and 1 -> 2, full DPO 1 -> 2); a QLoRA-DPO checkpoint whose NF4 groups cannot
+  split over 2 ranks is refused at 2 naming the fix; the 2 = 1 parity for loss: ipo and loss: simpo.
+To keep CI short the fast tests launch 8 runs and one in this process: full DPO at 1 process, at 2
+(killed, resumed with 2 and with 1), LoRA-DPO at 1 and at 2, QLoRA-DPO at 2, at 1 (in this process)
+and resumed at 1.
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +53,11 @@ def start(config: str, output_dir: Path, nproc: int, *overrides: str) -> subproc
                             start_new_session=True)
 
 
-def train(config: str, output_dir: Path, nproc: int, *overrides: str) -> None:
+def train(config: str, output_dir: Path, nproc: int, *overrides: str) -> str:
     process = start(config, output_dir, nproc, *overrides)
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 0, out[-4000:]
+    return out
 
 
 def logged(output_dir: Path) -> dict[tuple[int, str], float]:
@@ -61,9 +68,11 @@ def logged(output_dir: Path) -> dict[tuple[int, str], float]:
             for key, value in r.items() if key.startswith(("loss", "rewards/", "eval_", "grad_norm"))}
 
 
-def assert_same_run(got_dir: Path, want_dir: Path, weights: str, tolerance: float = TOL) -> None:
-    got, want = logged(got_dir), logged(want_dir)
-    assert sorted(got) == sorted(want) and len(want) > 20
+def assert_same_run(got_dir: Path, want_dir: Path, weights: str, tolerance: float = TOL, after_step: int = -1) -> None:
+    """Every logged number (of the steps after `after_step`: a run resumed into another folder logs
+    only those) and the final weights agree within `tolerance`."""
+    got, want = ({k: v for k, v in logged(folder).items() if k[0] > after_step} for folder in (got_dir, want_dir))
+    assert sorted(got) == sorted(want) and len(want) > 15
     worst = max(abs(got[k] - want[k]) for k in want)
     assert worst <= tolerance, (worst, got, want)
     ours, theirs = load_file(got_dir / weights), load_file(want_dir / weights)
@@ -71,11 +80,13 @@ def assert_same_run(got_dir: Path, want_dir: Path, weights: str, tolerance: floa
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= tolerance
 
 
-def kill_after_step_2_and_resume(config: str, output_dir: Path) -> None:
+def kill_after_step_2_and_resume(config: str, output_dir: Path, copy_to: Path) -> None:
+    """`copy_to`: a copy of the killed run's folder, to resume at another world size."""
     process = start(config, output_dir, 2)
     wait_for(lambda: 2 in checkpoint_steps(output_dir), process, what="the step-2 checkpoint")
     kill_run(process)  # SIGKILL of the launcher and both ranks
     assert not (output_dir / "model").exists()  # it really was cut short
+    shutil.copytree(output_dir, copy_to)
     train(config, output_dir, 2)
 
 
@@ -84,8 +95,8 @@ def full_runs(tmp_path_factory):
     """Full DPO with 1 process, and with 2 killed after the step-2 checkpoint and resumed."""
     root = tmp_path_factory.mktemp("dpo_full")
     train("tiny_dpo", root / "nproc1", 1)
-    kill_after_step_2_and_resume("tiny_dpo", root / "nproc2")
-    return {nproc: root / f"nproc{nproc}" for nproc in (1, 2)}
+    kill_after_step_2_and_resume("tiny_dpo", root / "nproc2", copy_to=root / "killed_at_2")
+    return {**{nproc: root / f"nproc{nproc}" for nproc in (1, 2)}, "killed_at_2": root / "killed_at_2"}
 
 
 def test_full_dpo_two_processes_killed_and_resumed_match_one(full_runs):
@@ -96,10 +107,54 @@ def test_full_dpo_two_processes_killed_and_resumed_match_one(full_runs):
     assert len(shards) == 2  # one per rank
 
 
-def test_lora_dpo_two_processes_match_one(tmp_path):
+def test_full_dpo_killed_with_two_processes_resumes_with_one_as_the_one_process_run(full_runs):
+    """resume: auto in the killed run's folder, now with 1 process (batch_size 4 = 2 x 2: the same
+    global batch): it continues from the step-2 checkpoint (distcp/ resharded from 2 ranks to 1, the data
+    position counted in global batches) and ends as the uninterrupted 1-process run."""
+    out = train("tiny_dpo", full_runs["killed_at_2"], 1)
+    assert "resuming run" in out and "step_2" in out
+    assert "the checkpoint was taken with 2 process(es) x batch_size 2, this run has 1 x 4: the same global batch" in out
+    assert_same_run(full_runs["killed_at_2"], full_runs[1], "model/model.safetensors")
+
+
+def test_resume_with_another_global_batch_is_refused_saying_which_batch_size_continues_it(full_runs):
+    """The same batch_size with 1 process instead of 2 halves the global batch: refused before any
+    work (exit 2), naming the global batches and the batch_size that keeps it; the run is untouched."""
+    before = sorted(p.name for p in (full_runs[2] / "checkpoints").iterdir())
+    process = start("tiny_dpo", full_runs[2], 1, "batch_size=2")
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 2, out[-3000:]
+    assert "batch_size: 4 -> 2" in out
+    assert "batch_size is compared as the global batch (batch_size x processes): the run has 4, this config 2 " in out
+    assert "set batch_size: 4 to continue it with 1 process(es)" in out
+    assert sorted(p.name for p in (full_runs[2] / "checkpoints").iterdir()) == before
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    """LoRA-DPO with 1 process and with 2, a checkpoint every 2 steps."""
+    root = tmp_path_factory.mktemp("dpo_lora")
     for nproc in (1, 2):
-        train("tiny_dpo_lora", tmp_path / f"nproc{nproc}", nproc, "save_merged=false", "save_every_steps=null")
-    assert_same_run(tmp_path / "nproc2", tmp_path / "nproc1", "adapter/adapter_model.safetensors")
+        train("tiny_dpo_lora", root / f"nproc{nproc}", nproc, "save_merged=false")
+    return {nproc: root / f"nproc{nproc}" for nproc in (1, 2)}
+
+
+def test_lora_dpo_two_processes_match_one(lora_runs):
+    assert_same_run(lora_runs[2], lora_runs[1], "adapter/adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_dpo_checkpoints_resume_at_the_other_world_size(tmp_path, lora_runs, full_runs):
+    """LoRA-DPO 2 -> 1 and 1 -> 2, full DPO 1 -> 2: the step-2 checkpoint of one world size resumed
+    (resume: <checkpoint>) with the other continues as the uninterrupted run at the new world size."""
+    adapter, model = "adapter/adapter_model.safetensors", "model/model.safetensors"
+    for config, runs, weights, old, new in [("tiny_dpo_lora", lora_runs, adapter, 2, 1),
+                                            ("tiny_dpo_lora", lora_runs, adapter, 1, 2),
+                                            ("tiny_dpo", full_runs, model, 1, 2)]:
+        resumed = tmp_path / f"{config}_{old}_to_{new}"
+        extra = ["save_merged=false"] if config == "tiny_dpo_lora" else []
+        train(config, resumed, new, *extra, f"resume={runs[old] / 'checkpoints' / 'step_2'}")
+        assert_same_run(resumed, runs[new], weights, after_step=2)
 
 
 @pytest.mark.slow
@@ -129,11 +184,37 @@ def test_qlora_dpo_two_processes_match_one_with_the_same_nf4_groups(tmp_path, mo
     from kubetune.trainer.config import resolve_config
     from kubetune.trainer.recipes.dpo import recipe_main
 
-    extra = ["model.quantize_base=nf4", "save_merged=false", "save_every_steps=null", "optimizer.lr=1e-3"]
+    adapter = "adapter/adapter_model.safetensors"
+    extra = ["model.quantize_base=nf4", "save_merged=false", "optimizer.lr=1e-3"]
     train("tiny_dpo_lora", tmp_path / "nproc2", 2, *extra)
     quantize = quant.quantize_base
-    monkeypatch.setattr(quant, "quantize_base", lambda model, shards=1: quantize(model, shards=2))
-    recipe_main(resolve_config("dpo", "tiny_dpo_lora", run_overrides(tmp_path / "nproc1", 1, *extra)))
-    assert_same_run(tmp_path / "nproc2", tmp_path / "nproc1", "adapter/adapter_model.safetensors")
+    with monkeypatch.context() as patch:
+        patch.setattr(quant, "quantize_base",
+                      lambda model, shards=1, world_size=1: quantize(model, shards=2, world_size=world_size))
+        recipe_main(resolve_config("dpo", "tiny_dpo_lora", run_overrides(tmp_path / "nproc1", 1, *extra)))
+    assert_same_run(tmp_path / "nproc2", tmp_path / "nproc1", adapter)
     # the policy moved away from its reference (else equal losses would prove little)
     assert logged(tmp_path / "nproc2")[(STEPS, "loss")] != pytest.approx(0.6931471805599453, abs=1e-3)
+
+    # The 2-process step-2 checkpoint resumed with 1 process (no patch): it keeps the NF4 layout its
+    # run started with (nf4_shards in the checkpoint), so it trains on the same base and continues as
+    # the 1-process run with those groups. (Quantized again for 1 process, its losses differed by 3e-5.)
+    resumed = tmp_path / "resumed_at_1"
+    train("tiny_dpo_lora", resumed, 1, *extra, f"resume={tmp_path / 'nproc2' / 'checkpoints' / 'step_2'}")
+    assert_same_run(resumed, tmp_path / "nproc1", adapter, after_step=2)
+
+
+@pytest.mark.slow
+def test_qlora_dpo_checkpoint_of_one_process_is_refused_at_two_naming_the_fix(tmp_path):
+    """The tiny model's NF4 base quantized for 1 process has 1 double-quantization group per weight,
+    which cannot split over 2 ranks: resuming at 2 is refused before training, naming the weight and
+    the world sizes that work, and the checkpoint is left as it was."""
+    extra = ["model.quantize_base=nf4", "save_merged=false", "max_steps=2"]
+    train("tiny_dpo_lora", tmp_path / "run", 1, *extra)
+    process = start("tiny_dpo_lora", tmp_path / "resumed", 2, *extra,
+                    f"resume={tmp_path / 'run' / 'checkpoints' / 'step_2'}")
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert "error: model.quantize_base: this run's NF4 base was quantized for 1 process(es)" in out, out[-3000:]
+    assert "cannot be split evenly over 2 processes" in out and "Resume this run with 1 process(es)" in out
+    assert not list((tmp_path / "resumed").glob("checkpoints/step_*"))

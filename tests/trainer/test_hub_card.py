@@ -69,6 +69,12 @@ LAYOUTS = {
                           "  - split: test\n    path: \"holdout.csv\"\n"),
         "data.csv": 'text,n,score\nhello,1,0.5\n"a, quoted\nline",2,\nNA,3,1.5\n', "holdout.csv": "text,n,score\nheld,9,2.0\n",
     }, [(None, "train"), (None, "test")]),
+    # the Hub documentation's builder-parameter example: a CSV separator per config
+    "csv_sep": ({
+        "README.md": card("configs:\n- config_name: tab\n  data_files: tab.csv\n  sep: \"\\t\"\n- config_name: semicolon\n"
+                          "  data_files: semi.csv\n  delimiter: \";\"\n  default: true\n"),
+        "tab.csv": "text\tn\nx, with comma\t1\n", "semi.csv": "text;n\ny, with comma;2\nz;3\n",
+    }, [(None, "train"), ("tab", "train")]),
     "data_dir_alone": ({
         "README.md": card("configs:\n- config_name: default\n  data_dir: v2\n"),
         "v2/train.jsonl": rows("v2-train", 2), "v2/test.jsonl": rows("v2-test", 1), "train.jsonl": rows("v1", 5),
@@ -127,8 +133,35 @@ def test_missing_splits_and_configs_are_named_with_the_ones_there_are(tmp_path):
     ("configs:\n- config_name: default\n  data_files: ../outside.jsonl\n", r"only paths inside the repository"),
     ("configs:\n- config_name: default\n  data_files: nothing-*.jsonl\n", r"split 'train': 'nothing-\*\.jsonl' matches no file in"),
     ("configs:\n- config_name: default\n  data_files: '*.xml'\n", r"split 'train' is a\.xml: no file kubetune reads; convert"),
+    ("configs:\n- config_name: default\n  data_files: a.jsonl\n  field: data\n",
+     r"config 'default' sets field, a loading option kubetune does not apply"),
+    ("configs:\n- config_name: default\n  data_files: a.jsonl\n  sep: ';;'\n", r"sep/delimiter must be one character"),
 ])
 def test_bad_cards_are_errors_naming_the_fix(yaml_block, message, tmp_path):
     folder = write(tmp_path / "repo", {"README.md": card(yaml_block), "a.jsonl": rows("a", 1), "b.jsonl": rows("b", 1), "a.xml": "<a/>\n"})
     with pytest.raises(DatasetError, match=message):
         load_records(str(folder), "train")
+
+
+def test_what_the_initializer_downloads_covers_every_file_the_reader_then_reads(tmp_path):
+    """download_patterns are huggingface_hub's fnmatch patterns (`*` crosses `/`, `**/` needs a
+    folder): the files they let through must include every file the card's globs match here."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from kubetune.trainer.data.hub_card import card_configs, download_patterns, match_files
+
+    files = ["README.md", "data/a.jsonl", "data/x/b.jsonl", "data/x/y/c.jsonl", "top.jsonl", "lang/fr/d.jsonl",
+             "lang/fr/sub/e.jsonl", "other/f.jsonl", "lang/de/g.jsonl"]
+    write(tmp_path, {rel: rows(rel, 1) if rel.endswith(".jsonl") else "---\n---\n" for rel in files})
+    text = ("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: [data/**/*.jsonl, '*.jsonl']\n"
+            "  - split: test\n    path: data/x/**\n- config_name: fr\n  data_dir: lang/fr\n  data_files: '**/*.jsonl'\n"
+            "- config_name: dir\n  data_dir: lang\n---\n")
+    for config in card_configs(text, "README.md").values():
+        allowed = set(filter_repo_objects(files, allow_patterns=download_patterns(config)))
+        base = tmp_path / config.data_dir if config.data_dir else tmp_path
+        wanted = {p.relative_to(tmp_path).as_posix() for patterns in (config.data_files or {"all": ["**"]}).values()
+                  for pattern in patterns for p in match_files(base, pattern)}
+        assert wanted and wanted <= allowed, (config.name, wanted - allowed)
+        assert "README.md" in allowed  # the card: the reader needs it to find the config again
+        if config.data_dir:  # a superset, but within the config's folder (fnmatch's `*` crosses `/`: a root `*.jsonl` cannot be)
+            assert all(rel == "README.md" or rel.startswith(config.data_dir + "/") for rel in allowed), allowed

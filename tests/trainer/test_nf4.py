@@ -86,3 +86,51 @@ def test_weight_nf4_cannot_hold_is_refused_with_the_field():
     model.add_module("odd", nn.Linear(10, 3))  # 30 weights: not a multiple of the 64-weight block
     with pytest.raises(KubetuneError, match=r"model\.quantize_base: odd\.weight has 30 weights"):
         quantize_base(model)
+
+
+def two_projections() -> nn.Module:
+    """Tiny-model-sized weights: 64 and 32 blocks of 64, so their NF4 groups depend on the world size."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(64, 64, bias=False))
+    model.add_module("k_proj", nn.Linear(64, 32, bias=False))
+    return model
+
+
+def test_a_base_quantized_for_two_ranks_keeps_its_layout_when_sharded_over_one():
+    """A QLoRA run resumed at another world size quantizes for the world size it started at
+    (`nf4_layout_shards`): the very base it trained on, not the one a fresh run would get."""
+    import copy
+
+    base = two_projections()
+    for_two = quantize_base(copy.deepcopy(base), shards=2)
+    kept = quantize_base(copy.deepcopy(base), shards=2, world_size=1)
+    fresh = quantize_base(copy.deepcopy(base), shards=1)
+    assert torch.equal(dequantize(kept.q_proj.weight), dequantize(for_two.q_proj.weight))
+    assert not torch.equal(dequantize(fresh.q_proj.weight), dequantize(for_two.q_proj.weight))  # groups 64 vs 32
+
+
+def test_a_base_whose_groups_cannot_split_over_the_new_world_size_is_refused_naming_the_fix():
+    with pytest.raises(KubetuneError) as error:
+        quantize_base(two_projections(), shards=1, world_size=2)
+    message = str(error.value)
+    assert "model.quantize_base: this run's NF4 base was quantized for 1 process(es)" in message
+    assert "q_proj.weight (64 rows, 64 blocks of 64, 1 double-quantization group(s))" in message
+    assert "cannot be split evenly over 2 processes" in message and "Resume this run with 1 process(es)" in message
+    # 2 -> 4: q_proj's 64 rows and 64 blocks split, but its 2 groups (of 32) do not; 1 or 2 processes do
+    with pytest.raises(KubetuneError, match=r"q_proj\.weight .* 2 double-quantization group.*with 1 or 2 process"):
+        quantize_base(two_projections(), shards=2, world_size=4)
+
+
+def test_real_model_sizes_keep_groups_of_256_at_every_usual_world_size():
+    # an 8B model's smallest quantized weight (k_proj, 1024 x 4096): the layout does not depend on the world size
+    numel = 1024 * 4096
+    assert {scaler_block_size(numel, shards=shards) for shards in (1, 2, 4, 8, 16, 64)} == {256}
+
+
+def test_nf4_layout_shards_of_a_resumed_run():
+    from kubetune.trainer.quant import nf4_layout_shards
+
+    assert nf4_layout_shards(None, 4) == 4  # a fresh run: its own world size
+    assert nf4_layout_shards({"nf4_shards": 2, "data": {"world_size": 1}}, 4) == 2  # the run's first layout
+    assert nf4_layout_shards({"data": {"world_size": 8}}, 1) == 8  # an older checkpoint: its world size

@@ -2,6 +2,7 @@
 position is part of the training state (exact resume)."""
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from kubetune.trainer.data.collate import collate
 from kubetune.trainer.data.formats import TokenizerLike, tokenize_records
 from kubetune.trainer.data.packing import pack_samples
 from kubetune.trainer.data.sources import DatasetError, SourceRecord, has_split, load_records
+
+log = logging.getLogger("kubetune.data")
 
 
 @dataclass
@@ -80,6 +83,12 @@ def hold_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
+def _batches_per_epoch(samples: int, batch_size: int, world_size: int) -> int:
+    """One process keeps the last short batch of an epoch; several drop it (every rank takes a full
+    slice of every global batch, so all ranks do the same number of steps)."""
+    return math.ceil(samples / batch_size) if world_size == 1 else max(1, samples // (batch_size * world_size))
+
+
 class BatchLoader:
     """Micro-batches over the samples, epoch after epoch, with a position that can be saved.
 
@@ -103,10 +112,7 @@ class BatchLoader:
             raise ValueError("BatchLoader needs at least one sample")
         self.samples, self.batch_size, self.pad_id = samples, batch_size, pad_id
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
-        global_batch = batch_size * world_size
-        self.batches_per_epoch = (
-            math.ceil(len(samples) / batch_size) if world_size == 1 else max(1, len(samples) // global_batch)
-        )
+        self.batches_per_epoch = _batches_per_epoch(len(samples), batch_size, world_size)
         self.position = 0  # micro-batches handed out so far, over all epochs
         self._order_epoch, self._order = -1, list(range(len(samples)))
 
@@ -153,3 +159,13 @@ class BatchLoader:
                 "or set resume: never"
             )
         self.position = state["position"]
+        saved_ranks = state.get("world_size", 1)
+        if saved_ranks != self.world_size and self.rank == 0:
+            saved_epoch = _batches_per_epoch(len(self.samples), state["batch_size"], saved_ranks)
+            note = "" if saved_epoch == self.batches_per_epoch else (
+                f"; an epoch is {self.batches_per_epoch} batches now, {saved_epoch} before ({len(self.samples)} samples "
+                "do not divide the global batch: one process keeps the short last batch, several drop it), so past "
+                "an epoch boundary the batches are those of a run with this many processes")
+            log.info("the checkpoint was taken with %d process(es) x batch_size %d, this run has %d x %d: the same "
+                     "global batch of %d, continuing at data position %d%s", saved_ranks, state["batch_size"],
+                     self.world_size, self.batch_size, saved_global, self.position, note)

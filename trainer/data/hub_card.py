@@ -15,7 +15,10 @@ README.md (https://huggingface.co/docs/hub/datasets-manual-configuration):
     ---
 
 The default config is the only one, else the one named `default`, else the one with
-`default: true` (two of them: an error). Patterns are globs relative to the repository (or
+`default: true` (two of them: an error). Of the loading options a config may set, `sep` /
+`delimiter` (CSV) are applied; any other that would change the records (`field`, `encoding`,
+`column_names`, ...) is refused, naming it, rather than read differently from the Hub;
+`features` (the column types) is not applied. Patterns are globs relative to the repository (or
 `data_dir`): `*` stops at `/`, `**` crosses folders; hidden files and folders (`.x`) and
 `__x` folders match only when the pattern names them; README.md, config.json and the dataset-info
 files are never data. Torch-free and I/O-light: the operator's initializer uses the same reading
@@ -38,6 +41,7 @@ DEFAULT_SPLIT = "train"  # data_files given without splits
 NOT_DATA = {"README.md", "config.json", "dataset_info.json", "dataset_infos.json", "dummy_data.zip", "dataset_dict.json"}
 _SPLIT = re.compile(r"^\w+(\.\w+)*$")  # the Hub's split names (no dashes)
 _FORMS = ("data_files: PATTERN | [PATTERN, ...] | [{split: NAME, path: PATTERN or [PATTERN, ...]}, ...]")
+_KEYS = {"config_name", "data_files", "data_dir", "default", "features", "description", "version", "sep", "delimiter"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class CardConfig:
     data_files: Optional[dict[str, list[str]]]  # split -> patterns, in the card's order; None: data_dir's usual layout
     data_dir: Optional[str]
     default: bool
+    csv_sep: str = ","  # `sep` (or `delimiter`) of its CSV files
 
 
 def front_matter(text: str) -> dict[str, Any]:
@@ -85,9 +90,19 @@ def card_configs(text: str, where: str) -> dict[str, CardConfig]:
         data_dir = entry.get("data_dir")
         if data_dir is not None and (not isinstance(data_dir, str) or not _inside(data_dir)):
             raise DatasetError(f"{where}: config {name!r}: data_dir {data_dir!r} must be a folder inside the repository")
+        unknown = sorted(set(entry) - _KEYS)
+        if unknown:
+            raise DatasetError(
+                f"{where}: config {name!r} sets {', '.join(unknown)}, a loading option kubetune does not apply (it reads "
+                "data_files, data_dir and CSV sep/delimiter); convert the files so they need none, or read the dataset "
+                "with the `datasets` library"
+            )
+        sep = entry.get("delimiter", entry.get("sep", ","))
+        if not isinstance(sep, str) or len(sep) != 1:
+            raise DatasetError(f"{where}: config {name!r}: sep/delimiter must be one character, got {sep!r}")
         files = entry.get("data_files")
         out[name] = CardConfig(name, None if files is None else _split_patterns(files, f"{where}: config {name!r}"),
-                               data_dir.strip("/") if data_dir else None, entry.get("default") is True)
+                               data_dir.strip("/") if data_dir else None, entry.get("default") is True, sep)
     return out
 
 

@@ -50,9 +50,10 @@ def load_records(source: str, split: str = "train", text_key: str = "text", txt_
     if source.startswith("hf://"):
         return _hf_records(source[len("hf://"):], split)
     path = Path(source).expanduser()
-    card_files = _card_split_files(source, path, split)
-    if card_files is not None:
-        files = card_files
+    csv_sep = ","
+    card = _card_split_files(source, path, split)
+    if card is not None:
+        files, csv_sep = card
     elif path.is_dir():
         if not has_split(source, split) and any(path.glob("*.txt")):
             files = sorted(path.glob("*.txt"))
@@ -62,7 +63,14 @@ def load_records(source: str, split: str = "train", text_key: str = "text", txt_
         raise DatasetError(f"dataset.source {source}: no such file or folder")
     else:
         files = [path]
-    return [r for file in files for r in (_read_txt(file, text_key, txt_documents) if file.suffix.lower() == ".txt" else read_file(file))]
+    return [r for file in files for r in _read_records(file, text_key, txt_documents, csv_sep)]
+
+
+def _read_records(file: Path, text_key: str, txt_documents: str, csv_sep: str) -> list[SourceRecord]:
+    suffix = file.suffix.lower()
+    if suffix == ".txt":
+        return _read_txt(file, text_key, txt_documents)
+    return _read_csv(file, csv_sep) if suffix == ".csv" else read_file(file)
 
 
 def has_split(source: str, split: str) -> bool:
@@ -124,9 +132,9 @@ def _config_base(root: Path, config: Any) -> Path:
     return root / config.data_dir if config.data_dir else root
 
 
-def _card_split_files(source: str, path: Path, split: str) -> Optional[list[Path]]:
+def _card_split_files(source: str, path: Path, split: str) -> Optional[tuple[list[Path], str]]:
     """The files of `split` when a dataset card decides (None: it does not), pattern by pattern in
-    the card's order. Every pattern must match a file, as for the Hub; files of other types (.md,
+    the card's order, and the CSV separator its config sets. Every pattern must match a file, as for the Hub; files of other types (.md,
     .py, ...) are left out, and a split of nothing else is an error naming them."""
     from kubetune.trainer.data import hub_card
 
@@ -135,7 +143,7 @@ def _card_split_files(source: str, path: Path, split: str) -> Optional[list[Path
         return None
     base, config = card
     if config.data_files is None:  # data_dir alone: its usual layout
-        return _split_files(base, split)
+        return _split_files(base, split), config.csv_sep
     where = f"dataset.source {source}: config {config.name!r} of its dataset card"
     if split not in config.data_files:
         raise DatasetError(
@@ -155,7 +163,7 @@ def _card_split_files(source: str, path: Path, split: str) -> Optional[list[Path
             f"{where}: split {split!r} is {names}{', ...' if len(files) > 5 else ''}: no file kubetune reads; "
             f"convert the data to {', '.join(FILE_SUFFIXES)}"
         )
-    return readable
+    return readable, config.csv_sep
 
 
 def read_file(path: Path) -> list[SourceRecord]:
@@ -235,13 +243,14 @@ def _read_parquet(path: Path) -> list[SourceRecord]:
     return [SourceRecord(row, f"{path} record {i}") for i, row in enumerate(rows, start=1)]
 
 
-def _read_csv(path: Path) -> list[SourceRecord]:
+def _read_csv(path: Path, sep: str = ",") -> list[SourceRecord]:
     """A CSV file with a header row, columns typed as the `datasets` library (pandas) types them:
     empty cells and NA/null are None, numbers are numbers."""
     import pyarrow.csv as pcsv
 
     try:
-        rows = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(strings_can_be_null=True)).to_pylist()
+        rows = pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter=sep),
+                             convert_options=pcsv.ConvertOptions(strings_can_be_null=True)).to_pylist()
     except Exception as exc:  # pyarrow raises ArrowInvalid and others for malformed files
         raise DatasetError(f"{path}: cannot read as CSV (a header row, then one record per row): {exc}") from None
     return [SourceRecord(row, f"{path} row {i}") for i, row in enumerate(rows, start=1)]

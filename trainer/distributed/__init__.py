@@ -104,6 +104,31 @@ class World:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (small, picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def main_decides(self, decide: Callable[[], Any]) -> Any:
+        """Rank 0's `decide()` on every rank, the others never running it (resume's choice: one rank
+        hashes the newest checkpoint and renames leftovers, not every rank at once); a KubetuneError
+        it raises is raised on every rank, so every rank stops with the same message."""
+        if not self.distributed:
+            return decide()
+        outcome: Any = None
+        if self.is_main:
+            try:
+                outcome = (decide(), None)
+            except KubetuneError as err:
+                outcome = (None, err)
+        value, error = self.broadcast_object(outcome)
+        if error is not None:
+            raise error
+        return value
+
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))

@@ -12,8 +12,9 @@ dtype (as in the QLoRA paper and bitsandbytes' defaults), since they are small o
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -87,24 +88,69 @@ def to_nf4(weight: torch.Tensor, name: str = "weight", shards: int = 1) -> torch
     return torchao_to_nf4(weight.detach().contiguous(), BLOCK_SIZE, scaler_block_size(weight.numel(), shards=shards))
 
 
-def quantize_base(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP, shards: int = 1) -> nn.Module:
+def scaler_groups(numel: int, shards: int = 1) -> int:
+    """How many double-quantization groups a weight of `numel` weights gets when quantized for `shards`."""
+    return (numel // BLOCK_SIZE) // scaler_block_size(numel, shards=shards)
+
+
+def quantize_base(
+    model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP, shards: int = 1, world_size: Optional[int] = None
+) -> nn.Module:
     """Store every frozen linear weight (plain nn.Linear or LoRALinear base) as NF4, in place.
-    `shards`: the FSDP2 world size the model will be sharded over (QLoRA under torchrun).
+
+    `shards`: the FSDP2 world size the NF4 layout (the double-quantization groups) is chosen for:
+    the run's world size, or on resume the one the run's base was first quantized for
+    (`nf4_layout_shards`), so that a run resumed at another world size trains on the very base it
+    trained on before. `world_size` (default: `shards`): the ranks FSDP2 will shard the model over
+    now; every weight's groups must split over them, else a KubetuneError names the weight and the
+    world sizes that would work.
 
     Modules whose last name is in `skip` (lm_head by default) keep their dtype. Cast the model to
     its training dtype *before* this: `model.to(dtype)` afterwards would dequantize the weights.
     """
     skip = set(skip)
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if name.rsplit(".", 1)[-1] in skip or not _is_linear_like(module) or weight is None or is_nf4(weight):
-            continue
-        quantized = nn.Parameter(to_nf4(weight, f"{name}.weight", shards=shards), requires_grad=False)
+    world_size = shards if world_size is None else world_size
+    targets = [(name, module) for name, module in model.named_modules()
+               if name.rsplit(".", 1)[-1] not in skip and _is_linear_like(module)
+               and getattr(module, "weight", None) is not None and not is_nf4(module.weight)]
+    if world_size != shards:
+        _check_layout_splits(targets, shards, world_size)
+    for name, module in targets:
+        weight = module.weight
         tied = [m for m in model.modules() if m is not module and getattr(m, "weight", None) is weight]
         if tied:
             raise KubetuneError(f"model.quantize_base: {name}.weight is shared with another module; cannot quantize it")
-        module.weight = quantized
+        module.weight = nn.Parameter(to_nf4(weight, f"{name}.weight", shards=shards), requires_grad=False)
     return model
+
+
+def nf4_layout_shards(resume_state: Optional[dict], world_size: int) -> int:
+    """The world size a run's NF4 layout is chosen for: this one for a fresh run; on resume the one
+    the checkpoint's base was quantized for (`nf4_shards` in its training state; a checkpoint from
+    before that key: the world size it was saved at, which is what its run quantized for)."""
+    if resume_state is None:
+        return world_size
+    return int(resume_state.get("nf4_shards") or resume_state["data"].get("world_size", 1))
+
+
+def _check_layout_splits(targets: list, shards: int, world_size: int) -> None:
+    """A base quantized for `shards` ranks, to be sharded over `world_size`: every weight's rows,
+    64-weight blocks and double-quantization groups must divide by world_size (torchao shards all three)."""
+    counts = {f"{name}.weight": (module.weight.shape[0], module.weight.numel() // BLOCK_SIZE,
+                                 scaler_groups(module.weight.numel(), shards))
+              for name, module in targets if module.weight.numel() % BLOCK_SIZE == 0}  # else to_nf4 names it
+    common = math.gcd(*(count for triple in counts.values() for count in triple)) if counts else 0
+    if common % world_size == 0:
+        return
+    name, (rows, blocks, groups) = next((n, c) for n, c in counts.items() if any(x % world_size for x in c))
+    fitting = [str(size) for size in range(1, min(common, 64) + 1) if common % size == 0]
+    raise KubetuneError(
+        f"model.quantize_base: this run's NF4 base was quantized for {shards} process(es), and {name} ({rows} rows, "
+        f"{blocks} blocks of {BLOCK_SIZE}, {groups} double-quantization group(s)) cannot be split evenly over "
+        f"{world_size} processes; quantizing it again for {world_size} would change the base the adapters trained on. "
+        f"Resume this run with {' or '.join(fitting)} process(es), or start a new run (resume: never with a new "
+        "output_dir, or overwrite_output_dir: true)"
+    )
 
 
 def _is_linear_like(module: nn.Module) -> bool:

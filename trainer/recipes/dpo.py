@@ -26,7 +26,10 @@ the synthetic task the held-out reward accuracy passes 0.9 and greedy answers mo
 ones; a run killed at any moment and resumed ends with the same weights and losses as an
 uninterrupted one (CPU, fp32, same seed); SIGTERM saves a checkpoint and exits with 143; 2
 processes give the losses and weights of 1 (fp32, 1e-5), full, LoRA and QLoRA (NF4 with the same
-double-quantization groups).
+double-quantization groups); a checkpoint of 2 processes resumed with 1 (or of 1 with 2) continues
+as the uninterrupted run at the new world size (QLoRA: on the NF4 base the run started with, or
+refused before training when that base cannot be split over the new world size; docs/training.md
+says what differs past an epoch boundary).
 """
 from __future__ import annotations
 
@@ -83,6 +86,7 @@ def recipe_main(cfg: DPOConfig) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     checkpoints = CheckpointManager(output_dir, keep_last=cfg.keep_last_checkpoints)
     use_lora = cfg.lora is not None
+    nf4_shards: Optional[int] = None  # QLoRA: the world size its NF4 base's layout was chosen for
     needs_reference = cfg.loss not in REFERENCE_FREE
     # A previous run's output folder -> its model (rank 0 merges an adapter once; the others wait).
     model_path = world.broadcast_object(model_folder(cfg.model.path, output_dir) if world.is_main else None)
@@ -100,10 +104,10 @@ def recipe_main(cfg: DPOConfig) -> dict[str, Any]:
     # ---- Which run: continue the one in output_dir, or start fresh (resume.py) --------
     # Refused before any work when output_dir holds a run with other settings (loss, beta, lora,
     # data, ...), or a fresh run would land on another run's files; rank 0 decides for all.
-    checkpoints.recover_interrupted_writes(world)  # a complete checkpoint a kill left under a temporary name
-    plan = world.broadcast_object(plan_resume(cfg, checkpoints, total_steps, world.size))
+    plan = world.main_decides(lambda: plan_resume(cfg, checkpoints, total_steps, world.size))
     checkpoints.run = plan.run
     resume_dir = plan.checkpoint
+    resume_state = load_training_state(resume_dir, world.rank) if resume_dir is not None else None
 
     # ---- Policy and reference, then shard (FSDP2 under torchrun), then optimizer ---------
     # The policy always starts from model.path; on resume its trainable weights (every one, or
@@ -111,9 +115,12 @@ def recipe_main(cfg: DPOConfig) -> dict[str, Any]:
     model = load_pretrained(model_path, device=world.load_device, dtype=dtype)
     if use_lora:
         if cfg.model.quantize_base == "nf4":
-            from kubetune.trainer.quant import quantize_base
+            from kubetune.trainer.quant import nf4_layout_shards, quantize_base
 
-            quantize_base(model, shards=world.size)  # decoder projections -> NF4; lm_head stays in dtype
+            # Decoder projections -> NF4 (lm_head stays in dtype), in the layout the run started with:
+            # resumed at another world size it trains on the same base (or is refused, naming why).
+            nf4_shards = nf4_layout_shards(resume_state, world.size)
+            quantize_base(model, shards=nf4_shards, world_size=world.size)
         apply_lora(model, cfg.lora)  # freezes every base parameter; the reference = adapters off
     model.enable_activation_checkpointing(cfg.activation_checkpointing)
     if cfg.compile:
@@ -133,14 +140,13 @@ def recipe_main(cfg: DPOConfig) -> dict[str, Any]:
 
     # ---- Resume: weights, optimizer, schedule, data position and RNG where they were -------
     step = 0
-    if resume_dir is not None:
+    if resume_state is not None:
         load_sharded_training_state(resume_dir, model, optimizer)
-        state = load_training_state(resume_dir, world.rank)
-        scheduler.load_state_dict(state["lr_scheduler"])
+        scheduler.load_state_dict(resume_state["lr_scheduler"])
         reapply_schedule(scheduler)  # the groups take this run's schedule (it may be replanned)
-        train_loader.load_state_dict(state["data"])
-        load_rng_state(state["rng"])
-        step = state["step"]
+        train_loader.load_state_dict(resume_state["data"])
+        load_rng_state(resume_state["rng"])
+        step = resume_state["step"]
 
     # ---- Reporting: metrics.jsonl, Prometheus, progress bar, trackers ----------------------
     # Only rank 0 reports (the operator scrapes rank 0); the other ranks log with a rank prefix.
@@ -209,6 +215,7 @@ def recipe_main(cfg: DPOConfig) -> dict[str, Any]:
             "lr_scheduler": scheduler.state_dict(),
             "data": train_loader.state_dict(),
             "rng": rng_state(),
+            "nf4_shards": nf4_shards,
         }
         folder = checkpoints.save(step, write_model, training_state, world=world,
                                   sharded_state=sharded_training_state(model, optimizer), rank_state={"rng": rng_state()})

@@ -75,8 +75,7 @@ def recipe_main(cfg: FullFinetuneConfig) -> dict[str, Any]:
     # ---- Which run: continue the one in output_dir, or start fresh (resume.py) --------
     # Refused before any work when output_dir holds a run with other settings, or a fresh run
     # would land on another run's files; rank 0 decides for all.
-    checkpoints.recover_interrupted_writes(world)  # a complete checkpoint a kill left under a temporary name
-    plan = world.broadcast_object(plan_resume(cfg, checkpoints, total_steps, world.size))
+    plan = world.main_decides(lambda: plan_resume(cfg, checkpoints, total_steps, world.size))
     checkpoints.run = plan.run
     resume_dir = plan.checkpoint
 

@@ -80,18 +80,22 @@ def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
     # ---- Which run: continue the one in output_dir, or start fresh (resume.py) --------
     # Refused before any work when output_dir holds a run with other settings, or a fresh run
     # would land on another run's files; rank 0 decides for all.
-    checkpoints.recover_interrupted_writes(world)  # a complete checkpoint a kill left under a temporary name
-    plan = world.broadcast_object(plan_resume(cfg, checkpoints, total_steps, world.size))
+    plan = world.main_decides(lambda: plan_resume(cfg, checkpoints, total_steps, world.size))
     checkpoints.run = plan.run
     resume_dir = plan.checkpoint
+    resume_state = load_training_state(resume_dir, world.rank) if resume_dir is not None else None
 
     # ---- Model: base (NF4 for QLoRA), adapters, then shard (FSDP2), then optimizer ------
     # The base always comes from model.path; a checkpoint holds only the adapter.
     model = load_pretrained(cfg.model.path, device=world.load_device, dtype=dtype)
+    nf4_shards: Optional[int] = None  # QLoRA: the world size its NF4 base's layout was chosen for
     if cfg.model.quantize_base == "nf4":
-        from kubetune.trainer.quant import quantize_base
+        from kubetune.trainer.quant import nf4_layout_shards, quantize_base
 
-        quantize_base(model, shards=world.size)  # decoder projections -> NF4; lm_head stays in dtype
+        # Decoder projections -> NF4 (lm_head stays in dtype), in the layout the run started with:
+        # resumed at another world size it trains on the same base (or is refused, naming why).
+        nf4_shards = nf4_layout_shards(resume_state, world.size)
+        quantize_base(model, shards=nf4_shards, world_size=world.size)
     apply_lora(model, cfg.lora)  # freezes every base parameter
     model.enable_activation_checkpointing(cfg.activation_checkpointing)
     if cfg.compile:
@@ -107,14 +111,13 @@ def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
 
     # ---- Resume: adapter, optimizer, schedule, data position and RNG where they were -------
     step = 0
-    if resume_dir is not None:
+    if resume_state is not None:
         load_sharded_training_state(resume_dir, model, optimizer)  # the trainable weights + AdamW state
-        state = load_training_state(resume_dir, world.rank)
-        scheduler.load_state_dict(state["lr_scheduler"])
+        scheduler.load_state_dict(resume_state["lr_scheduler"])
         reapply_schedule(scheduler)  # the groups take this run's schedule (it may be replanned)
-        train_loader.load_state_dict(state["data"])
-        load_rng_state(state["rng"])
-        step = state["step"]
+        train_loader.load_state_dict(resume_state["data"])
+        load_rng_state(resume_state["rng"])
+        step = resume_state["step"]
 
     # ---- Reporting: metrics.jsonl, Prometheus, progress bar --------------------------------
     # Only rank 0 reports (the operator scrapes rank 0); the other ranks log with a rank prefix.
@@ -155,6 +158,7 @@ def recipe_main(cfg: LoRAFinetuneConfig) -> dict[str, Any]:
             "lr_scheduler": scheduler.state_dict(),
             "data": train_loader.state_dict(),
             "rng": rng_state(),
+            "nf4_shards": nf4_shards,
         }
         folder = checkpoints.save(step, write_adapter, training_state, world=world,
                                   sharded_state=sharded_training_state(model, optimizer), rank_state={"rng": rng_state()})

@@ -14,7 +14,8 @@ Given the run it belongs to (`run=`, a `resume.RunRecord`), each checkpoint also
 run's `run.json`, and pruning and `latest_of(run_id)` only ever consider that run's checkpoints.
 
 Integrity: the last file written into a checkpoint, before the rename, is `checksums.json` (the
-size and sha256 of every other file, every rank's shards included). Resume verifies the newest
+size and sha256 of every other file, every rank's shards included: each rank hashes the files it
+wrote itself, at once and from its own page cache, and rank 0 the rest). Resume verifies the newest
 checkpoint against it; one that fails (a truncated safetensors file, a damaged optimizer shard or
 training state, a missing file: disks and copies do that after the fact) is named in a warning and
 the next older checkpoint is used instead. A checkpoint written before checksums existed gets a
@@ -24,9 +25,9 @@ counts only checkpoints not known to be damaged, so a damaged one never displace
 A kill at the wrong moment can leave a complete checkpoint under a temporary name and no
 `step_<N>`: between `write_checksums` and the rename (a finished `step_<N>.tmp-*`), or, when the
 same step is saved again, between moving the old copy aside (`step_<N>.replaced-*`) and renaming
-the new one in (both). `recover_interrupted_writes` (rank 0, before resume picks a checkpoint, and
-again before every prune) renames the first of them that verifies back to `step_<N>`, so neither
-resume nor pruning ever loses a completed checkpoint.
+the new one in (both). `recover_interrupted_writes` (in resume's plan_resume, which only rank 0
+runs, and again before every prune) renames the first of them that verifies back to `step_<N>`,
+so neither resume nor pruning ever loses a completed checkpoint.
 """
 from __future__ import annotations
 
@@ -111,22 +112,14 @@ class CheckpointManager:
         """The damaged checkpoints found so far and what is wrong with each (for error messages)."""
         return "; ".join(f"{folder.name}: {problem}" for folder, problem in sorted(self.damaged.items()))
 
-    def recover_interrupted_writes(self, world: Optional["World"] = None) -> list[Path]:
+    def recover_interrupted_writes(self) -> list[Path]:
         """Put back every complete checkpoint a kill left under a temporary name (see the module
-        docstring); returns the folders put back. Every rank calls it before choosing a checkpoint:
-        rank 0 renames, the others wait for it (nobody lists the folder while it changes)."""
-        from kubetune.trainer.distributed import World
-
-        world = world or World()
-        recovered = self._recover_leftovers() if world.is_main else []
-        world.barrier()
-        return recovered
-
-    def _recover_leftovers(self) -> list[Path]:
-        """For each step with leftovers and no `step_<N>`: rename the first intact candidate to
-        `step_<N>`: the copy that was in place (`.replaced-*`), else a finished write (`.tmp-*` with
-        checksums.json, which is written last). When none verifies, the first is put back anyway,
-        so resume names its damage and pruning treats it as any damaged checkpoint."""
+        docstring); returns the folders put back. For each step with leftovers and no `step_<N>`:
+        the first intact one of the copy that was in place (`.replaced-*`) and a finished write
+        (`.tmp-*` with checksums.json, which is written last) is renamed to `step_<N>`; when none
+        verifies, the first is put back anyway, so resume names its damage and pruning treats it as
+        any damaged checkpoint. One process only (rank 0: resume's plan_resume, and prune), while no
+        other reads the folder."""
         if not self.dir.is_dir():
             return []
         leftovers: dict[int, list[Path]] = {}
@@ -236,17 +229,20 @@ class CheckpointManager:
                 dcp.save(sharded_state, checkpoint_id=str(tmp / SHARDED_STATE), no_dist=not world.distributed)
         if rank_state is not None and not world.is_main:
             _save_fsynced(rank_state, tmp / rank_state_name(world.rank))
-        world.barrier()  # every rank's shards are on disk
+        # Each rank hashes the files it wrote itself (still in its own node's page cache, all ranks
+        # at once); rank 0 hashes the rest. The gather also means: every rank's shards are on disk.
+        hashed = world.gather_objects(_hash_own_files(tmp, world.rank) if world.rank > 0 else {})
         if world.is_main:
             _save_fsynced(training_state, tmp / TRAINING_STATE)
-            write_checksums(tmp)  # last: a folder with a valid checksums.json was written in full
+            # last: a folder with a valid checksums.json was written in full
+            write_checksums(tmp, hashed={name: entry for entries in hashed for name, entry in entries.items()})
             _replace_folder(tmp, final)
             self.damaged.pop(final, None)
 
     def prune(self) -> None:
         """Keep the newest keep_last complete checkpoints of the current run (and protected steps);
         remove leftovers of interrupted writes. Another run's checkpoints are never pruned here."""
-        self._recover_leftovers()  # a leftover that is a step's only complete copy is put back, not removed
+        self.recover_interrupted_writes()  # a leftover that is a step's only complete copy is put back, not removed
         checkpoints = self.complete_checkpoints(self.run.run_id if self.run is not None else None)
         # Only intact checkpoints count towards keep_last: a damaged one never displaces a good one.
         # A damaged one goes once an intact newer one exists (nothing would resume from it).
@@ -306,15 +302,31 @@ def _sha256_all(paths: list[Path]) -> list[str]:
         return list(pool.map(_sha256, paths))
 
 
+def _hash_own_files(folder: Path, rank: int) -> dict[str, dict[str, Any]]:
+    """Checksum entries for the files rank `rank` (> 0) wrote into a checkpoint: its RNG state and
+    its torch.distributed.checkpoint shards (`__<rank>_<n>.distcp`, DCP's file naming). A file
+    named otherwise is hashed by rank 0 instead, so a change of naming costs time, never coverage."""
+    own = [folder / rank_state_name(rank), *sorted((folder / SHARDED_STATE).glob(f"__{rank}_*.distcp"))]
+    own = [p for p in own if p.is_file()]
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(own, _sha256_all(own))}
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
 
 
-def write_checksums(folder: Path) -> None:
-    """checksums.json: the size and sha256 of every file in `folder` (written atomically, fsynced)."""
+def write_checksums(folder: Path, hashed: Optional[dict[str, dict[str, Any]]] = None) -> None:
+    """checksums.json: the size and sha256 of every file in `folder` (written atomically, fsynced).
+    `hashed`: entries other ranks computed for the files they wrote ({name: {"size", "sha256"}});
+    every other file is hashed here."""
+    hashed = hashed or {}
     files = _files(folder)
-    digests = _sha256_all(files)
-    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
+    todo = [p for p in files if p.relative_to(folder).as_posix() not in hashed]
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(todo, _sha256_all(todo))}
+    for name, entry in hashed.items():
+        if (folder / name).stat().st_size != entry["size"]:  # changed since it was hashed: should never happen
+            raise OSError(f"{name} changed while the checkpoint was being written ({entry['size']} bytes hashed)")
+        entries[name] = entry
     tmp = folder / f".{CHECKSUMS}.tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump({"files": entries}, handle, indent=1, sort_keys=True)

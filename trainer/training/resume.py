@@ -141,6 +141,19 @@ def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
+def global_batch_hint(old: dict[str, Any], new: dict[str, Any], world_size: int) -> str:
+    """batch_size is matched as the global batch (batch_size x processes), so a run resumed with
+    another number of processes and the same batch_size differs in "batch_size": say what the
+    numbers are and which batch_size continues the run at this world size."""
+    before, now = old.get("batch_size"), new.get("batch_size")
+    if before == now or not isinstance(before, int) or not isinstance(now, int):
+        return ""
+    fix = (f"set batch_size: {before // world_size} to continue it with {world_size} process(es)" if before % world_size == 0
+           else f"{before} does not split over {world_size} processes: resume with a number of processes that divides it")
+    return (f"\nbatch_size is compared as the global batch (batch_size x processes): the run has {before}, this config "
+            f"{now} ({now // world_size} x {world_size} process(es)); {fix}")
+
+
 def _show(value: Any) -> str:
     return "(unset)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else json.dumps(value)
 
@@ -181,10 +194,13 @@ def clear_run_outputs(output_dir: Path) -> None:
 
 def plan_resume(cfg: Any, checkpoints: Any, total_steps: int, world_size: int = 1) -> ResumePlan:
     """Decide fresh start or resume for `cfg` in the checkpoint manager's output_dir; raise
-    ResumeError when they disagree. Reads only, except with overwrite_output_dir (the previous
-    run's outputs are cleared, by the main process: `is_main`). Sets `checkpoints.run`, so every
-    checkpoint carries the run record and pruning keeps to this run. The caller then writes
+    ResumeError when they disagree. One process decides (rank 0: `World.main_decides`): it puts
+    back a complete checkpoint a kill left under a temporary name (`recover_interrupted_writes`)
+    and verifies the newest checkpoint, then every rank gets the plan. Otherwise reads only (with
+    overwrite_output_dir, `start_run` clears the previous run's outputs). Sets `checkpoints.run`, so
+    every checkpoint carries the run record and pruning keeps to this run. The caller then writes
     run.json with `start_run` (rank 0)."""
+    checkpoints.recover_interrupted_writes()
     output_dir = checkpoints.dir.parent
     settings = matched_settings(cfg, world_size)
     digest = settings_hash(settings)
@@ -206,6 +222,7 @@ def plan_resume(cfg: Any, checkpoints: Any, total_steps: int, world_size: int = 
                 raise ResumeError(
                     f"resume: {checkpoint} belongs to run {record.run_id}, whose settings differ from this config:\n  "
                     + "\n  ".join(describe_differences(record.settings, settings))
+                    + global_batch_hint(record.settings, settings, world_size)
                     + f"\nresume it with the settings it was trained with, or {_ways_out(output_dir)}"
                 )
             return ResumePlan(record, checkpoint, False, [f"resuming run {record.run_id} from {checkpoint}"])
@@ -220,6 +237,7 @@ def plan_resume(cfg: Any, checkpoints: Any, total_steps: int, world_size: int = 
                 raise ResumeError(
                     f"output_dir {output_dir} holds run {current.run_id}, whose settings differ from this config:\n  "
                     + "\n  ".join(describe_differences(current.settings, settings))
+                    + global_batch_hint(current.settings, settings, world_size)
                     + f"\nresume: auto continues only a run with the same settings; {_ways_out(output_dir)}"
                 )
             checkpoint = checkpoints.latest_of(current.run_id)
