@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import kopf
 
@@ -95,6 +95,10 @@ class OperatorConfig:
     # A FineTuneJob whose spec.fineTuneJob does not exist waits this long (`kubectl apply -f folder/`
     # may create it later), then fails (KUBETUNE_REFERENCE_GRACE_SECONDS).
     reference_grace: float = 300.0
+    # A resource waiting for the one it references starts when that one's phase changes (a watch
+    # event, operator/chaining.py); this slow poll only covers an event missed
+    # (KUBETUNE_REFERENCE_POLL_SECONDS).
+    reference_poll: float = 60.0
 
 
 @dataclass
@@ -107,6 +111,14 @@ class OperatorState:
     jobs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (namespace, name) -> body
     sync_task: Optional[asyncio.Task] = None
     login_kwargs: dict[str, Any] = field(default_factory=dict)  # what kopf passed the login handler (settings, logger)
+    # Starting a FineTuneJob: one lock per job, since kopf's handler and a wake-up (chaining.py)
+    # may both try; `decided`: what kopf's handler decided (workload, base model, Failed) before
+    # kopf wrote it, by (namespace, name) -> (uid, status fields); `next_poll`: when a job kopf's
+    # handler left waiting for its spec.fineTuneJob is looked at again without an event
+    # (time.monotonic()).
+    locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    decided: dict[tuple[str, str], tuple[Optional[str], dict[str, Any]]] = field(default_factory=dict)
+    next_poll: dict[tuple[str, str], float] = field(default_factory=dict)
     _kube: Optional[KubeClient] = None
     _discovery: Optional[asyncio.Lock] = None
 
@@ -135,6 +147,21 @@ class OperatorState:
             self._kube = KubeClient(self.connection, relogin=self.relogin)
         self._kube.use(self.connection)  # kopf logged in again (its own 401): the new credentials
         return self._kube
+
+    def lock(self, key: tuple[str, str]) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+    def with_decided(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The body, its status overlaid with what was decided for this very object (its uid)."""
+        meta = body.get("metadata") or {}
+        uid, fields = self.decided.get((meta.get("namespace"), meta.get("name")), (None, {}))
+        if not fields or uid != meta.get("uid"):
+            return body
+        return {**body, "status": {**(body.get("status") or {}), **fields}}
+
+    def forget(self, key: tuple[str, str]) -> None:
+        for memory in (self.jobs, self.locks, self.decided, self.next_poll):
+            memory.pop(key, None)
 
     async def cluster_info(self) -> ClusterInfo:
         self._discovery = self._discovery or asyncio.Lock()
@@ -208,6 +235,17 @@ def workload_pods(kind: str, workload: dict[str, Any], pods: list[dict[str, Any]
         return [p for p in pods if trainjob.owns_pod(workload, p)]
     workload_uid = (workload.get("metadata") or {}).get("uid")
     return [p for p in pods if any(o.get("uid") == workload_uid for o in (p.get("metadata") or {}).get("ownerReferences") or [])]
+
+
+Events = list[tuple[str, str, str]]  # (type, reason, message) to post on the object
+
+
+class ReferenceWait(Exception):
+    """spec.fineTuneJob has not succeeded yet: look again in `delay` seconds, or when it changes."""
+
+    def __init__(self, delay: float):
+        super().__init__(f"waiting for spec.fineTuneJob; polled again in {delay:g}s")
+        self.delay = delay
 
 
 class NameConflict(KubetuneError):
@@ -299,6 +337,8 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         started = time.perf_counter()
         try:
             yield
+        except ReferenceWait:
+            raise  # waiting, not an error
         except Exception:
             metrics.reconcile_errors.labels(kind=KIND, handler=handler).inc()
             raise
@@ -357,19 +397,20 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         patch.status["phase"] = current.phase
         patch.status["observedGeneration"] = generation
 
-    def end_lost(body: Any, patch: kopf.Patch, record: dict[str, Any]) -> None:
+    def end_lost(body: Any, patch: kopf.Patch, record: dict[str, Any], events: Events) -> None:
         old = body.get("status") or {}
         current = lost_state(record)
         set_conditions(body, patch, current, created=True)
         patch.status["completionTime"] = old.get("completionTime") or now_iso()
-        kopf.warn(body, reason=current.reason, message=current.message)
+        events.append(("Warning", current.reason, current.message))
         metrics.set_phase(KIND, body.metadata.namespace, body.metadata.name, current.phase)
 
-    async def start_model(body: Any, job: FineTuneJob, patch: kopf.Patch) -> Optional[str]:
+    async def start_model(body: Any, job: FineTuneJob, patch: kopf.Patch, events: Events) -> Optional[str]:
         """With spec.fineTuneJob: the pvc:// source of that job's model once it succeeded (also kept
         in status.baseModel). Until then the job stays Pending with ModelReady=False naming it, and
-        this raises TemporaryError (kopf calls again after sync_interval); a failed, deleted or
-        unusable reference, or one still missing after reference_grace, fails the job."""
+        this raises ReferenceWait: the job starts when the reference's phase changes (chaining.py
+        wakes it) or at its slow poll; a failed, deleted or unusable reference, or one still
+        missing after reference_grace, fails the job."""
         ref = job.spec.fine_tune_job
         old = body.get("status") or {}
         if ref is None:
@@ -407,18 +448,109 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
                                                    now=now, generation=generation)
         if wait.phase == "Failed":
             patch.status["completionTime"] = old.get("completionTime") or now
-            kopf.warn(body, reason=wait.reason, message=wait.message)
+            events.append(("Warning", wait.reason, wait.message))
             metrics.set_phase(KIND, body.metadata.namespace, body.metadata.name, "Failed")
             raise kopf.PermanentError(wait.message)
         if next((c.get("reason") for c in old.get("conditions") or [] if c["type"] == "ModelReady"), None) != wait.reason:
-            kopf.info(body, reason=wait.reason, message=wait.message)  # once per reason, not once per retry
+            events.append(("Normal", wait.reason, wait.message))  # once per reason, not once per poll
         metrics.set_phase(KIND, body.metadata.namespace, body.metadata.name, "Pending")
-        raise kopf.TemporaryError(wait.message, delay=config.sync_interval)
+        delay = config.reference_poll
+        if ftj is None and not seen and created is not None:  # look again when its grace ends
+            grace_left = config.reference_grace - (dt.datetime.now(dt.timezone.utc) - created).total_seconds()
+            delay = min(delay, max(grace_left, 0.0) + 0.1)
+        raise ReferenceWait(delay)
+
+    async def write_status(body: Any, changes: dict[str, Any]) -> None:
+        """Patch status now (not through kopf's patch after the handler) and keep the body the
+        sync loop and the wake-ups read in step until the watch brings the new one."""
+        ns, name = body["metadata"].get("namespace"), body["metadata"]["name"]
+        await state.kube.patch(API_VERSION, KIND, ns, name, {"status": changes}, subresource="status")
+        latest = state.jobs.get((ns, name))
+        if latest is not None and (latest.get("metadata") or {}).get("uid") == body["metadata"].get("uid"):
+            state.jobs[(ns, name)] = {**latest, "status": {**(latest.get("status") or {}), **changes}}
+
+    def chained_not_started(body: dict[str, Any]) -> bool:
+        """A job with spec.fineTuneJob, reconciled once (phase Pending) and without a workload yet:
+        waiting for its reference, or resolved it and met an error making its children (retried
+        here too, since kopf's handler ended when it began to wait)."""
+        status = body.get("status") or {}
+        return bool(((body.get("spec") or {}).get("fineTuneJob") or {}).get("name")) and status.get("phase") == "Pending" \
+            and not status.get("workload") and not body["metadata"].get("deletionTimestamp")
 
     @kopf.on.resume(*FTJ, registry=registry)
     @kopf.on.create(*FTJ, registry=registry)
     async def reconcile(body: Any, patch: kopf.Patch, retry: int = 0, **_: Any) -> None:
-        """Create (or adopt) the children; set the first phase and conditions."""
+        """Create (or adopt) the children; set the first phase and conditions. A job waiting for its
+        spec.fineTuneJob is done here: it is started by a wake-up or its poll (start_waiting)."""
+        key = (body.metadata.namespace, body.metadata.name)
+        async with state.lock(key):
+            raw = state.with_decided(plain(body))
+            events: Events = []
+            try:
+                await advance(kopf.Body(raw), patch, retry, events)
+            except ReferenceWait as wait:
+                # Written now, under the lock: a wake-up that starts the job right after must not be
+                # overwritten by kopf's patch of this waiting status.
+                state.next_poll[key] = time.monotonic() + wait.delay
+                try:
+                    await write_status(raw, patch.pop("status"))
+                except ApiError as err:
+                    raise kopf.TemporaryError(f"API error, retrying: {err}", delay=config.retry_delay)
+            finally:
+                # What kopf will write after this handler, for a wake-up that comes first (with_decided).
+                status = patch.get("status") or {}
+                if status.get("workload") or status.get("phase") in TERMINAL_PHASES:
+                    fields = ("workload", "baseModel", "fineTuneJobUid", "phase")
+                    state.decided[key] = (body.metadata.get("uid"), {k: status[k] for k in fields if k in status})
+                for type_, reason, message in events:
+                    (kopf.warn if type_ == "Warning" else kopf.info)(body, reason=reason, message=message)
+
+    async def start_waiting(ns: str, name: str) -> None:
+        """A job waiting for its spec.fineTuneJob, woken (that job's phase changed) or polled:
+        the same steps as the handler, under the same lock, the status written directly."""
+        key = (ns, name)
+        async with state.lock(key):
+            if key not in state.jobs:
+                return
+            raw = state.with_decided(state.jobs[key])
+            if not chained_not_started(raw):
+                return  # started, ended or not reconciled yet (kopf's handler does that)
+            state.next_poll.pop(key, None)
+            patch, events = kopf.Patch(), []
+            try:
+                await advance(kopf.Body(raw), patch, 0, events)
+            except ReferenceWait as wait:
+                state.next_poll[key] = time.monotonic() + wait.delay
+            except kopf.PermanentError:
+                pass  # Failed: the patch says why
+            except kopf.TemporaryError as err:
+                state.next_poll[key] = time.monotonic() + (err.delay or config.retry_delay)
+            except Exception:
+                state.next_poll[key] = time.monotonic() + config.retry_delay
+                raise
+            if patch.get("status"):
+                await write_status(raw, patch["status"])
+            for event in events:  # kopf posts only its handlers' events
+                await post_event(raw, *event)
+
+    async def wake_jobs(ns: str, names: Iterable[str]) -> None:
+        await asyncio.gather(*(start_waiting(ns, name) for name in names))
+
+    async def poll_waiting() -> None:
+        """The slow poll of jobs waiting for their spec.fineTuneJob (an event may have been missed),
+        and the retry of those whose children could not be made yet."""
+        now = time.monotonic()
+        # Only jobs handed over to it (kopf's handler ended with them waiting): kopf retries its own.
+        due = [key for key, at in list(state.next_poll.items()) if now >= at and key in state.jobs and chained_not_started(state.jobs[key])]
+        for key, result in zip(due, await asyncio.gather(*(start_waiting(*key) for key in due), return_exceptions=True)):
+            if isinstance(result, Exception):
+                log.warning("looking at %s/%s's spec.fineTuneJob failed, will retry: %s", *key, result)
+
+    async def advance(body: Any, patch: kopf.Patch, retry: int, events: Events) -> None:
+        """Create (or adopt) the children and set the first phase and conditions, into `patch`,
+        and the Events to post into `events` (kopf posts a handler's; a wake-up posts its own).
+        Raises ReferenceWait while spec.fineTuneJob has not succeeded (the status says so in
+        `patch`), kopf.TemporaryError to be called again, kopf.PermanentError when it failed."""
         with timed("reconcile"):
             ns, name = body.metadata.namespace, body.metadata.name
             old = body.get("status") or {}
@@ -430,10 +562,10 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             record = old.get("workload")
             try:
                 job = parse_object(plain(body), f"FineTuneJob {ns}/{name}")
-                start = await start_model(body, job, patch)  # spec.fineTuneJob: waits (TemporaryError) until it succeeded
+                start = await start_model(body, job, patch, events)  # spec.fineTuneJob: ReferenceWait until it succeeded
                 ensured = await ensure_all(job, record, started=bool(old.get("startTime")), start_model=start)
             except NameConflict as err:
-                kopf.warn(body, reason="NameConflict", message=str(err))
+                events.append(("Warning", "NameConflict", str(err)))
                 set_conditions(body, patch, WorkloadState(old.get("phase") or "Pending", "NameConflict", str(err)), created=False)
                 raise kopf.TemporaryError(str(err), delay=config.retry_delay * 5)
             except ChildError as err:
@@ -441,7 +573,7 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
                 if state_ is None:
                     raise kopf.TemporaryError(f"API error, retrying: {err}", delay=config.retry_delay)
                 if retry == 0 or state_.phase == "Failed":  # one event, not one per retry
-                    kopf.warn(body, reason=state_.reason, message=state_.message)
+                    events.append(("Warning", state_.reason, state_.message))
                 set_conditions(body, patch, state_, created=False)
                 if state_.phase == "Failed":  # the API refused the object itself: retrying cannot help
                     patch.status["completionTime"] = old.get("completionTime") or now_iso()
@@ -453,11 +585,11 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             except KubetuneError as err:  # a spec that cannot run: say which field, once
                 set_conditions(body, patch, WorkloadState("Failed", "InvalidSpec", str(err)), created=False)
                 patch.status["completionTime"] = old.get("completionTime") or now_iso()
-                kopf.warn(body, reason="InvalidSpec", message=str(err))
+                events.append(("Warning", "InvalidSpec", str(err)))
                 metrics.set_phase(KIND, ns, name, "Failed")
                 raise kopf.PermanentError(str(err))
             if ensured.fate == "lost":
-                end_lost(body, patch, record or {})
+                end_lost(body, patch, record or {}, events)
                 return
             if record and ensured.fate == "keep":  # resumed after a restart: the sync loop owns phase and conditions
                 if ensured.record != record:
@@ -468,14 +600,14 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             current = first_state(job)
             kinds = ", ".join(f"{c['kind']} {c['metadata']['name']}" for c in ensured.children)
             verb = "recreated (it had not started)" if record else "created"
-            kopf.info(body, reason="Created", message=f"{verb} {kinds}")
+            events.append(("Normal", "Created", f"{verb} {kinds}"))
             set_conditions(body, patch, current, created=True)
             if not job.spec.output.source:  # a restart there starts from scratch: say so where people look
                 type_, ok, reason, message = ephemeral_output_condition()
                 patch.status["conditions"] = set_condition(
                     patch.status["conditions"], type_, ok, reason, message, now=now_iso(), generation=body.metadata.get("generation")
                 )
-                kopf.warn(body, reason=reason, message=message)
+                events.append(("Warning", reason, message))
             patch.status["workload"] = ensured.record
             metrics.set_phase(KIND, ns, name, current.phase)
 
@@ -504,16 +636,20 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
         handlers in a thread pool, and this one runs on every watch event.)"""
         key = (body.metadata.namespace, body.metadata.name)
         if type == "DELETED":
-            state.jobs.pop(key, None)
+            state.forget(key)
             metrics.forget(KIND, *key)  # no finalizer: the children go with their owner (ownerReferences)
         else:
             state.jobs[key] = plain(body)
+            status = body.get("status") or {}
+            if status.get("workload") or status.get("phase") in TERMINAL_PHASES:
+                state.decided.pop(key, None)  # the body says it now
 
     async def sync_loop() -> None:
         while True:
             await asyncio.sleep(config.sync_interval)
             if state.connection is None or not await state.serving():
                 continue
+            await poll_waiting()
             due = [body for body in list(state.jobs.values()) if needs_sync(body)]
             by_namespace: dict[str, list[dict[str, Any]]] = {}
             for body in due:
@@ -652,9 +788,12 @@ def build_registry(state: OperatorState) -> kopf.OperatorRegistry:
             log.debug("could not post event %s: %s", reason, err)
 
     # EvalJobs and ModelDeployments: their own watches and reconcile loop (pipeline_handlers.py).
+    from kubetune.operator.chaining import register as register_chaining
     from kubetune.operator.pipeline_handlers import register as register_pipeline
 
-    register_pipeline(registry, state)
+    reconciler = register_pipeline(registry, state)
+    # Resources waiting for another start when its phase changes (operator/chaining.py).
+    register_chaining(registry, wake_finetunejobs=wake_jobs, wake_pipeline=reconciler.wake)
 
     if config.admission:
 

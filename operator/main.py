@@ -137,6 +137,7 @@ def operator_command(args: argparse.Namespace) -> int:
         admission=webhook is not None,
         sync_interval=float(os.environ.get("KUBETUNE_SYNC_INTERVAL", "5")),
         reference_grace=float(os.environ.get("KUBETUNE_REFERENCE_GRACE_SECONDS", "300")),
+        reference_poll=float(os.environ.get("KUBETUNE_REFERENCE_POLL_SECONDS", "60")),
         tenancy=Policy.from_env(dict(os.environ)),
         cpu_per_gpu=os.environ.get("KUBETUNE_CPU_PER_GPU", "4"),
         memory_per_gpu=os.environ.get("KUBETUNE_MEMORY_PER_GPU", "32Gi"),

@@ -26,7 +26,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import kopf
 
@@ -166,6 +166,11 @@ class PipelineReconciler:
         self.state = state  # handlers.OperatorState: kube client, config, metrics
         self.bodies: dict[tuple[str, str, str], dict[str, Any]] = {}  # (kind, namespace, name) -> body
         self.task: Optional[asyncio.Task] = None
+        # One reconcile of a resource at a time (a round and a wake-up may both want it).
+        self.locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+        # Resources that wait for what they reference, with nothing of theirs to follow: skipped by
+        # the rounds until this time (time.monotonic()), reconciled at once when woken (chaining.py).
+        self.parked: dict[tuple[str, str, str], float] = {}
 
     @property
     def kube(self) -> KubeClient:
@@ -183,31 +188,55 @@ class PipelineReconciler:
     async def round(self) -> None:
         limit = asyncio.Semaphore(self.state.config.sync_concurrency)
 
-        async def one(key: tuple[str, str, str], body: dict[str, Any]) -> None:
+        async def one(key: tuple[str, str, str]) -> None:
             async with limit:
-                kind = key[0]
-                started = time.perf_counter()
-                try:
-                    if kind == "EvalJob":
-                        await self.reconcile_eval(body)
-                    else:
-                        await self.reconcile_deployment(body)
-                except Exception as err:  # retried next round; the operator never crashes on one object
-                    self.state.metrics.reconcile_errors.labels(kind=kind, handler="sync").inc()
-                    log.warning("reconcile of %s %s/%s failed, will retry: %s", kind, key[1], key[2], err)
-                finally:
-                    self.state.metrics.reconcile_seconds.labels(kind=kind, handler="sync").observe(time.perf_counter() - started)
+                await self.reconcile(key)
 
-        due = [(k, b) for k, b in list(self.bodies.items()) if not (k[0] == "EvalJob" and (b.get("status") or {}).get("phase") in TERMINAL_PHASES)]
-        await asyncio.gather(*(one(k, b) for k, b in due))
+        now = time.monotonic()
+        due = [k for k, b in list(self.bodies.items())
+               if not (k[0] == "EvalJob" and (b.get("status") or {}).get("phase") in TERMINAL_PHASES) and self.parked.get(k, 0.0) <= now]
+        await asyncio.gather(*(one(k) for k in due))
+
+    async def wake(self, keys: Iterable[tuple[str, Optional[str], str]]) -> None:
+        """Reconcile these now: what they reference changed (chaining.py)."""
+        await asyncio.gather(*(self.reconcile(key) for key in keys))
+
+    async def reconcile(self, key: tuple[str, Any, str]) -> None:
+        """One resource from its latest body, under its lock; errors are logged and retried."""
+        kind = key[0]
+        async with self.locks.setdefault(key, asyncio.Lock()):
+            body = self.bodies.get(key)  # read under the lock: what a reconcile just before wrote
+            if body is None or (kind == "EvalJob" and (body.get("status") or {}).get("phase") in TERMINAL_PHASES):
+                return
+            self.parked.pop(key, None)
+            started = time.perf_counter()
+            try:
+                if kind == "EvalJob":
+                    await self.reconcile_eval(body)
+                else:
+                    await self.reconcile_deployment(body)
+            except Exception as err:  # retried next round; the operator never crashes on one object
+                self.state.metrics.reconcile_errors.labels(kind=kind, handler="sync").inc()
+                log.warning("reconcile of %s %s/%s failed, will retry: %s", kind, key[1], key[2], err)
+            finally:
+                self.state.metrics.reconcile_seconds.labels(kind=kind, handler="sync").observe(time.perf_counter() - started)
+
+    def park(self, body: dict[str, Any]) -> None:
+        """`body` waits for what it references: skip it in the rounds until its slow poll is due."""
+        meta = body["metadata"]
+        self.parked[(body["kind"], meta.get("namespace"), meta["name"])] = time.monotonic() + self.state.config.reference_poll
 
     def remember(self, kind: str, type_: Optional[str], body: Any) -> None:
         key = (kind, body["metadata"].get("namespace"), body["metadata"]["name"])
         if type_ == "DELETED":
-            self.bodies.pop(key, None)
+            for memory in (self.bodies, self.locks, self.parked):
+                memory.pop(key, None)
             self.state.metrics.set_phase(kind, key[1], key[2], None)
         else:
+            before = self.bodies.get(key)
             self.bodies[key] = json.loads(json.dumps({k: body[k] for k in body}))
+            if before is None or (before.get("metadata") or {}).get("generation") != body["metadata"].get("generation"):
+                self.parked.pop(key, None)  # a new spec: look at it now
 
     async def write_status(self, body: dict[str, Any], new: dict[str, Any], event_: Optional[tuple[str, str, str]] = None) -> None:
         meta = body["metadata"]
@@ -339,6 +368,7 @@ class PipelineReconciler:
         new = {"phase": "Pending", "observedGeneration": generation, **extra,
                "conditions": conditions(state, created=False, ready=(False, wait.reason, wait.message))}
         await self.write_status(body, new, ("Normal", wait.reason, wait.message))
+        self.park(body)  # until its FineTuneJob changes (or the slow poll)
 
     # -- ModelDeployment --------------------------------------------------------------------
 
@@ -384,8 +414,11 @@ class PipelineReconciler:
             if deployment is None:  # nothing serves yet
                 new["model"] = old.get("model") or (f"finetunejob/{mdep.spec.fine_tune_job.name}" if mdep.spec.fine_tune_job else None)
                 conds = mirror_conditions(conds, {}, now=now, generation=generation)
-                return await self.write_status(body, {**new, "phase": phase, "conditions": conds},
-                                               ("Warning" if phase == "Failed" else "Normal", reason, message))
+                await self.write_status(body, {**new, "phase": phase, "conditions": conds},
+                                        ("Warning" if phase == "Failed" else "Normal", reason, message))
+                if phase == "Pending":  # waiting for its FineTuneJob, with nothing to follow meanwhile
+                    self.park(body)
+                return
             # The previous model keeps serving: report the Deployment as it is.
             return await self.write_served(body, mdep, deployment, new, conds, (("Warning" if phase == "Failed" else "Normal"), reason, message))
 

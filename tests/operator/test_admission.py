@@ -19,7 +19,7 @@ from kubetune.operator.main import make_settings
 from kubetune.operator.tenancy import Policy
 from ophelpers import NS, manifest
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+pytestmark = pytest.mark.timeout(60)
 REPO = Path(__file__).resolve().parents[2]
 WEBHOOK_MANIFEST = REPO / "deploy" / "admission" / "webhook.yaml"
 
@@ -67,6 +67,7 @@ def unplannable() -> dict[str, Any]:
     return manifest(**{"spec.config.optimizer": {"lrr": 1e-3}})  # the planner refuses it
 
 
+@pytest.mark.asyncio
 async def test_delete_is_never_refused_and_suspend_works_on_an_object_that_no_longer_plans(webhook):
     running, url = await webhook()
     async with running, aiohttp.ClientSession() as http:
@@ -80,6 +81,7 @@ async def test_delete_is_never_refused_and_suspend_works_on_an_object_that_no_lo
     assert suspended["allowed"] is True and relabelled["allowed"] is True
 
 
+@pytest.mark.asyncio
 async def test_a_spec_change_other_than_suspend_is_refused_naming_the_field(webhook):
     running, url = await webhook()
     old = manifest()
@@ -94,6 +96,7 @@ async def test_a_spec_change_other_than_suspend_is_refused_naming_the_field(webh
     assert image["allowed"] is False and "spec.image" in image["status"]["message"]
 
 
+@pytest.mark.asyncio
 async def test_a_tenant_cannot_use_a_service_account_secret_or_claim_they_may_not_use(webhook, emulator):
     running, url = await webhook()
     doc = manifest(**{
@@ -120,6 +123,7 @@ async def test_a_tenant_cannot_use_a_service_account_secret_or_claim_they_may_no
     assert {r["user"] for r in reviews} == {"alice", "bob"} and all(r["resourceAttributes"]["namespace"] == NS for r in reviews)
 
 
+@pytest.mark.asyncio
 async def test_a_tenant_may_start_only_from_a_finetunejob_they_may_read(webhook, emulator):
     running, url = await webhook()
     doc = manifest(**{"metadata.name": "instruct", "spec.fineTuneJob": {"name": "team-b-pretrain"}})
@@ -138,6 +142,7 @@ async def test_a_tenant_may_start_only_from_a_finetunejob_they_may_read(webhook,
     assert itself["allowed"] is False and "set exactly one of spec.model and spec.fineTuneJob" in itself["status"]["message"]
 
 
+@pytest.mark.asyncio
 async def test_whoever_may_create_pods_may_name_a_service_account(webhook, emulator):
     running, url = await webhook()
     emulator.grant("alice", "create", "pods", NS)
@@ -146,6 +151,7 @@ async def test_whoever_may_create_pods_may_name_a_service_account(webhook, emula
     assert allowed["allowed"] is True
 
 
+@pytest.mark.asyncio
 async def test_platform_allow_lists_for_registries_tolerations_and_priority_classes(webhook):
     policy = Policy(allowed_registries=("registry.example.com/",), allowed_tolerations=("nvidia.com/gpu",), allowed_priority_classes=("batch-low",))
     running, url = await webhook(tenancy=policy)
@@ -205,6 +211,7 @@ def pipeline_documents() -> dict[str, dict[str, Any]]:
     return {"EvalJob": evj, "ModelDeployment": mdep}
 
 
+@pytest.mark.asyncio
 @pytest.mark.parametrize("kind,path", [("EvalJob", "validate-evaljob"), ("ModelDeployment", "validate-modeldeployment")])
 async def test_evaljobs_and_modeldeployments_lend_no_rights_either(webhook, emulator, kind, path):
     """The same tenancy as FineTuneJobs: their pods would use the ServiceAccount, the Secrets and

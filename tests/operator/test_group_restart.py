@@ -19,6 +19,7 @@ import pytest
 from kubetune.operator.api import parse_object
 from kubetune.operator.planner import child_names, rendezvous_args
 from ophelpers import manifest
+from processes import kill_run
 
 pytest.importorskip("torch")
 
@@ -63,7 +64,12 @@ def test_a_failed_node_restarts_the_group_and_both_finish(tmp_path: Path):
         cmd = [sys.executable, "-m", "torch.distributed.run", *args, f"--rdzv-conf=is_host={is_host},join_timeout=180", "--monitor-interval=0.2",
                str(script), str(tmp_path)]
         agents.append(subprocess.Popen(cmd, env={**env, "KUBETUNE_TEST_NODE": node}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = [agent.communicate(timeout=200)[0].decode(errors="replace") for agent in agents]
+    try:
+        outputs = [agent.communicate(timeout=200)[0].decode(errors="replace") for agent in agents]
+    finally:  # a timeout must not leave the agents and their workers running (rendezvous waits 180 s more)
+        for agent in agents:
+            if agent.poll() is None:
+                kill_run(agent)
     codes = [agent.returncode for agent in agents]
     assert codes == [0, 0], "\n---\n".join(o[-3000:] for o in outputs)
     starts = {node: (tmp_path / f"node-{node}").read_text().split() for node in ("a", "b")}
