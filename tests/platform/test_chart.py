@@ -117,6 +117,8 @@ def test_lint_reports_a_broken_template(tmp_path):
         ({"defaultImages": {"trainer": {"repository": "r", "digest": "md5:1"}}}, "digest"),
         ({"runAsUser": 0}, "runAsUser"),
         ({"podResources": {"memoryPerGpu": "32GB"}}, "memoryPerGpu"),
+        ({"references": {"pollSeconds": 0}}, "pollSeconds"),
+        ({"references": {"graceSecs": 10}}, "graceSecs"),
     ],
 )
 def test_values_schema_refuses_wrong_values_naming_the_key(values, key):
@@ -293,6 +295,18 @@ def test_default_images_reach_the_operator_from_values():
     defaults = env_of(operator_container(render({})))
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert defaults["KUBETUNE_DEFAULT_TRAINER_IMAGE"] == f"ghcr.io/kubetune/trainer:{chart['appVersion']}"
+
+
+def test_reference_poll_and_grace_reach_the_operator():
+    """references.pollSeconds/graceSeconds become the env `kubetune operator` reads them from
+    (operator/main.py); the chart's defaults are the operator's own."""
+    from kubetune.operator.handlers import OperatorConfig
+
+    env = env_of(operator_container(render({"references": {"pollSeconds": 15, "graceSeconds": 600}})))
+    assert (env["KUBETUNE_REFERENCE_POLL_SECONDS"], env["KUBETUNE_REFERENCE_GRACE_SECONDS"]) == ("15", "600")
+    defaults = env_of(operator_container(render({})))
+    assert float(defaults["KUBETUNE_REFERENCE_POLL_SECONDS"]) == OperatorConfig().reference_poll
+    assert float(defaults["KUBETUNE_REFERENCE_GRACE_SECONDS"]) == OperatorConfig().reference_grace
 
 
 def test_ha_runs_kopf_peering_with_a_disruption_budget(rendered):
