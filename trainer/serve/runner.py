@@ -188,8 +188,8 @@ class BatchedRunner:
             # padding (never computed, see _forward) sits at the slot after the prompt, so each of
             # its attention rows has a key and softmax stays finite; its output is dropped
             positions[i, len(rest) :] = len(item.prompt_ids)
-        real = torch.arange(width)[None, :] < torch.tensor([len(item.prompt_ids) - start for item, start in zip(new, starts)])[:, None]
-        return _Segment(slice(first, first + len(new)), tokens, positions, [item.adapter for item in new], real)
+        lengths = [len(item.prompt_ids) - start for item, start in zip(new, starts)]
+        return _Segment(slice(first, first + len(new)), tokens, positions, [item.adapter for item in new], lengths)
 
     def _reuse_prefix(self, row: int, item: Prefill) -> int:
         """Copy the longest cached prefix of the prompt into `row`; returns its length (0: none)."""
@@ -271,7 +271,7 @@ class BatchedRunner:
             torch.arange(seg.rows.start, seg.rows.stop)[:, None].expand(seg.tokens.shape).reshape(-1)[idx]
             for seg, idx in zip(segments, real)
         ]).to(self.device)
-        groups = self._adapter_groups([seg.adapters[int(i) // seg.tokens.shape[1]] for seg, idx in zip(segments, real) for i in idx])
+        groups = self._adapter_groups([a for seg in segments for a, n in zip(seg.adapters, seg.real_counts()) for _ in range(n)])
         real = [None if idx.numel() == seg.tokens.numel() else idx.to(self.device) for seg, idx in zip(segments, real)]
         freqs = positions[:, None].float() * self.inv_freq  # [N, head_dim/2], float32 as in transformers
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -346,13 +346,16 @@ class _Segment:
     tokens: torch.Tensor  # [rows, T], on the CPU
     positions: torch.Tensor  # [rows, T]
     adapters: list[int]  # per row
-    real: Optional[torch.Tensor] = None  # bool [rows, T]: not padding (None: every token is real)
+    lengths: Optional[list[int]] = None  # real (not padding) tokens per row, a prefix of it (None: all T)
+
+    def real_counts(self) -> list[int]:
+        rows, width = self.tokens.shape
+        return [width] * rows if self.lengths is None else self.lengths
 
     def real_tokens(self) -> torch.Tensor:
         """Flat indices (into tokens.reshape(-1)) of the tokens that are computed."""
-        if self.real is None:
-            return torch.arange(self.tokens.numel())
-        return self.real.reshape(-1).nonzero().squeeze(1)
+        width = self.tokens.shape[1]
+        return torch.cat([torch.arange(row * width, row * width + n) for row, n in enumerate(self.real_counts())])
 
 
 def _padded(flat: torch.Tensor, index: Optional[torch.Tensor], size: int) -> torch.Tensor:
