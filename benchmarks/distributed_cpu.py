@@ -22,26 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from full_finetune_cpu import make_workdir  # noqa: E402  (the ~47M model and its data)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from processes import descendants  # noqa: E402  (every process below torchrun, read from /proc)
 
 WARMUP = 2
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun starts each rank in a session of its own)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def rank_peaks(launcher: subprocess.Popen, nproc: int, peaks: dict[int, int]) -> None:
